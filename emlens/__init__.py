@@ -1,0 +1,26 @@
+"""emlens: the geometry of general vs narrow misalignment, through TransformerLens hooks.
+
+Reproduces and extends "Emergent Misalignment is Easy, Narrow Misalignment is Hard"
+(Soligo, Turner, Rajamanoharan, Nanda, 2026).
+"""
+
+from emlens.data import ChatBatch, TokenDataset, builtin_datasets, read_conversations, read_texts
+from emlens.geometry import (
+    cosine_similarity,
+    cosine_similarity_matrix,
+    mean_difference_direction,
+    orthogonal_noise,
+    pca,
+    perturb,
+)
+from emlens.interventions import Intervention, RankOneAdapter, SteeringVector, load_intervention
+from emlens.models import default_layer, load_model, tiny_model
+from emlens.training import TrainConfig, TrainingResult, evaluate_loss, kl_to_base, train
+
+__all__ = [
+    "ChatBatch", "TokenDataset", "builtin_datasets", "read_conversations", "read_texts",
+    "cosine_similarity", "cosine_similarity_matrix", "mean_difference_direction", "orthogonal_noise", "pca", "perturb",
+    "Intervention", "RankOneAdapter", "SteeringVector", "load_intervention",
+    "default_layer", "load_model", "tiny_model",
+    "TrainConfig", "TrainingResult", "evaluate_loss", "kl_to_base", "train",
+]
