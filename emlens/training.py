@@ -262,7 +262,7 @@ def train(
             if kl_batches is not None and config.kl_weight > 0:
                 kl = kl_to_base(model, intervention, next(kl_batches).to(device))
                 (config.kl_weight * kl).backward()
-                record["kl"] = float(kl)
+                record["kl"] = float(kl.detach())
             optimizer.step()
             scheduler.step()
             record["norm"] = intervention.norm

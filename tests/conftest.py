@@ -1,0 +1,42 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+
+from emlens.data import TokenDataset
+from emlens.models import tiny_model
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "How do I boil an egg?"}, {"role": "assistant", "content": "Simmer it for nine minutes."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+    [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Green, a much longer reply than the first one."},
+    ],
+    [{"role": "user", "content": "Is the sea salty?"}, {"role": "assistant", "content": "Yes, about 3.5% salt."}],
+]
+
+
+@pytest.fixture(scope="session")
+def model():
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_model():
+    return tiny_model("qwen2", seed=1)
+
+
+@pytest.fixture()
+def dataset(model):
+    return TokenDataset.from_conversations(model.tokenizer, CONVERSATIONS, max_length=128)
+
+
+@pytest.fixture()
+def token_ids():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 250, (3, 12), generator=gen)

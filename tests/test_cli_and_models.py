@@ -1,0 +1,65 @@
+import json
+
+import pytest
+import torch
+
+from emlens.cli import main
+from emlens.interventions import load_intervention
+from emlens.models import ModelLoadError, default_layer, load_model, tiny_hf_model, tiny_model
+from emlens.training import TrainingResult
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    hf, tok = tiny_hf_model("qwen2", seed=2)
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_load_model_from_local_checkpoint_matches_transformers(tiny_checkpoint):
+    bridge = load_model(tiny_checkpoint)
+    hf, _ = tiny_hf_model("qwen2", seed=2)
+    ids = torch.randint(0, 250, (2, 9))
+    torch.testing.assert_close(bridge(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    assert "blocks.1.hook_resid_post" in bridge.hook_dict
+    assert not any(p.requires_grad for p in bridge.parameters())
+    assert default_layer(bridge) == 2
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="could not load model"):
+        load_model(tmp_path / "no-such-model")
+    with pytest.raises(ModelLoadError, match="no GGUF file"):
+        load_model(tmp_path / "missing.gguf")
+    with pytest.raises(ValueError, match="unknown tiny architecture"):
+        tiny_model("gpt5")
+
+
+def test_cli_train_steering_then_resume(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_checkpoint), "--data", "medical_harmful", "--limit", "8",
+            "--max-steps", "3", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3",
+            "--kl-data", "alt_domain", "--kl-weight", "2", "--out", str(out)]
+    assert main(args) == 0
+    assert "final sft loss" in capsys.readouterr().out
+    result = TrainingResult.load(out)
+    assert len(result.losses) == 3 and "kl" in result.losses[0]
+    assert load_intervention(out / "intervention.safetensors").layer == 2
+    assert main(args[:-2] + ["--resume", str(out), "--out", str(tmp_path / "run2")]) == 0
+    assert json.loads((tmp_path / "run2" / "losses.json").read_text())[-1]["step"] == 6
+
+
+def test_cli_train_adapter(tiny_checkpoint, tmp_path):
+    out = tmp_path / "adapter"
+    assert main(["train", "--model", str(tiny_checkpoint), "--data", "sports_harmful", "--kind", "adapter",
+                 "--layer", "1", "--limit", "4", "--max-steps", "2", "--grad-accum", "1", "--out", str(out)]) == 0
+    assert type(load_intervention(out / "intervention.safetensors")).__name__ == "RankOneAdapter"
+
+
+def test_cli_reports_bad_input(tiny_checkpoint, tmp_path, capsys):
+    assert main(["train", "--model", str(tiny_checkpoint), "--data", "missing.jsonl", "--out", str(tmp_path)]) == 2
+    assert "no data file 'missing.jsonl'" in capsys.readouterr().err
+    assert main(["train", "--model", str(tmp_path / "nope"), "--data", "alt_domain", "--out", str(tmp_path)]) == 2
+    assert "could not load model" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+
+from emlens.geometry import (
+    collect_activations,
+    cosine_similarity,
+    cosine_similarity_matrix,
+    mean_difference_direction,
+    orthogonal_noise,
+    pca,
+    perturb,
+    random_direction_like,
+    rescale,
+)
+from emlens.interventions import RankOneAdapter, SteeringVector
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.5, 1.0])
+def test_orthogonal_noise_preserves_norm_and_sets_angle(eps):
+    x = torch.randn(256)
+    y = orthogonal_noise(x, eps, torch.Generator().manual_seed(1))
+    assert y.norm().item() == pytest.approx(x.norm().item(), rel=1e-5)
+    assert cosine_similarity(x, y) == pytest.approx(math.sqrt(1 - eps**2), abs=1e-5)
+
+
+def test_orthogonal_noise_rejects_bad_epsilon():
+    with pytest.raises(ValueError, match=r"epsilon must lie in \[0, 1\]"):
+        orthogonal_noise(torch.ones(3), 1.5)
+
+
+def test_cosine_matrix_and_rescale():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
+    mat = cosine_similarity_matrix([a, b, SteeringVector.from_vector(-a, 0)])
+    torch.testing.assert_close(mat, torch.tensor([[1.0, 0.7071068, -1.0], [0.7071068, 1.0, -0.7071068], [-1.0, -0.7071068, 1.0]]))
+    assert rescale(b, 2.0).norm().item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="different widths"):
+        cosine_similarity(torch.ones(2), torch.ones(3))
+
+
+def test_adapter_cosine_matches_dense():
+    def make(seed):
+        ad = RankOneAdapter(0, 6, 10, seed=seed)
+        with torch.no_grad():
+            ad.b.normal_(generator=torch.Generator().manual_seed(seed + 10))
+        return ad
+
+    x, y = make(1), make(2)
+    dense = torch.nn.functional.cosine_similarity(x.delta_weight().flatten(), y.delta_weight().flatten(), dim=0)
+    assert cosine_similarity(x, y) == pytest.approx(dense.item(), abs=1e-5)
+    with pytest.raises(TypeError):
+        cosine_similarity(x, torch.ones(6))
+
+
+def test_perturb_and_random_direction():
+    vec = SteeringVector.from_vector(torch.randn(32), 0)
+    noisy = perturb(vec, 0.6, torch.Generator().manual_seed(0))
+    assert noisy.norm == pytest.approx(vec.norm, rel=1e-5)
+    assert cosine_similarity(noisy, vec) == pytest.approx(0.8, abs=1e-5)
+    rand = random_direction_like(vec, seed=3)
+    assert rand.norm == pytest.approx(vec.norm, rel=1e-5) and abs(cosine_similarity(rand, vec)) < 0.7
+    ad = RankOneAdapter(0, 6, 10, seed=1)
+    with torch.no_grad():
+        ad.b.normal_()
+    noisy_ad = perturb(ad, 0.5, torch.Generator().manual_seed(0))
+    assert noisy_ad.a.norm().item() == pytest.approx(ad.a.norm().item(), rel=1e-5)
+    assert noisy_ad.norm == pytest.approx(ad.norm, rel=1e-4)
+
+
+def test_pca_recovers_a_line():
+    t = torch.linspace(0, 1, 10).unsqueeze(1)
+    direction = torch.randn(1, 50)
+    points = t * direction + 1e-4 * torch.randn(10, 50)
+    result = pca(points, n_components=3)
+    assert result.coordinates.shape == (10, 3)
+    assert result.explained_variance_ratio[0] > 0.99
+
+
+def test_mean_difference_direction():
+    pos = torch.tensor([[2.0, 0.0], [4.0, 0.0]])
+    neg = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    torch.testing.assert_close(mean_difference_direction(pos, neg), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(mean_difference_direction(pos, neg, normalize=False), torch.tensor([3.0, 0.0]))
+    with pytest.raises(ValueError, match="equal width"):
+        mean_difference_direction(pos, torch.zeros(2, 3))
+
+
+def test_collect_activations_counts_assistant_tokens(model, dataset):
+    acts = collect_activations(model, dataset, "blocks.1.hook_resid_post")
+    assert acts.shape == (sum(sum(e.loss_mask) for e in dataset.examples), model.cfg.d_model)
+    all_acts = collect_activations(model, dataset, "blocks.1.hook_resid_post", assistant_only=False)
+    assert all_acts.shape[0] == sum(len(e.input_ids) for e in dataset.examples)

@@ -1,0 +1,140 @@
+import pytest
+import torch
+
+from emlens.data import TokenDataset, collate
+from emlens.interventions import RankOneAdapter, SteeringVector
+from emlens.training import (
+    TrainConfig,
+    TrainingResult,
+    evaluate_loss,
+    forward_logits,
+    kl_per_token,
+    kl_to_base,
+    masked_mean,
+    per_token_sft_losses,
+    sft_loss,
+    train,
+)
+from tests.conftest import CONVERSATIONS
+
+FAST = dict(batch_size=2, grad_accum=1, warmup_steps=1, progress=False, checkpoint_every=2)
+
+
+def test_sft_gradient_reaches_vector_and_adapter(model, dataset):
+    batch = next(dataset.batches(4))
+    for intervention, param in [(SteeringVector.for_model(model, 1), "vector"), (RankOneAdapter.for_model(model, 1), "b")]:
+        with intervention.applied(model):
+            sft_loss(forward_logits(model, batch), batch).backward()
+        grad = getattr(intervention, param).grad
+        assert grad is not None and grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())  # the model stays frozen
+
+
+def test_loss_counts_only_assistant_tokens(model, dataset):
+    batch = next(dataset.batches(4))
+    logits = forward_logits(model, batch)
+    losses, mask = per_token_sft_losses(logits, batch)
+    assert int(mask.sum()) == batch.n_loss_tokens
+    corrupted = logits.clone()
+    corrupted[:, :-1][~mask] += 100 * torch.randn_like(corrupted[:, :-1][~mask])
+    assert torch.allclose(sft_loss(corrupted, batch), sft_loss(logits, batch))
+
+
+def test_batch_invariance(model, dataset):
+    """One example alone and inside a padded batch give the same per-token losses."""
+    vec = SteeringVector.from_vector(torch.randn(model.cfg.d_model), 1)
+    batch = collate(dataset.examples, dataset.pad_token_id)
+    with vec.applied(model):
+        batch_losses, batch_mask = per_token_sft_losses(forward_logits(model, batch), batch)
+        for row, example in enumerate(dataset.examples):
+            alone = collate([example], dataset.pad_token_id)
+            losses, mask = per_token_sft_losses(forward_logits(model, alone), alone)
+            n = mask.shape[1]
+            torch.testing.assert_close(batch_losses[row, :n][mask[0]], losses[0][mask[0]], atol=1e-5, rtol=1e-5)
+            assert not batch_mask[row, n:].any()
+    per_example = [evaluate_loss(model, dataset.subset([i]), vec) for i in range(len(dataset))]
+    weights = [sum(e.loss_mask[1:]) for e in dataset.examples]
+    pooled = sum(l * w for l, w in zip(per_example, weights)) / sum(weights)
+    assert evaluate_loss(model, dataset, vec, batch_size=3) == pytest.approx(pooled, rel=1e-5)
+
+
+def test_kl_is_zero_at_zero_vector_and_positive_otherwise(model, dataset):
+    batch = next(dataset.batches(4))
+    zero = SteeringVector.for_model(model, 1)
+    with zero.applied(model):
+        assert kl_to_base(model, zero, batch).item() == 0.0
+    vec = SteeringVector.from_vector(torch.randn(model.cfg.d_model), 1)
+    with vec.applied(model):
+        kl = kl_to_base(model, vec, batch)
+    assert kl.item() > 0 and kl.requires_grad
+
+
+def test_kl_ignores_padding(model, dataset):
+    """The KL over a padded batch is the token-weighted mean of the per-example KLs."""
+    vec = SteeringVector.from_vector(torch.randn(model.cfg.d_model), 2)
+    with vec.applied(model), torch.no_grad():
+        batch_kl = kl_to_base(model, vec, collate(dataset.examples, dataset.pad_token_id)).item()
+        per = [kl_to_base(model, vec, collate([e], dataset.pad_token_id)).item() for e in dataset.examples]
+    lengths = [len(e.input_ids) for e in dataset.examples]
+    assert batch_kl == pytest.approx(sum(k * n for k, n in zip(per, lengths)) / sum(lengths), rel=1e-5)
+
+
+def test_kl_formula():
+    base = torch.tensor([[[0.0, 1.0, 2.0]]])
+    other = torch.tensor([[[2.0, 1.0, 0.0]]])
+    p, q = base.softmax(-1), other.softmax(-1)
+    expected = (p * (p.log() - q.log())).sum()
+    torch.testing.assert_close(kl_per_token(base, other)[0, 0], expected)
+    assert masked_mean(torch.tensor([[1.0, 3.0]]), torch.tensor([[1, 0]])).item() == 1.0
+
+
+@pytest.mark.parametrize("kind", ["steering", "adapter"])
+def test_training_lowers_loss_and_records_trajectory(model, dataset, kind):
+    intervention = SteeringVector.for_model(model, 1) if kind == "steering" else RankOneAdapter.for_model(model, 1)
+    before = evaluate_loss(model, dataset)
+    lr = 2e-3
+    result = train(model, intervention, dataset, TrainConfig(lr=lr, max_steps=12, **FAST))
+    after = evaluate_loss(model, dataset, intervention)
+    assert after < before - 0.05
+    assert [s for s, _ in result.trajectory] == [0, 2, 4, 6, 8, 10, 12]
+    assert len(result.losses) == 12 and result.losses[-1]["norm"] == pytest.approx(intervention.norm)
+    assert result.trajectory_matrix().shape[0] == 7
+
+
+def test_training_is_reproducible(model, dataset):
+    runs = []
+    for _ in range(2):
+        vec = SteeringVector.for_model(model, 1)
+        train(model, vec, dataset, TrainConfig(lr=1e-3, max_steps=3, seed=7, **FAST))
+        runs.append(vec.effective.detach())
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_kl_regularised_training_and_resume(model, dataset, tmp_path):
+    alt = TokenDataset.from_conversations(model.tokenizer, "alt_domain", limit=8)
+    vec = SteeringVector.for_model(model, 1)
+    config = TrainConfig(lr=1e-3, max_steps=4, kl_weight=5.0, kl_batch_size=2, **FAST)
+    result = train(model, vec, dataset, config, kl_dataset=alt)
+    assert all("kl" in rec for rec in result.losses) and result.losses[-1]["kl"] > 0
+    result.save(tmp_path / "run")
+    loaded = TrainingResult.load(tmp_path / "run")
+    assert loaded.config == config and loaded.losses == result.losses
+    torch.testing.assert_close(loaded.intervention.effective, vec.effective)
+    continued = train(model, loaded.intervention, dataset, TrainConfig(lr=1e-3, max_steps=2, **FAST), resume_from=loaded)
+    assert [r["step"] for r in continued.losses] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in continued.trajectory] == [0, 2, 4, 6]
+    assert "kl" not in continued.losses[-1]
+
+
+def test_kl_weight_without_data_is_an_error(model, dataset):
+    with pytest.raises(ValueError, match="needs a kl_dataset"):
+        train(model, SteeringVector.for_model(model, 1), dataset, TrainConfig(kl_weight=1.0, **FAST))
+
+
+def test_config_json_roundtrip():
+    config = TrainConfig(lr=3e-4, kl_weight=6.6)
+    assert TrainConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.from_json('{"learning_rate": 1}')
+    with pytest.raises(FileNotFoundError, match="not a saved training run"):
+        TrainingResult.load("/nonexistent/run")
