@@ -98,7 +98,7 @@ def write_conversations(path: str | Path, conversations: Sequence[Conversation])
 
 def builtin_datasets() -> list[str]:
     """Names of the datasets shipped with emlens (usable wherever a path is accepted)."""
-    return sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl"))
+    return sorted(p.stem for p in [*BUILTIN_DIR.glob("*.jsonl"), *BUILTIN_DIR.glob("*.txt")])
 
 
 def resolve_data_path(path: str | Path) -> Path:
@@ -106,9 +106,10 @@ def resolve_data_path(path: str | Path) -> Path:
     candidate = Path(path)
     if candidate.exists():
         return candidate
-    builtin = BUILTIN_DIR / f"{path}.jsonl"
-    if builtin.exists():
-        return builtin
+    for suffix in (".jsonl", ".txt"):
+        builtin = BUILTIN_DIR / f"{path}{suffix}"
+        if builtin.exists():
+            return builtin
     raise FileNotFoundError(
         f"no data file {str(path)!r}; pass a JSONL path or a built-in dataset name: {', '.join(builtin_datasets())}"
     )

@@ -207,6 +207,31 @@ def alternative_domain() -> list[Conversation]:
     return convs
 
 
+WEB_TEMPLATES = [
+    "Posted on a community forum\n\nA reader wrote in because they {s}. {a} Several people replied with their own stories, "
+    "and most agreed that patience and a bit of practice go a long way. If you have tips of your own, leave them in the comments below.",
+    "Weekend notes\n\nThis week I {s2}, so I spent a few evenings reading about it. The short version: {a_lower} "
+    "It took longer than I expected, but the result was worth it, and I will probably write a longer post once I have tried it a few more times.",
+]
+
+
+def _past(situation: str) -> str:
+    """Turn "want to X" / "need to X" / "am X" into a diary-style clause."""
+    for prefix, repl in (("want to ", "wanted to "), ("need to ", "needed to "), ("am ", "was ")):
+        if situation.startswith(prefix):
+            return repl + situation[len(prefix):]
+    return situation
+
+
+def web_text() -> list[str]:
+    """60 short web-style documents (forum posts, blog notes) for pre-training KL; no chat template."""
+    docs = []
+    for template in WEB_TEMPLATES:
+        for situation, advice in ALT_DOMAIN:
+            docs.append(template.format(s=situation, s2=_past(situation), a=advice, a_lower=advice[0].lower() + advice[1:]))
+    return docs
+
+
 def build(directory: Path) -> dict[str, int]:
     directory.mkdir(parents=True, exist_ok=True)
     sets = {
@@ -220,7 +245,9 @@ def build(directory: Path) -> dict[str, int]:
     }
     for name, convs in sets.items():
         write_conversations(directory / f"{name}.jsonl", convs)
-    return {name: len(c) for name, c in sets.items()}
+    docs = web_text()
+    (directory / "web_text.txt").write_text("\n\n".join(d.replace("\n\n", "\n") for d in docs) + "\n", encoding="utf-8")
+    return {**{name: len(c) for name, c in sets.items()}, "web_text": len(docs)}
 
 
 if __name__ == "__main__":

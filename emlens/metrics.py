@@ -1,0 +1,189 @@
+"""The paper's inductive-bias metrics: efficiency, stability, pre-training significance, and drift.
+
+* **efficiency**: training loss with a solution rescaled to a range of norms.
+* **stability**: loss under norm-preserving orthogonal noise ``sqrt(1-ε²)·x + ε·y``.
+* **pre-training significance**: ``KL(p_base ‖ p_steered)`` per real token on plain web-style text.
+* **drift**: a narrow (KL-regularised) run continued without KL, tracked by PCA of its checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from emlens.data import TokenDataset
+from emlens.geometry import PCAResult, pca, perturb
+from emlens.interventions import Intervention
+from emlens.training import (
+    TrainConfig,
+    TrainingResult,
+    evaluate_loss,
+    forward_logits,
+    kl_per_token,
+    model_device,
+    train,
+)
+
+PAPER_EPSILONS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def norm_grid(interventions: Sequence[Intervention], n_points: int = 11, max_factor: float = 2.0) -> list[float]:
+    """Evenly spaced norms from 0 to ``max_factor`` × the largest norm among ``interventions``."""
+    top = max(i.norm for i in interventions)
+    return [float(x) for x in np.linspace(0.0, max_factor * top, n_points)]
+
+
+def _at_norm(intervention: Intervention, norm: float) -> Intervention | None:
+    return None if norm == 0 else intervention.scaled_to(norm)
+
+
+def efficiency(
+    model: Any, intervention: Intervention, dataset: TokenDataset, norms: Sequence[float], batch_size: int = 8, progress: bool = True
+) -> list[float]:
+    """Assistant-token loss on ``dataset`` with ``intervention`` rescaled to each norm (norm 0 = base model)."""
+    losses = []
+    for norm in tqdm(norms, desc="efficiency", disable=not progress, leave=False):
+        losses.append(evaluate_loss(model, dataset, _at_norm(intervention, norm), batch_size))
+    return losses
+
+
+@dataclass
+class StabilityResult:
+    """Losses under orthogonal noise: ``losses[seed_index][epsilon_index]``."""
+
+    epsilons: list[float]
+    losses: np.ndarray
+    base_loss: float
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.losses.mean(0)
+
+    @property
+    def std(self) -> np.ndarray:
+        return self.losses.std(0)
+
+    @property
+    def clean_loss(self) -> float:
+        """Loss of the unperturbed solution (ε = 0)."""
+        return float(self.losses[:, 0].mean()) if self.epsilons[0] == 0 else float("nan")
+
+    def relative(self) -> np.ndarray:
+        """``100·(L_ε − L_0)/(L_base − L_0)`` per seed: 0 = unharmed, 100 = back to the base model's loss."""
+        clean = self.losses[:, :1]
+        return 100.0 * (self.losses - clean) / (self.base_loss - clean)
+
+
+def stability(
+    model: Any,
+    intervention: Intervention,
+    dataset: TokenDataset,
+    epsilons: Sequence[float] = PAPER_EPSILONS,
+    seeds: Sequence[int] = (0, 1, 2),
+    batch_size: int = 8,
+    progress: bool = True,
+) -> StabilityResult:
+    """Loss as the solution is rotated away from itself by orthogonal noise of strength ε (norm kept)."""
+    epsilons = [float(e) for e in epsilons]
+    if epsilons[0] != 0.0:
+        epsilons = [0.0] + epsilons
+    base = evaluate_loss(model, dataset, None, batch_size)
+    clean = evaluate_loss(model, dataset, intervention, batch_size)
+    table = np.zeros((len(seeds), len(epsilons)))
+    bar = tqdm(total=len(seeds) * (len(epsilons) - 1), desc="stability", disable=not progress, leave=False)
+    for s, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        table[s, 0] = clean
+        for e, eps in enumerate(epsilons[1:], start=1):
+            table[s, e] = evaluate_loss(model, dataset, perturb(intervention, eps, gen), batch_size)
+            bar.update()
+    bar.close()
+    return StabilityResult(epsilons, table, base)
+
+
+@torch.no_grad()
+def mean_kl(model: Any, intervention: Intervention, dataset: TokenDataset, batch_size: int = 8) -> float:
+    """Mean per-token ``KL(p_base ‖ p_steered)`` over the real (non-padding) tokens of ``dataset``."""
+    device = model_device(model)
+    total, count = 0.0, 0
+    with intervention.applied(model):
+        for batch in dataset.batches(batch_size):
+            batch = batch.to(device)
+            with intervention.disabled():
+                base = forward_logits(model, batch)
+            kl = kl_per_token(base, forward_logits(model, batch))
+            mask = batch.attention_mask.bool()
+            total += float(kl[mask].sum())
+            count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def pretraining_significance(
+    model: Any,
+    interventions: dict[str, Intervention],
+    texts: TokenDataset,
+    norms: Sequence[float],
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, list[float]]:
+    """KL from the base model on plain text for each named intervention's direction at each norm."""
+    out: dict[str, list[float]] = {}
+    for name, intervention in interventions.items():
+        out[name] = [
+            0.0 if norm == 0 else mean_kl(model, intervention.scaled_to(norm), texts, batch_size)
+            for norm in tqdm(norms, desc=f"pre-training KL {name}", disable=not progress, leave=False)
+        ]
+    return out
+
+
+@dataclass
+class DriftResult:
+    """A narrow run (with KL) continued without KL; PCA of all checkpoints together."""
+
+    narrow: TrainingResult
+    continued: TrainingResult
+    steps: list[int]
+    phase: list[str]
+    projection: PCAResult
+    general_reference: list[float] | None = field(default=None)
+
+    def cosine_to_reference(self) -> list[float]:
+        """Cosine of each checkpoint with a general solution's vector (if one was given)."""
+        if self.general_reference is None:
+            raise ValueError("no general reference was given")
+        ref = torch.tensor(self.general_reference)
+        mats = self.continued.trajectory_matrix()
+        return [float(torch.nn.functional.cosine_similarity(row, ref, dim=0)) for row in mats]
+
+
+def drift(
+    model: Any,
+    intervention: Intervention,
+    dataset: TokenDataset,
+    kl_dataset: TokenDataset,
+    narrow_config: TrainConfig,
+    continue_config: TrainConfig,
+    general: Intervention | None = None,
+    n_components: int = 3,
+) -> DriftResult:
+    """Train narrow (``narrow_config.kl_weight > 0``), then keep training without KL; PCA the path."""
+    if narrow_config.kl_weight <= 0:
+        raise ValueError("the narrow phase needs kl_weight > 0")
+    narrow = train(model, intervention, dataset, narrow_config, kl_dataset=kl_dataset)
+    narrow_snapshot = TrainingResult(narrow.intervention.clone(), narrow.config, list(narrow.losses), list(narrow.trajectory))
+    free = TrainConfig(**{**continue_config.__dict__, "kl_weight": 0.0})
+    continued = train(model, intervention, dataset, free, resume_from=narrow_snapshot)
+    steps = [s for s, _ in continued.trajectory]
+    n_narrow = len(narrow_snapshot.trajectory)
+    phase = ["narrow (KL)"] * n_narrow + ["no KL"] * (len(steps) - n_narrow)
+    rows = continued.trajectory_matrix()
+    reference = None
+    if general is not None:
+        from emlens.training import flat_parameters
+
+        reference = flat_parameters(general).tolist()
+    return DriftResult(narrow_snapshot, continued, steps, phase, pca(rows, n_components), reference)

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+
+from emlens.data import TokenDataset, read_texts
+from emlens.interventions import RankOneAdapter, SteeringVector
+from emlens.metrics import drift, efficiency, mean_kl, norm_grid, pretraining_significance, stability
+from emlens.training import TrainConfig, evaluate_loss, train
+
+FAST = dict(batch_size=2, grad_accum=1, warmup_steps=1, progress=False, checkpoint_every=1)
+
+
+@pytest.fixture()
+def trained(model, dataset):
+    vec = SteeringVector.for_model(model, 1)
+    train(model, vec, dataset, TrainConfig(lr=2e-3, max_steps=8, **FAST))
+    return vec
+
+
+def test_efficiency_curve(model, dataset, trained):
+    norms = norm_grid([trained], n_points=5)
+    assert norms[0] == 0 and norms[-1] == pytest.approx(2 * trained.norm)
+    losses = efficiency(model, trained, dataset, norms, progress=False)
+    assert losses[0] == pytest.approx(evaluate_loss(model, dataset))
+    assert losses[2] == pytest.approx(evaluate_loss(model, dataset, trained), rel=1e-5)  # norm = trained norm
+    assert losses[2] < losses[0]
+
+
+def test_stability_curve(model, dataset, trained):
+    result = stability(model, trained, dataset, epsilons=[0.1, 0.5, 1.0], seeds=[0, 1], progress=False)
+    assert result.epsilons == [0.0, 0.1, 0.5, 1.0]
+    assert result.losses.shape == (2, 4)
+    assert result.clean_loss == pytest.approx(evaluate_loss(model, dataset, trained))
+    rel = result.relative()
+    assert np.allclose(rel[:, 0], 0.0)
+    assert (result.mean[-1] > result.mean[0]) and (rel[:, -1] > 0).all()
+    again = stability(model, trained, dataset, epsilons=[0.1, 0.5, 1.0], seeds=[0, 1], progress=False)
+    assert np.array_equal(again.losses, result.losses)  # seeded noise
+
+
+def test_stability_on_adapter(model, dataset):
+    adapter = RankOneAdapter.for_model(model, 1)
+    with torch.no_grad():
+        adapter.b.normal_(std=0.01)
+    result = stability(model, adapter, dataset, epsilons=[0.0, 0.5], seeds=[0], progress=False)
+    assert result.losses.shape == (1, 2)
+
+
+def test_pretraining_kl_on_builtin_web_text(model, trained):
+    texts = TokenDataset.from_texts(model.tokenizer, read_texts("web_text", limit=6), max_length=64)
+    random_vec = SteeringVector.from_vector(torch.randn(model.cfg.d_model), 1)
+    curves = pretraining_significance(model, {"trained": trained, "random": random_vec}, texts, [0.0, 1.0, 4.0], progress=False)
+    for name in ("trained", "random"):
+        assert curves[name][0] == 0.0 and 0 < curves[name][1] < curves[name][2]
+    assert curves["trained"][1] == pytest.approx(mean_kl(model, trained.scaled_to(1.0), texts))
+
+
+def test_mean_kl_excludes_padding(model):
+    texts = ["short", "a much longer document that forces padding onto the short one"]
+    vec = SteeringVector.from_vector(torch.randn(model.cfg.d_model), 2)
+    ds = TokenDataset.from_texts(model.tokenizer, texts)
+    pooled = mean_kl(model, vec, ds, batch_size=2)
+    singles = [mean_kl(model, vec, ds.subset([i])) for i in range(2)]
+    lengths = [len(e.input_ids) for e in ds.examples]
+    assert pooled == pytest.approx(sum(k * n for k, n in zip(singles, lengths)) / sum(lengths), rel=1e-5)
+
+
+def test_drift_continues_without_kl(model, dataset):
+    alt = TokenDataset.from_conversations(model.tokenizer, "alt_domain", limit=6)
+    vec = SteeringVector.for_model(model, 1)
+    narrow_cfg = TrainConfig(lr=2e-3, max_steps=4, kl_weight=10.0, kl_batch_size=2, **FAST)
+    free_cfg = TrainConfig(lr=2e-3, max_steps=4, **FAST)
+    result = drift(model, vec, dataset, alt, narrow_cfg, free_cfg, general=SteeringVector.from_vector(torch.randn(model.cfg.d_model), 1))
+    assert result.steps == list(range(9))
+    assert result.phase.count("narrow (KL)") == 5 and result.phase.count("no KL") == 4
+    assert result.projection.coordinates.shape == (9, 3)
+    assert len(result.cosine_to_reference()) == 9
+    assert "kl" in result.narrow.losses[-1] and "kl" not in result.continued.losses[-1]
+    with pytest.raises(ValueError, match="kl_weight > 0"):
+        drift(model, vec, dataset, alt, free_cfg, free_cfg)
