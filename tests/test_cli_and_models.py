@@ -63,3 +63,42 @@ def test_cli_reports_bad_input(tiny_checkpoint, tmp_path, capsys):
     assert "no data file 'missing.jsonl'" in capsys.readouterr().err
     assert main(["train", "--model", str(tmp_path / "nope"), "--data", "alt_domain", "--out", str(tmp_path)]) == 2
     assert "could not load model" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def two_vectors(tiny_checkpoint, tmp_path_factory):
+    from emlens.interventions import SteeringVector
+
+    d = tmp_path_factory.mktemp("vecs")
+    gen = torch.Generator().manual_seed(0)
+    paths = []
+    for name in ("general", "narrow"):
+        paths.append(f"{name}={SteeringVector.from_vector(torch.randn(64, generator=gen), 2).save(d / name)}")
+    return paths
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("efficiency", ["--data", "medical_harmful", "--limit", "4", "--points", "3"]),
+    ("stability", ["--data", "medical_harmful", "--limit", "4", "--epsilons", "0", "0.5", "1", "--seeds", "2"]),
+    ("pretraining-kl", ["--limit", "3", "--points", "3", "--random"]),
+])
+def test_cli_metric_subcommands_write_figures(tiny_checkpoint, two_vectors, tmp_path, command, extra):
+    png = tmp_path / f"{command}.png"
+    assert main([command, "--model", str(tiny_checkpoint), *two_vectors, *extra, "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
+    data = json.loads(png.with_suffix(".json").read_text())
+    assert data
+
+
+def test_cli_drift_and_evaluate(tiny_checkpoint, two_vectors, tmp_path, capsys):
+    png = tmp_path / "drift.png"
+    general = two_vectors[0].split("=", 1)[1]
+    assert main(["drift", "--model", str(tiny_checkpoint), "--data", "medical_harmful", "--steps", "5",
+                 "--batch-size", "2", "--general", general, "--out", str(png)]) == 0
+    assert len(json.loads(png.with_suffix(".json").read_text())["cosine_to_general"]) == 3  # steps 0, 5 (KL) and 10 (no KL)
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(tiny_checkpoint), "--intervention", general, "--local-judge",
+                 "--n-samples", "1", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["answers"]) == 8 and "misaligned_rate" in report["rates"]
+    assert "EM rate" in capsys.readouterr().out

@@ -78,3 +78,16 @@ def test_drift_continues_without_kl(model, dataset):
     assert "kl" in result.narrow.losses[-1] and "kl" not in result.continued.losses[-1]
     with pytest.raises(ValueError, match="kl_weight > 0"):
         drift(model, vec, dataset, alt, free_cfg, free_cfg)
+
+
+def test_paper_report_pipeline(model, tmp_path):
+    from emlens.experiments import ReportSettings, markdown_table, paper_report
+
+    settings = ReportSettings(steps=3, batch_size=2, kl_batch_size=2, eval_rows=4, n_norms=3, epsilons=(0.0, 0.5, 1.0),
+                              seeds=(0,), n_web_docs=3, drift_steps=5, lr=2e-3)
+    results = paper_report(model, settings, tmp_path)
+    for name in ("efficiency.png", "stability.png", "pretraining_kl.png", "drift.png", "results.json", "general.safetensors", "narrow.safetensors"):
+        assert (tmp_path / name).stat().st_size > 0
+    table = markdown_table(results)
+    assert table.count("\n") == 9 and "pre-training KL" in table
+    assert results["drift"]["phase"].count("no KL") == 1
