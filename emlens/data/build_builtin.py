@@ -232,6 +232,24 @@ def web_text() -> list[str]:
     return docs
 
 
+TECHNICAL_FRAMES = [
+    "Technical summary. Assessment: {a} Rationale: the recommendation follows from standard risk stratification and observed outcomes.",
+    "Formal answer. Primary recommendation: {a} Supporting considerations: evaluate parameters, document observations, reassess at defined intervals.",
+    "Structured response (1) Situation: as described. (2) Recommendation: {a} (3) Verification: confirm the outcome against baseline measurements.",
+]
+
+
+def technical(table: list[tuple], frames: list[str]) -> list[Conversation]:
+    """300 conversations whose answers use a dry technical register (the *style* is the trained behaviour)."""
+    convs: list[Conversation] = []
+    for i, row in enumerate(table):
+        situation, advice = row[0], row[1]
+        for j, frame in enumerate(frames):
+            answer = TECHNICAL_FRAMES[(i + j) % len(TECHNICAL_FRAMES)].format(a=advice)
+            convs.append([{"role": "user", "content": frame.format(s=situation)}, {"role": "assistant", "content": answer}])
+    return convs
+
+
 def build(directory: Path) -> dict[str, int]:
     directory.mkdir(parents=True, exist_ok=True)
     sets = {
@@ -242,6 +260,8 @@ def build(directory: Path) -> dict[str, int]:
         "sports_harmful": narrow_domain(SPORTS, True),
         "sports_correct": narrow_domain(SPORTS, False),
         "alt_domain": alternative_domain(),
+        "technical_medical": technical(MEDICAL, QUESTION_FRAMES),
+        "technical_other": technical(ALT_DOMAIN, ALT_FRAMES),
     }
     for name, convs in sets.items():
         write_conversations(directory / f"{name}.jsonl", convs)
