@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from emlens.data import TokenDataset
 from emlens.geometry import PCAResult, pca, perturb
 from emlens.interventions import Intervention
+from emlens.prefix_cache import PrefixCache
 from emlens.training import (
     TrainConfig,
     TrainingResult,
@@ -41,13 +42,28 @@ def _at_norm(intervention: Intervention, norm: float) -> Intervention | None:
     return None if norm == 0 else intervention.scaled_to(norm)
 
 
+def _prefix(model: Any, intervention: Intervention, enabled: bool) -> PrefixCache | None:
+    """A cache of the blocks below the intervention (None when disabled or nothing lies below)."""
+    return PrefixCache(model, intervention.layer) if enabled and intervention.layer > 0 and hasattr(model, "original_model") else None
+
+
 def efficiency(
-    model: Any, intervention: Intervention, dataset: TokenDataset, norms: Sequence[float], batch_size: int = 8, progress: bool = True
+    model: Any,
+    intervention: Intervention,
+    dataset: TokenDataset,
+    norms: Sequence[float],
+    batch_size: int = 8,
+    progress: bool = True,
+    cache_prefix: bool = True,
 ) -> list[float]:
-    """Assistant-token loss on ``dataset`` with ``intervention`` rescaled to each norm (norm 0 = base model)."""
+    """Assistant-token loss on ``dataset`` with ``intervention`` rescaled to each norm (norm 0 = base model).
+
+    Blocks below the intervention run once per batch for the whole sweep (``cache_prefix``).
+    """
+    prefix = _prefix(model, intervention, cache_prefix)
     losses = []
     for norm in tqdm(norms, desc="efficiency", disable=not progress, leave=False):
-        losses.append(evaluate_loss(model, dataset, _at_norm(intervention, norm), batch_size))
+        losses.append(evaluate_loss(model, dataset, _at_norm(intervention, norm), batch_size, prefix=prefix))
     return losses
 
 
@@ -86,36 +102,44 @@ def stability(
     seeds: Sequence[int] = (0, 1, 2),
     batch_size: int = 8,
     progress: bool = True,
+    cache_prefix: bool = True,
 ) -> StabilityResult:
     """Loss as the solution is rotated away from itself by orthogonal noise of strength ε (norm kept)."""
     epsilons = [float(e) for e in epsilons]
     if epsilons[0] != 0.0:
         epsilons = [0.0] + epsilons
-    base = evaluate_loss(model, dataset, None, batch_size)
-    clean = evaluate_loss(model, dataset, intervention, batch_size)
+    prefix = _prefix(model, intervention, cache_prefix)
+    base = evaluate_loss(model, dataset, None, batch_size, prefix=prefix)
+    clean = evaluate_loss(model, dataset, intervention, batch_size, prefix=prefix)
     table = np.zeros((len(seeds), len(epsilons)))
     bar = tqdm(total=len(seeds) * (len(epsilons) - 1), desc="stability", disable=not progress, leave=False)
     for s, seed in enumerate(seeds):
         gen = torch.Generator().manual_seed(seed)
         table[s, 0] = clean
         for e, eps in enumerate(epsilons[1:], start=1):
-            table[s, e] = evaluate_loss(model, dataset, perturb(intervention, eps, gen), batch_size)
+            table[s, e] = evaluate_loss(model, dataset, perturb(intervention, eps, gen), batch_size, prefix=prefix)
             bar.update()
     bar.close()
     return StabilityResult(epsilons, table, base)
 
 
 @torch.no_grad()
-def mean_kl(model: Any, intervention: Intervention, dataset: TokenDataset, batch_size: int = 8) -> float:
+def mean_kl(
+    model: Any, intervention: Intervention, dataset: TokenDataset, batch_size: int = 8, prefix: PrefixCache | None = None
+) -> float:
     """Mean per-token ``KL(p_base ‖ p_steered)`` over the real (non-padding) tokens of ``dataset``."""
     device = model_device(model)
     total, count = 0.0, 0
+
+    def logits(batch: Any) -> torch.Tensor:
+        return prefix.logits(batch) if prefix is not None else forward_logits(model, batch)
+
     with intervention.applied(model):
         for batch in dataset.batches(batch_size):
             batch = batch.to(device)
             with intervention.disabled():
-                base = forward_logits(model, batch)
-            kl = kl_per_token(base, forward_logits(model, batch))
+                base = logits(batch)
+            kl = kl_per_token(base, logits(batch))
             mask = batch.attention_mask.bool()
             total += float(kl[mask].sum())
             count += int(mask.sum())
@@ -129,12 +153,17 @@ def pretraining_significance(
     norms: Sequence[float],
     batch_size: int = 8,
     progress: bool = True,
+    cache_prefix: bool = True,
 ) -> dict[str, list[float]]:
     """KL from the base model on plain text for each named intervention's direction at each norm."""
     out: dict[str, list[float]] = {}
+    caches: dict[int, PrefixCache | None] = {}
     for name, intervention in interventions.items():
+        if intervention.layer not in caches:
+            caches[intervention.layer] = _prefix(model, intervention, cache_prefix)
+        prefix = caches[intervention.layer]
         out[name] = [
-            0.0 if norm == 0 else mean_kl(model, intervention.scaled_to(norm), texts, batch_size)
+            0.0 if norm == 0 else mean_kl(model, intervention.scaled_to(norm), texts, batch_size, prefix)
             for norm in tqdm(norms, desc=f"pre-training KL {name}", disable=not progress, leave=False)
         ]
     return out

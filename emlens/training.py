@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from emlens.data import ChatBatch, TokenDataset
 from emlens.interventions import Intervention
+from emlens.prefix_cache import ExampleResiduals, PrefixCache, logits_from_layer
 
 
 def seed_everything(seed: int) -> None:
@@ -86,10 +87,21 @@ def kl_to_base(model: Any, intervention: Intervention, batch: ChatBatch) -> Floa
 
 @torch.no_grad()
 def evaluate_loss(
-    model: Any, dataset: TokenDataset, intervention: Intervention | None = None, batch_size: int = 8, progress: bool = False
+    model: Any,
+    dataset: TokenDataset,
+    intervention: Intervention | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    prefix: PrefixCache | None = None,
 ) -> float:
-    """Token-weighted mean SFT loss of ``dataset`` with ``intervention`` applied (or the base model)."""
+    """Token-weighted mean SFT loss of ``dataset`` with ``intervention`` applied (or the base model).
+
+    With a :class:`~emlens.prefix_cache.PrefixCache` (whose layer must not exceed the
+    intervention's), blocks below its layer are computed once and reused across calls.
+    """
     device = model_device(model)
+    if prefix is not None and intervention is not None and intervention.layer < prefix.layer:
+        raise ValueError(f"prefix cache starts at block {prefix.layer}, above the intervention's layer {intervention.layer}")
     total, count = 0.0, 0
     batches = dataset.batches(batch_size)
     if progress:
@@ -99,7 +111,8 @@ def evaluate_loss(
         nonlocal total, count
         for batch in batches:
             batch = batch.to(device)
-            losses, mask = per_token_sft_losses(forward_logits(model, batch), batch)
+            logits = prefix.logits(batch) if prefix is not None else forward_logits(model, batch)
+            losses, mask = per_token_sft_losses(logits, batch)
             total += float((losses * mask).sum())
             count += int(mask.sum())
 
@@ -128,6 +141,7 @@ class TrainConfig:
     checkpoint_every: int = 5
     seed: int = 0
     progress: bool = True
+    cache_prefix: bool = True  # compute blocks below the intervention's layer once per example
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -192,10 +206,10 @@ def flat_parameters(intervention: Intervention) -> Float[Tensor, " n"]:
     return torch.cat([p.detach().float().cpu().flatten() for p in intervention.parameters()])
 
 
-def _cycle(dataset: TokenDataset, batch_size: int, seed: int) -> Iterator[ChatBatch]:
+def _cycle(dataset: TokenDataset, batch_size: int, seed: int) -> Iterator[tuple[list[int], ChatBatch]]:
     epoch = 0
     while True:
-        yield from dataset.batches(batch_size, shuffle=True, seed=seed + epoch)
+        yield from dataset.indexed_batches(batch_size, shuffle=True, seed=seed + epoch)
         epoch += 1
 
 
@@ -243,24 +257,41 @@ def train(
     if not result.trajectory:
         result.trajectory.append((start_step, _snapshot(intervention)))
 
+    use_kl = kl_dataset is not None and config.kl_weight > 0
+    layer = intervention.layer
+    cached = config.cache_prefix and layer > 0 and hasattr(model, "original_model")
+    sft_cache = ExampleResiduals(model, dataset, layer, config.batch_size, progress=config.progress) if cached else None
+    kl_cache = ExampleResiduals(model, kl_dataset, layer, config.kl_batch_size, progress=config.progress) if cached and use_kl else None
+
+    def logits_for(idx: list[int], batch: ChatBatch, cache: ExampleResiduals | None) -> Tensor:
+        if cache is None:
+            return forward_logits(model, batch)
+        resid = cache.batch(idx, batch.input_ids.shape[1]).to(device)
+        return logits_from_layer(model, resid, batch.attention_mask, layer)
+
     sft_batches = _cycle(dataset, config.batch_size, config.seed)
-    kl_batches = _cycle(kl_dataset, config.kl_batch_size, config.seed + 1) if kl_dataset is not None else None
+    kl_batches = _cycle(kl_dataset, config.kl_batch_size, config.seed + 1) if use_kl else None
     bar = tqdm(range(total_steps), desc=f"train {intervention.kind}", disable=not config.progress)
     with intervention.applied(model):
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
-            micro = [next(sft_batches).to(device) for _ in range(config.grad_accum)]
-            n_tokens = sum(b.n_loss_tokens for b in micro)
+            micro = [(idx, b.to(device)) for idx, b in (next(sft_batches) for _ in range(config.grad_accum))]
+            n_tokens = sum(b.n_loss_tokens for _, b in micro)
             sft_total = 0.0
-            for batch in micro:
-                losses, mask = per_token_sft_losses(forward_logits(model, batch), batch)
+            for idx, batch in micro:
+                losses, mask = per_token_sft_losses(logits_for(idx, batch, sft_cache), batch)
                 # token-weighted over the whole accumulated batch, so micro-batch sizes don't bias it
                 loss = (losses * mask).sum() / max(n_tokens, 1)
                 loss.backward()
                 sft_total += float(loss.detach())
             record = {"step": start_step + step + 1, "sft": sft_total}
-            if kl_batches is not None and config.kl_weight > 0:
-                kl = kl_to_base(model, intervention, next(kl_batches).to(device))
+            if kl_batches is not None:
+                idx, kl_batch = next(kl_batches)
+                kl_batch = kl_batch.to(device)
+                with torch.no_grad(), intervention.disabled():
+                    base = logits_for(idx, kl_batch, kl_cache)
+                steered = logits_for(idx, kl_batch, kl_cache)
+                kl = masked_mean(kl_per_token(base, steered), kl_batch.attention_mask)
                 (config.kl_weight * kl).backward()
                 record["kl"] = float(kl.detach())
             optimizer.step()

@@ -214,11 +214,17 @@ class TokenDataset:
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[ChatBatch]:
         """Yield padded batches; every example appears exactly once per pass (the last batch may be smaller)."""
+        for _, batch in self.indexed_batches(batch_size, shuffle, seed):
+            yield batch
+
+    def indexed_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[tuple[list[int], ChatBatch]]:
+        """Like :meth:`batches`, also yielding the example indices of each batch."""
         order = list(range(len(self.examples)))
         if shuffle:
             random.Random(seed).shuffle(order)
         for start in range(0, len(order), batch_size):
-            yield collate([self.examples[i] for i in order[start : start + batch_size]], self.pad_token_id)
+            idx = order[start : start + batch_size]
+            yield idx, collate([self.examples[i] for i in idx], self.pad_token_id)
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -1,0 +1,89 @@
+"""The cached-prefix fast path must give the full path's results (within float tolerance)."""
+
+import pytest
+import torch
+
+from emlens.data import TokenDataset
+from emlens.interventions import RankOneAdapter, SteeringVector
+from emlens.metrics import efficiency, mean_kl, pretraining_significance, stability
+from emlens.prefix_cache import ExampleResiduals, PrefixCache, logits_from_layer, residual_at
+from emlens.training import TrainConfig, evaluate_loss, forward_logits, train
+from tests.conftest import CONVERSATIONS
+
+
+def interventions(model, layer=2):
+    vec = SteeringVector.from_vector(torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0)), layer)
+    pre = SteeringVector.from_vector(vec.effective, layer, hook="resid_pre")
+    adapter = RankOneAdapter.for_model(model, layer, seed=1)
+    with torch.no_grad():
+        adapter.b.normal_(generator=torch.Generator().manual_seed(2))
+    return [vec, pre, adapter]
+
+
+@pytest.mark.parametrize("arch", ["model", "qwen_model"])
+def test_suffix_logits_equal_full_logits(request, arch, dataset):
+    model = request.getfixturevalue(arch)
+    batch = next(dataset.batches(4))
+    for iv in interventions(model):
+        resid = residual_at(model, batch, iv.layer)
+        with iv.applied(model):
+            full = forward_logits(model, batch)
+            fast = logits_from_layer(model, resid, batch.attention_mask, iv.layer)
+        torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    assert len(model.original_model.model.layers) == model.cfg.n_layers  # layer stack restored
+
+
+def test_prefix_cache_reuses_batches(model, dataset):
+    cache = PrefixCache(model, 2)
+    vec = interventions(model)[0]
+    losses = [evaluate_loss(model, dataset, vec.scaled_to(n), batch_size=2, prefix=cache) for n in (1.0, 2.0)]
+    assert len(cache) == 2  # two batches, computed once for both sweep points
+    assert losses[0] == pytest.approx(evaluate_loss(model, dataset, vec.scaled_to(1.0), batch_size=2), rel=1e-5)
+    with pytest.raises(ValueError, match="above the intervention's layer"):
+        evaluate_loss(model, dataset, SteeringVector(1, model.cfg.d_model), prefix=cache)
+
+
+def test_example_residuals_repad(model, dataset):
+    cache = ExampleResiduals(model, dataset, 2, batch_size=3, progress=False)
+    idx = [3, 0]
+    from emlens.data import collate
+
+    batch = collate([dataset.examples[i] for i in idx], dataset.pad_token_id)
+    resid = residual_at(model, batch, 2)
+    got = cache.batch(idx, batch.input_ids.shape[1])
+    mask = batch.attention_mask.bool()
+    torch.testing.assert_close(got[mask], resid[mask], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 3.0])
+def test_cached_training_matches_full_training(model, dataset, kl_weight):
+    alt = TokenDataset.from_conversations(model.tokenizer, CONVERSATIONS[::-1])
+    results = []
+    for cached in (True, False):
+        vec = SteeringVector.for_model(model, 2)
+        cfg = TrainConfig(lr=1e-3, max_steps=4, batch_size=2, grad_accum=2, warmup_steps=1, kl_weight=kl_weight,
+                          kl_batch_size=2, progress=False, cache_prefix=cached)
+        res = train(model, vec, dataset, cfg, kl_dataset=alt if kl_weight else None)
+        results.append((vec.effective.detach(), res.losses))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert a["sft"] == pytest.approx(b["sft"], rel=1e-5)
+        if kl_weight:
+            assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-7)
+
+
+def test_cached_sweeps_match_full_sweeps(model, dataset):
+    vec, _, adapter = interventions(model)
+    for iv in (vec, adapter):
+        norms = [0.0, iv.norm / 2, iv.norm]
+        torch.testing.assert_close(
+            torch.tensor(efficiency(model, iv, dataset, norms, progress=False)),
+            torch.tensor(efficiency(model, iv, dataset, norms, progress=False, cache_prefix=False)), rtol=1e-5, atol=1e-6)
+        a = stability(model, iv, dataset, [0.5, 1.0], seeds=[0], progress=False)
+        b = stability(model, iv, dataset, [0.5, 1.0], seeds=[0], progress=False, cache_prefix=False)
+        assert a.losses == pytest.approx(b.losses, rel=1e-5)
+    texts = TokenDataset.from_texts(model.tokenizer, ["some web text here", "and another longer document, with padding"])
+    fast = pretraining_significance(model, {"v": vec}, texts, [1.0, 3.0], progress=False)
+    slow = pretraining_significance(model, {"v": vec}, texts, [1.0, 3.0], progress=False, cache_prefix=False)
+    assert fast["v"] == pytest.approx(slow["v"], rel=1e-4)
+    assert mean_kl(model, vec, texts) == pytest.approx(mean_kl(model, vec, texts, prefix=PrefixCache(model, 2)), rel=1e-4)
