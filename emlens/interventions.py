@@ -383,8 +383,8 @@ class RankOneAdapter(Intervention):
             if h is None:
                 raise InterventionError(f"{self.in_hook} did not fire before {self.out_hook}")
             _check_width(act, self.d_model, "adapter factor b", self.out_hook)
-            coeff = h @ self.a.to(dtype=h.dtype)  # [batch, pos]
-            return act + self.scale * coeff.unsqueeze(-1) * self.b.to(dtype=act.dtype)
+            coeff = h @ self.a.to(device=h.device, dtype=h.dtype)  # [batch, pos]
+            return act + self.scale * coeff.unsqueeze(-1).to(act.device) * self.b.to(device=act.device, dtype=act.dtype)
 
         return [(self.in_hook, read_input), (self.out_hook, add_update)]
 

@@ -10,6 +10,8 @@ firing as usual, so interventions apply unchanged.
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -30,45 +32,101 @@ def _decoder(hf_model: Any) -> Any:
     return decoder
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _contains_bridge(module: nn.Module) -> bool:
+    return any("_original_component" in m._modules for m in module.modules())
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The transformers module under TransformerLens' bridge wrappers, sharing its weights (no copy)."""
+    original = module._modules.get("_original_component")
+    if original is not None:
+        return _unwrap(original)
+    if not _contains_bridge(module):
+        return module
+    clone = copy.copy(module)
+    clone._modules = OrderedDict((k, _unwrap(v) if v is not None else None) for k, v in module._modules.items())
+    for name in _HOOK_DICTS:
+        if hasattr(module, name):
+            setattr(clone, name, OrderedDict())
+    return clone
+
+
+def plain_layers(model: Any) -> list[nn.Module]:
+    """The decoder layers without TransformerLens' hook points (shared weights), built once per model.
+
+    Running these skips the bridge's per-module Python overhead; no TransformerLens hook fires in them.
+    """
+    cached = model.__dict__.get("_emlens_plain_layers")
+    if cached is None:
+        cached = [_unwrap(layer) for layer in _decoder(model.original_model).layers]
+        model.__dict__["_emlens_plain_layers"] = cached
+    return cached
+
+
+class _Stop(Exception):
+    pass
+
+
 @torch.no_grad()
 def residual_at(model: Any, batch: ChatBatch, layer: int) -> Float[Tensor, "batch seq d_model"]:
     """The residual stream entering block ``layer`` (blocks ``layer``… are not run)."""
     if layer == 0:
         raise ValueError("layer 0 has nothing below it to cache")
-    # Read block layer-1's output (not block layer's input hook), so hooks an intervention
-    # places on block ``layer`` itself only ever fire in the suffix run.
+    # Blocks 0..layer-1 run as plain transformers layers; their output is caught and the pass stopped.
+    hf = model.original_model
+    layers = plain_layers(model)[:layer]
     store: dict[str, Tensor] = {}
 
-    def grab(act: Tensor, hook: Any) -> None:
-        store["resid"] = act.detach()
+    def grab(module: nn.Module, args: Any, output: Any) -> None:
+        store["resid"] = (output[0] if isinstance(output, tuple) else output).detach()
+        raise _Stop
 
-    model.run_with_hooks(
-        batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=layer,
-        fwd_hooks=[(f"blocks.{layer - 1}.hook_resid_post", grab)],
-    )
+    handle = layers[-1].register_forward_hook(grab)
+    try:
+        with _layer_stack(hf, layers):
+            _decoder(hf)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
     return store["resid"]
 
 
 @contextmanager
-def _layers_from(hf_model: Any, start: int) -> Iterator[None]:
+def _layer_stack(hf_model: Any, layers: list[nn.Module]) -> Iterator[None]:
     decoder = _decoder(hf_model)
     full = decoder.layers
-    decoder.layers = nn.ModuleList(list(full)[start:])
+    decoder.__dict__["_modules"]["layers"] = nn.ModuleList(layers)
     try:
         yield
     finally:
-        decoder.layers = full
+        decoder.__dict__["_modules"]["layers"] = full
 
 
 def logits_from_layer(
-    model: Any, residual: Float[Tensor, "batch seq d_model"], attention_mask: Int[Tensor, "batch seq"], layer: int
+    model: Any,
+    residual: Float[Tensor, "batch seq d_model"],
+    attention_mask: Int[Tensor, "batch seq"],
+    layer: int,
+    hooked_blocks: int | None = 1,
 ) -> Float[Tensor, "batch seq vocab"]:
-    """Logits from running blocks ``layer``… (and the final norm and unembedding) on ``residual``."""
+    """Logits from running blocks ``layer``… (and the final norm and unembedding) on ``residual``.
+
+    The first ``hooked_blocks`` blocks run with their TransformerLens hooks (where the
+    intervention lives); the rest run as plain transformers layers. ``None`` hooks them all.
+    """
     hf = model.original_model
     inputs = residual
     if getattr(hf.config, "model_type", "") in _SCALED_EMBEDDINGS:
         inputs = residual / torch.tensor(hf.config.hidden_size**0.5, dtype=residual.dtype)
-    with _layers_from(hf, layer):
+    bridged = list(_decoder(hf).layers)
+    end = len(bridged) if hooked_blocks is None else layer + hooked_blocks
+    layers = bridged[layer:end] + plain_layers(model)[end:]
+    with _layer_stack(hf, layers):
         return hf(inputs_embeds=inputs, attention_mask=attention_mask, use_cache=False).logits
 
 

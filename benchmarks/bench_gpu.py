@@ -1,0 +1,293 @@
+"""GPU benchmark: emlens vs the HF + PEFT reference stack, same model, data and batches.
+
+Randomly initialised models with the real configs of Qwen2.5-0.5B/7B/14B-Instruct, bf16.
+Measures training tokens/s and peak memory for
+  (a) HF + PEFT rank-1 LoRA (rsLoRA, alpha 256) on layer L's down_proj,
+  (b) a plain HF forward hook adding a trainable vector after layer L,
+  (c) emlens SteeringVector, (d) emlens RankOneAdapter (both through emlens.train),
+with and without the KL term, and the time of an efficiency sweep (11 norms) and a stability
+sweep (11 ε × 3 seeds): re-running the full model per point vs emlens' cached-prefix sweeps.
+
+Run on a GPU: python benchmarks/bench_gpu.py --models qwen2.5-0.5b qwen2.5-7b --out benchmarks/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+QWEN_CONFIGS = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                        num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def build_model(name: str, device: str, dtype: torch.dtype, n_layers: int | None = None) -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = dict(QWEN_CONFIGS[name])
+    if n_layers is not None:
+        cfg["num_hidden_layers"] = n_layers
+    config = Qwen2Config(**cfg, max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def make_dataset(vocab: int, n: int, seq: int, seed: int = 0) -> Any:
+    """Random conversations: variable lengths in [0.6·seq, seq], loss on the second half ("assistant")."""
+    from emlens.data import EncodedExample, TokenDataset
+
+    gen = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        length = int(torch.randint(int(0.6 * seq), seq + 1, (1,), generator=gen))
+        ids = torch.randint(2, vocab, (length,), generator=gen).tolist()
+        examples.append(EncodedExample(ids, [i >= length // 2 for i in range(length)]))
+    return TokenDataset(examples, pad_token_id=0)
+
+
+def masked_ce(logits: torch.Tensor, batch: Any) -> torch.Tensor:
+    from emlens.training import sft_loss
+
+    return sft_loss(logits, batch)
+
+
+def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float, float]:
+    """Run fn, returning (result, seconds, peak GiB)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    return out, secs, peak
+
+
+def kl_mean(base: torch.Tensor, steered: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    from emlens.training import kl_per_token, masked_mean
+
+    return masked_mean(kl_per_token(base, steered), mask)
+
+
+def reference_peft_train(hf: Any, layer: int, data: Any, kl_data: Any | None, steps: int, bs: int, device: str) -> Any:
+    """(a) HF + PEFT rank-1 LoRA on layer L's down_proj, full forward every step (the reference stack)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=1, lora_alpha=256, use_rslora=True, target_modules=["down_proj"], layers_to_transform=[layer], lora_dropout=0.0)
+    peft_model = get_peft_model(hf, cfg)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-5)
+    batches = data.batches(bs)
+    kl_batches = kl_data.batches(bs) if kl_data is not None else None
+    for _ in range(steps):
+        b = next(batches).to(device)
+        loss = masked_ce(peft_model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b)
+        if kl_batches is not None:
+            k = next(kl_batches).to(device)
+            with torch.no_grad(), peft_model.disable_adapter():
+                base = peft_model(input_ids=k.input_ids, attention_mask=k.attention_mask).logits
+            loss = loss + 0.66 * kl_mean(base, peft_model(input_ids=k.input_ids, attention_mask=k.attention_mask).logits, k.attention_mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peft_model.unload()  # restore the plain model for the next method
+    return float(loss.detach())
+
+
+def reference_hook_train(hf: Any, layer: int, data: Any, kl_data: Any | None, steps: int, bs: int, device: str) -> Any:
+    """(b) a plain HF forward hook adding a trainable vector after layer L, full forward every step."""
+    vec = torch.zeros(hf.config.hidden_size, device=device, requires_grad=True)
+    state = {"on": True}
+
+    def hook(module, args, output):
+        if not state["on"]:
+            return output
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden + 256 * vec.to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = hf.model.layers[layer].register_forward_hook(hook)
+    opt = torch.optim.AdamW([vec], lr=1e-4)
+    batches = data.batches(bs)
+    kl_batches = kl_data.batches(bs) if kl_data is not None else None
+    try:
+        for _ in range(steps):
+            b = next(batches).to(device)
+            loss = masked_ce(hf(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b)
+            if kl_batches is not None:
+                k = next(kl_batches).to(device)
+                state["on"] = False
+                with torch.no_grad():
+                    base = hf(input_ids=k.input_ids, attention_mask=k.attention_mask).logits
+                state["on"] = True
+                loss = loss + 6.6 * kl_mean(base, hf(input_ids=k.input_ids, attention_mask=k.attention_mask).logits, k.attention_mask)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        handle.remove()
+    return float(loss.detach())
+
+
+def emlens_train(bridge: Any, kind: str, layer: int, data: Any, kl_data: Any | None, steps: int, bs: int) -> Any:
+    """(c)/(d) emlens.train with the cached prefix."""
+    from emlens.interventions import RankOneAdapter, SteeringVector
+    from emlens.training import TrainConfig, train
+
+    iv = SteeringVector.for_model(bridge, layer) if kind == "steering" else RankOneAdapter.for_model(bridge, layer)
+    cfg = TrainConfig(lr=1e-4, max_steps=steps, batch_size=bs, grad_accum=1, kl_weight=6.6 if kl_data is not None else 0.0,
+                      kl_batch_size=bs, progress=False, checkpoint_every=10**9)
+    result = train(bridge, iv, data, cfg, kl_dataset=kl_data)
+    return result.losses[-1]["sft"]
+
+
+def reference_sweep(hf: Any, layer: int, vectors: list[torch.Tensor], data: Any, bs: int, device: str) -> list[float]:
+    """Full-model re-run per sweep point, vector added by a forward hook after layer L."""
+    current = {"v": None}
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden + current["v"].to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = hf.model.layers[layer].register_forward_hook(hook)
+    losses = []
+    try:
+        with torch.no_grad():
+            for v in vectors:
+                current["v"] = v.to(device)
+                total, count = 0.0, 0
+                for b in data.batches(bs):
+                    b = b.to(device)
+                    from emlens.training import per_token_sft_losses
+
+                    l, m = per_token_sft_losses(hf(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b)
+                    total += float((l * m).sum())
+                    count += int(m.sum())
+                losses.append(total / count)
+    finally:
+        handle.remove()
+    return losses
+
+
+def run_model(name: str, args: argparse.Namespace, device_name: str) -> list[dict[str, Any]]:
+    from emlens.geometry import perturb
+    from emlens.interventions import SteeringVector
+    from emlens.metrics import efficiency, stability
+    from emlens.models import bridge_from_hf, byte_tokenizer
+
+    hf = build_model(name, args.device, torch.bfloat16, args.n_layers)
+    n_params = sum(p.numel() for p in hf.parameters())
+    n_layers = hf.config.num_hidden_layers
+    layer = n_layers // 2
+    data = make_dataset(hf.config.vocab_size, args.steps * args.batch, args.seq, seed=0)
+    kl_data = make_dataset(hf.config.vocab_size, args.steps * args.batch, args.seq, seed=1)
+    tokens = sum(len(e.input_ids) for e in data.examples)
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), float("nan"))
+    # useful FLOPs per token: one forward of the whole model (2N) + input-gradient backward of the blocks above L (≈ 2N/2)
+    flops_per_token = 2 * n_params + n_params
+    rows: list[dict[str, Any]] = []
+    timings: dict[tuple[str, bool], float] = {}
+
+    def record(method: str, kl: bool, secs: float, peak_gib: float) -> None:
+        tput = tokens / secs
+        timings[(method, kl)] = secs
+        rows.append({"model": name, "layer": f"{layer}/{n_layers}", "method": method, "kl": kl, "seconds": round(secs, 3),
+                     "tokens_per_s": round(tput), "peak_GiB": round(peak_gib, 2),
+                     "mfu": round((1 + (2 if kl else 0)) * flops_per_token * tput / (peak * 1e12), 4)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    # sweep settings (11 norms; 11 ε × 3 seeds) on eval rows
+    eval_set = data.subset(range(args.eval_rows))
+    eval_tokens = sum(len(e.input_ids) for e in eval_set.examples)
+    vec = SteeringVector.from_vector(torch.randn(hf.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 4.0, layer, hook="resid_post").to(args.device)
+    norms = [vec.norm * f for f in torch.linspace(0, 2, 11).tolist()]
+    eps = [0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 1.0]
+
+    def stability_vectors() -> list[torch.Tensor]:
+        vectors = [vec.effective.detach()]
+        for seed in range(3):
+            gen = torch.Generator().manual_seed(seed)
+            vectors += [perturb(vec, e, gen).effective.detach() for e in eps[1:]]
+        return vectors
+
+    # --- the reference stack, on the plain transformers model -------------------------------
+    small = data.subset(range(args.batch))
+    for warm in (reference_hook_train, reference_peft_train):  # warm-up: first calls pay one-off costs
+        warm(hf, layer, small, small, 1, args.batch, args.device)
+    for kl in (False, True):
+        for method, fn in (("HF+PEFT rank-1 LoRA", reference_peft_train), ("HF forward hook vector", reference_hook_train)):
+            for _ in range(args.repeats):  # the last repeat is recorded (steady state)
+                _, secs, peak_gib = timed(lambda: fn(hf, layer, data, kl_data if kl else None, args.steps, args.batch, args.device), args.device)
+            record(method, kl, secs, peak_gib)
+    ref_eff, ref_eff_s, _ = timed(lambda: reference_sweep(hf, layer, [vec.direction * n for n in norms], eval_set, args.eval_batch, args.device), args.device)
+    ref_stab, ref_stab_s, _ = timed(lambda: reference_sweep(hf, layer, stability_vectors(), eval_set, args.eval_batch, args.device), args.device)
+
+    # --- emlens, through TransformerLens -------------------------------------------------------
+    bridge = bridge_from_hf(hf, byte_tokenizer(), name=f"emlens-bench/{name}")
+    for kind in ("steering", "adapter"):  # warm-up
+        emlens_train(bridge, kind, layer, small, small, 1, args.batch)
+    for kl in (False, True):
+        for method, kind in (("emlens SteeringVector", "steering"), ("emlens RankOneAdapter", "adapter")):
+            for _ in range(args.repeats):
+                _, secs, peak_gib = timed(lambda: emlens_train(bridge, kind, layer, data, kl_data if kl else None, args.steps, args.batch), args.device)
+            record(method, kl, secs, peak_gib)
+            rows[-1]["speedup_vs_HF+PEFT"] = round(timings[("HF+PEFT rank-1 LoRA", kl)] / secs, 2)
+    our_eff, our_eff_s, _ = timed(lambda: efficiency(bridge, vec, eval_set, norms, args.eval_batch, progress=False), args.device)
+    our_stab, our_stab_s, _ = timed(lambda: stability(bridge, vec, eval_set, eps, (0, 1, 2), args.eval_batch, progress=False), args.device)
+    ours_flat = [float(our_stab.losses[0, 0])] + [float(x) for s in range(3) for x in our_stab.losses[s, 1:]]
+    for sweep, ref, ours, ref_s, our_s in (("efficiency (11 norms)", ref_eff, our_eff, ref_eff_s, our_eff_s),
+                                           ("stability (11 ε × 3 seeds)", ref_stab, ours_flat, ref_stab_s, our_stab_s)):
+        rows.append({"model": name, "sweep": sweep, "reference_s": round(ref_s, 3), "emlens_s": round(our_s, 3),
+                     "speedup": round(ref_s / our_s, 2), "max_abs_loss_diff": round(max(abs(a - b) for a, b in zip(ref, ours)), 5),
+                     "eval_tokens": eval_tokens})
+        print(json.dumps(rows[-1]), flush=True)
+    del bridge, hf
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-7b"], choices=sorted(QWEN_CONFIGS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--eval-rows", type=int, default=64)
+    parser.add_argument("--eval-batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2, help="run each training method this often, record the last")
+    parser.add_argument("--n-layers", type=int, default=None, help="override the layer count (for a quick CPU check)")
+    parser.add_argument("--out", default="benchmarks/results.json")
+    args = parser.parse_args()
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"device: {device_name}; torch {torch.__version__}", flush=True)
+    rows = []
+    for name in args.models:
+        rows += run_model(name, args, device_name)
+    with open(args.out, "w") as fh:
+        json.dump({"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
