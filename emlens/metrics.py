@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from emlens.data import TokenDataset
 from emlens.geometry import PCAResult, pca, perturb
-from emlens.interventions import Intervention
-from emlens.prefix_cache import PrefixCache
+from emlens.interventions import Intervention, SteeringVector
+from emlens.prefix_cache import PrefixCache, steering_sweep_losses
 from emlens.training import (
     TrainConfig,
     TrainingResult,
@@ -47,6 +47,17 @@ def _prefix(model: Any, intervention: Intervention, enabled: bool) -> PrefixCach
     return PrefixCache(model, intervention.layer) if enabled and intervention.layer > 0 and hasattr(model, "original_model") else None
 
 
+def _batched_steering(model: Any, intervention: Intervention, enabled: bool) -> bool:
+    """Whether sweep points can share passes: a steering vector on the residual after its block."""
+    return (
+        enabled
+        and isinstance(intervention, SteeringVector)
+        and intervention.positions == "all"
+        and intervention.hook in (f"blocks.{intervention.layer}.hook_resid_post", f"blocks.{intervention.layer}.hook_mlp_out")
+        and hasattr(model, "original_model")
+    )
+
+
 def efficiency(
     model: Any,
     intervention: Intervention,
@@ -60,6 +71,9 @@ def efficiency(
 
     Blocks below the intervention run once per batch for the whole sweep (``cache_prefix``).
     """
+    if _batched_steering(model, intervention, cache_prefix):
+        vectors = [intervention.direction * float(n) for n in norms]
+        return steering_sweep_losses(model, vectors, intervention.layer, dataset, batch_size)
     prefix = _prefix(model, intervention, cache_prefix)
     losses = []
     for norm in tqdm(norms, desc="efficiency", disable=not progress, leave=False):
@@ -108,6 +122,14 @@ def stability(
     epsilons = [float(e) for e in epsilons]
     if epsilons[0] != 0.0:
         epsilons = [0.0] + epsilons
+    if _batched_steering(model, intervention, cache_prefix):
+        vectors = [torch.zeros_like(intervention.effective.detach()), intervention.effective.detach()]
+        for seed in seeds:
+            gen = torch.Generator().manual_seed(seed)
+            vectors += [perturb(intervention, eps, gen).effective.detach() for eps in epsilons[1:]]
+        flat = steering_sweep_losses(model, vectors, intervention.layer, dataset, batch_size)
+        table = np.array([[flat[1]] + flat[2 + s * (len(epsilons) - 1) : 2 + (s + 1) * (len(epsilons) - 1)] for s in range(len(seeds))])
+        return StabilityResult(epsilons, table, flat[0])
     prefix = _prefix(model, intervention, cache_prefix)
     base = evaluate_loss(model, dataset, None, batch_size, prefix=prefix)
     clean = evaluate_loss(model, dataset, intervention, batch_size, prefix=prefix)

@@ -61,10 +61,12 @@ def plot_drift(result: DriftResult, path: str | Path, title: str = "Drift withou
     """Checkpoints in the plane of the first two principal components, coloured by phase."""
     coords = result.projection.coordinates
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    phases = np.array(result.phase)
-    for phase, colour in (("narrow (KL)", "tab:blue"), ("no KL", "tab:red")):
-        sel = phases == phase
-        ax.plot(coords[sel, 0], coords[sel, 1] if coords.shape[1] > 1 else np.zeros(sel.sum()), marker="o", color=colour, label=phase)
+    ys = coords[:, 1] if coords.shape[1] > 1 else np.zeros(len(coords))
+    n_narrow = result.phase.count("narrow (KL)")
+    ax.plot(coords[:n_narrow, 0], ys[:n_narrow], marker="o", color="tab:blue", label="narrow (KL)")
+    # the no-KL phase continues from the last KL checkpoint
+    ax.plot(coords[n_narrow - 1 :, 0], ys[n_narrow - 1 :], marker="o", color="tab:red", label="no KL")
+    ax.annotate("start", (coords[0, 0], ys[0]), textcoords="offset points", xytext=(5, 5))
     ratio = result.projection.explained_variance_ratio
     ax.set(
         xlabel=f"PC1 ({100 * ratio[0]:.0f}% var.)",

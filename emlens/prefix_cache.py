@@ -107,6 +107,13 @@ def _layer_stack(hf_model: Any, layers: list[nn.Module]) -> Iterator[None]:
         decoder.__dict__["_modules"]["layers"] = full
 
 
+def _as_inputs_embeds(hf: Any, residual: Tensor) -> Tensor:
+    """Undo the sqrt(d_model) input scaling of decoders that apply it to inputs_embeds."""
+    if getattr(hf.config, "model_type", "") in _SCALED_EMBEDDINGS:
+        return residual / torch.tensor(hf.config.hidden_size**0.5, dtype=residual.dtype)
+    return residual
+
+
 def logits_from_layer(
     model: Any,
     residual: Float[Tensor, "batch seq d_model"],
@@ -120,9 +127,7 @@ def logits_from_layer(
     intervention lives); the rest run as plain transformers layers. ``None`` hooks them all.
     """
     hf = model.original_model
-    inputs = residual
-    if getattr(hf.config, "model_type", "") in _SCALED_EMBEDDINGS:
-        inputs = residual / torch.tensor(hf.config.hidden_size**0.5, dtype=residual.dtype)
+    inputs = _as_inputs_embeds(hf, residual)
     bridged = list(_decoder(hf).layers)
     end = len(bridged) if hooked_blocks is None else layer + hooked_blocks
     layers = bridged[layer:end] + plain_layers(model)[end:]
@@ -191,3 +196,58 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self._store)
+
+
+def _hidden_from_layer(model: Any, residual: Tensor, attention_mask: Tensor, layer: int) -> Tensor:
+    """Final-normed hidden states from running plain blocks ``layer``… on ``residual`` (no hooks)."""
+    hf = model.original_model
+    inputs = _as_inputs_embeds(hf, residual)
+    decoder = _decoder(hf)
+    with _layer_stack(hf, plain_layers(model)[layer:]):
+        return decoder(inputs_embeds=inputs, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def _logits_at(model: Any, hidden: Tensor) -> Tensor:
+    """Unembed selected hidden states (applying a final logit soft-cap where the model has one)."""
+    hf = model.original_model
+    logits = hf.get_output_embeddings()(hidden)
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.no_grad()
+def steering_sweep_losses(
+    model: Any,
+    vectors: list[Tensor],
+    layer: int,
+    dataset: Any,
+    batch_size: int = 8,
+    max_rows: int = 64,
+) -> list[float]:
+    """Assistant-token loss for each vector added to the residual stream after block ``layer``.
+
+    The fast path for sweeps over steering vectors: blocks 0…``layer`` run once per batch,
+    several sweep points share one pass through the remaining (unhooked) blocks, and logits
+    are computed only at scored positions. Equals ``evaluate_loss`` with a ``SteeringVector``
+    on ``blocks.{layer}.hook_resid_post`` (up to float rounding).
+    """
+    device = next(model.parameters()).device
+    totals = [0.0] * len(vectors)
+    count = 0
+    for batch in dataset.batches(batch_size):
+        batch = batch.to(device)
+        resid = residual_at(model, batch, layer + 1)  # layer + 1 == n_layers: only norm and unembedding remain
+        targets = batch.input_ids[:, 1:]
+        mask = batch.loss_mask[:, 1:] & batch.attention_mask[:, 1:].bool()
+        count += int(mask.sum())
+        per_pass = max(1, max_rows // batch.input_ids.shape[0])
+        for start in range(0, len(vectors), per_pass):
+            chunk = vectors[start : start + per_pass]
+            stacked = torch.cat([resid + v.to(device=resid.device, dtype=resid.dtype) for v in chunk])
+            hidden = _hidden_from_layer(model, stacked, batch.attention_mask.repeat(len(chunk), 1), layer + 1)
+            hidden = hidden[:, :-1].reshape(len(chunk), *mask.shape, -1)
+            for k in range(len(chunk)):
+                logits = _logits_at(model, hidden[k][mask]).float()
+                totals[start + k] += float(torch.nn.functional.cross_entropy(logits, targets[mask], reduction="sum"))
+    return [t / max(count, 1) for t in totals]
+

@@ -87,3 +87,15 @@ def test_cached_sweeps_match_full_sweeps(model, dataset):
     slow = pretraining_significance(model, {"v": vec}, texts, [1.0, 3.0], progress=False, cache_prefix=False)
     assert fast["v"] == pytest.approx(slow["v"], rel=1e-4)
     assert mean_kl(model, vec, texts) == pytest.approx(mean_kl(model, vec, texts, prefix=PrefixCache(model, 2)), rel=1e-4)
+
+
+@pytest.mark.parametrize("layer", [1, 3])  # 3 = the last block: only the final norm and unembedding follow
+def test_steering_sweep_losses_match_hooked_losses(model, dataset, layer):
+    from emlens.prefix_cache import steering_sweep_losses
+
+    gen = torch.Generator().manual_seed(layer)
+    vectors = [torch.zeros(model.cfg.d_model)] + [torch.randn(model.cfg.d_model, generator=gen) * s for s in (1.0, 3.0, 6.0)]
+    fast = steering_sweep_losses(model, vectors, layer, dataset, batch_size=3, max_rows=4)  # several passes per batch
+    slow = [evaluate_loss(model, dataset, SteeringVector.from_vector(v, layer), batch_size=3) for v in vectors]
+    assert fast == pytest.approx(slow, rel=1e-5)
+    assert fast[0] == pytest.approx(evaluate_loss(model, dataset), rel=1e-5)
