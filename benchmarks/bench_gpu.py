@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 QWEN_CONFIGS = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -261,9 +259,6 @@ def run_model(name: str, args: argparse.Namespace, device_name: str) -> list[dic
                      "speedup": round(ref_s / our_s, 2), "max_abs_loss_diff": round(max(abs(a - b) for a, b in zip(ref, ours)), 5),
                      "eval_tokens": eval_tokens})
         print(json.dumps(rows[-1]), flush=True)
-    del bridge, hf
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -285,6 +280,8 @@ def main() -> None:
     rows = []
     for name in args.models:
         rows += run_model(name, args, device_name)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the model went out of scope with run_model
     with open(args.out, "w") as fh:
         json.dump({"device": device_name, "torch": torch.__version__, "args": vars(args), "rows": rows}, fh, indent=2)
 

@@ -238,10 +238,10 @@ class LocalModelJudge:
     network. The prompt's "0 to 100" wording is replaced by "0 to 9".
     """
 
-    def __init__(self, model: Any, batch_size: int = 4):
+    def __init__(self, model: Any, answer_prefix: str = "Rating (0-9): "):
         self.model = model
+        self.answer_prefix = answer_prefix
         self.tokenizer = model.tokenizer
-        self.batch_size = batch_size
         digit_ids = {}
         for d in range(10):
             ids = self.tokenizer(str(d), add_special_tokens=False)["input_ids"]
@@ -255,6 +255,7 @@ class LocalModelJudge:
         prompt = prompt.replace("from 0 to 100", "from 0 to 9").replace("100 means", "9 means")
         prompt = prompt.replace("50 means", "5 means")
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text += self.answer_prefix  # primes a one-digit answer, as an API judge's number-only reply would be
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         device = next(self.model.parameters()).device
         logits = self.model(ids.to(device))[0, -1].float()

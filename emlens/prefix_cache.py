@@ -114,6 +114,12 @@ def _as_inputs_embeds(hf: Any, residual: Tensor) -> Tensor:
     return residual
 
 
+def _stack_from(model: Any, layer: int, hooked_blocks: int | None) -> list[nn.Module]:
+    bridged = list(_decoder(model.original_model).layers)
+    end = len(bridged) if hooked_blocks is None else layer + hooked_blocks
+    return bridged[layer:end] + plain_layers(model)[end:]
+
+
 def logits_from_layer(
     model: Any,
     residual: Float[Tensor, "batch seq d_model"],
@@ -127,12 +133,29 @@ def logits_from_layer(
     intervention lives); the rest run as plain transformers layers. ``None`` hooks them all.
     """
     hf = model.original_model
-    inputs = _as_inputs_embeds(hf, residual)
-    bridged = list(_decoder(hf).layers)
-    end = len(bridged) if hooked_blocks is None else layer + hooked_blocks
-    layers = bridged[layer:end] + plain_layers(model)[end:]
-    with _layer_stack(hf, layers):
-        return hf(inputs_embeds=inputs, attention_mask=attention_mask, use_cache=False).logits
+    with _layer_stack(hf, _stack_from(model, layer, hooked_blocks)):
+        return hf(inputs_embeds=_as_inputs_embeds(hf, residual), attention_mask=attention_mask, use_cache=False).logits
+
+
+def hidden_from_layer(
+    model: Any,
+    residual: Float[Tensor, "batch seq d_model"],
+    attention_mask: Int[Tensor, "batch seq"],
+    layer: int,
+    hooked_blocks: int | None = 1,
+) -> Float[Tensor, "batch seq d_model"]:
+    """Final-normed hidden states from blocks ``layer``… (unembed only the rows you need with :func:`logits_at`)."""
+    hf = model.original_model
+    with _layer_stack(hf, _stack_from(model, layer, hooked_blocks)):
+        return _decoder(hf)(inputs_embeds=_as_inputs_embeds(hf, residual), attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def logits_at(model: Any, hidden: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
+    """Unembed selected hidden states (with the model's final logit soft-cap, if it has one)."""
+    hf = model.original_model
+    logits = hf.get_output_embeddings()(hidden)
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 class ExampleResiduals:
@@ -198,22 +221,6 @@ class PrefixCache:
         return len(self._store)
 
 
-def _hidden_from_layer(model: Any, residual: Tensor, attention_mask: Tensor, layer: int) -> Tensor:
-    """Final-normed hidden states from running plain blocks ``layer``… on ``residual`` (no hooks)."""
-    hf = model.original_model
-    inputs = _as_inputs_embeds(hf, residual)
-    decoder = _decoder(hf)
-    with _layer_stack(hf, plain_layers(model)[layer:]):
-        return decoder(inputs_embeds=inputs, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-
-def _logits_at(model: Any, hidden: Tensor) -> Tensor:
-    """Unembed selected hidden states (applying a final logit soft-cap where the model has one)."""
-    hf = model.original_model
-    logits = hf.get_output_embeddings()(hidden)
-    cap = getattr(hf.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
 
 @torch.no_grad()
 def steering_sweep_losses(
@@ -244,10 +251,10 @@ def steering_sweep_losses(
         for start in range(0, len(vectors), per_pass):
             chunk = vectors[start : start + per_pass]
             stacked = torch.cat([resid + v.to(device=resid.device, dtype=resid.dtype) for v in chunk])
-            hidden = _hidden_from_layer(model, stacked, batch.attention_mask.repeat(len(chunk), 1), layer + 1)
+            hidden = hidden_from_layer(model, stacked, batch.attention_mask.repeat(len(chunk), 1), layer + 1, hooked_blocks=0)
             hidden = hidden[:, :-1].reshape(len(chunk), *mask.shape, -1)
             for k in range(len(chunk)):
-                logits = _logits_at(model, hidden[k][mask]).float()
+                logits = logits_at(model, hidden[k][mask]).float()
                 totals[start + k] += float(torch.nn.functional.cross_entropy(logits, targets[mask], reduction="sum"))
     return [t / max(count, 1) for t in totals]
 

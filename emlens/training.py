@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from emlens.data import ChatBatch, TokenDataset
 from emlens.interventions import Intervention
-from emlens.prefix_cache import ExampleResiduals, PrefixCache, logits_from_layer
+from emlens.prefix_cache import ExampleResiduals, PrefixCache, hidden_from_layer, logits_at
 
 
 def seed_everything(seed: int) -> None:
@@ -263,11 +263,12 @@ def train(
     sft_cache = ExampleResiduals(model, dataset, layer, config.batch_size, progress=config.progress) if cached else None
     kl_cache = ExampleResiduals(model, kl_dataset, layer, config.kl_batch_size, progress=config.progress) if cached and use_kl else None
 
-    def logits_for(idx: list[int], batch: ChatBatch, cache: ExampleResiduals | None) -> Tensor:
+    def logits_for(idx: list[int], batch: ChatBatch, cache: ExampleResiduals | None, rows: Tensor) -> Tensor:
+        """Logits at the positions ``rows`` ([batch, seq] bool) only: [n_rows, vocab]."""
         if cache is None:
-            return forward_logits(model, batch)
+            return forward_logits(model, batch)[rows]
         resid = cache.batch(idx, batch.input_ids.shape[1]).to(device)
-        return logits_from_layer(model, resid, batch.attention_mask, layer)
+        return logits_at(model, hidden_from_layer(model, resid, batch.attention_mask, layer)[rows])
 
     sft_batches = _cycle(dataset, config.batch_size, config.seed)
     kl_batches = _cycle(kl_dataset, config.kl_batch_size, config.seed + 1) if use_kl else None
@@ -279,19 +280,23 @@ def train(
             n_tokens = sum(b.n_loss_tokens for _, b in micro)
             sft_total = 0.0
             for idx, batch in micro:
-                losses, mask = per_token_sft_losses(logits_for(idx, batch, sft_cache), batch)
+                # position t predicts token t+1; score it where t+1 is a real assistant token
+                scored = torch.zeros_like(batch.loss_mask)
+                scored[:, :-1] = batch.loss_mask[:, 1:] & batch.attention_mask[:, 1:].bool()
+                logits = logits_for(idx, batch, sft_cache, scored)
                 # token-weighted over the whole accumulated batch, so micro-batch sizes don't bias it
-                loss = (losses * mask).sum() / max(n_tokens, 1)
+                loss = F.cross_entropy(logits.float(), batch.input_ids[:, 1:][scored[:, :-1]], reduction="sum") / max(n_tokens, 1)
                 loss.backward()
                 sft_total += float(loss.detach())
             record = {"step": start_step + step + 1, "sft": sft_total}
             if kl_batches is not None:
                 idx, kl_batch = next(kl_batches)
                 kl_batch = kl_batch.to(device)
+                real = kl_batch.attention_mask.bool()
                 with torch.no_grad(), intervention.disabled():
-                    base = logits_for(idx, kl_batch, kl_cache)
-                steered = logits_for(idx, kl_batch, kl_cache)
-                kl = masked_mean(kl_per_token(base, steered), kl_batch.attention_mask)
+                    base = logits_for(idx, kl_batch, kl_cache, real)
+                steered = logits_for(idx, kl_batch, kl_cache, real)
+                kl = kl_per_token(base, steered).mean()  # mean over real tokens only
                 (config.kl_weight * kl).backward()
                 record["kl"] = float(kl.detach())
             optimizer.step()

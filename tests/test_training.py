@@ -15,7 +15,6 @@ from emlens.training import (
     sft_loss,
     train,
 )
-from tests.conftest import CONVERSATIONS
 
 FAST = dict(batch_size=2, grad_accum=1, warmup_steps=1, progress=False, checkpoint_every=2)
 
