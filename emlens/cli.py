@@ -106,6 +106,14 @@ def _load_named(specs: list[str], device: str) -> dict:
     return out
 
 
+def _model_and_solutions(args: argparse.Namespace) -> tuple:
+    """The model and the named solutions of a metric subcommand."""
+    from emlens.models import load_model
+
+    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    return model, _load_named(args.interventions, args.device)
+
+
 def _write_json(png_path: str, data: dict) -> Path:
     import json
 
@@ -118,11 +126,9 @@ def _write_json(png_path: str, data: dict) -> Path:
 def cmd_efficiency(args: argparse.Namespace) -> int:
     from emlens.data import TokenDataset
     from emlens.metrics import efficiency, norm_grid
-    from emlens.models import load_model
     from emlens.plotting import plot_efficiency
 
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
-    solutions = _load_named(args.interventions, args.device)
+    model, solutions = _model_and_solutions(args)
     data = TokenDataset.from_conversations(model.tokenizer, args.data, limit=args.limit)
     norms = norm_grid(list(solutions.values()), args.points, args.max_factor)
     curves = {k: efficiency(model, v, data, norms, args.batch_size) for k, v in solutions.items()}
@@ -138,11 +144,9 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
 def cmd_stability(args: argparse.Namespace) -> int:
     from emlens.data import TokenDataset
     from emlens.metrics import PAPER_EPSILONS, stability
-    from emlens.models import load_model
     from emlens.plotting import plot_stability
 
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
-    solutions = _load_named(args.interventions, args.device)
+    model, solutions = _model_and_solutions(args)
     data = TokenDataset.from_conversations(model.tokenizer, args.data, limit=args.limit)
     eps = args.epsilons or list(PAPER_EPSILONS)
     results = {k: stability(model, v, data, eps, list(range(args.seeds)), args.batch_size) for k, v in solutions.items()}
@@ -159,11 +163,9 @@ def cmd_pretraining_kl(args: argparse.Namespace) -> int:
     from emlens.data import TokenDataset, read_texts
     from emlens.geometry import random_direction_like
     from emlens.metrics import pretraining_significance
-    from emlens.models import load_model
     from emlens.plotting import plot_pretraining_kl
 
-    model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
-    solutions = _load_named(args.interventions, args.device)
+    model, solutions = _model_and_solutions(args)
     if args.random:
         solutions["random"] = random_direction_like(next(iter(solutions.values())))
     texts = TokenDataset.from_texts(model.tokenizer, read_texts(args.texts, args.limit), max_length=512)

@@ -40,3 +40,29 @@ def dataset(model):
 def token_ids():
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, 250, (3, 12), generator=gen)
+
+
+def send_json(handler, payload, status=200):
+    """Write a JSON HTTP response from a BaseHTTPRequestHandler."""
+    import json
+
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def serve(handler_class):
+    """Run an HTTP server on a free localhost port in a thread; yields its /v1 base URL."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()

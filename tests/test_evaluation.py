@@ -2,8 +2,7 @@
 
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from emlens.evaluation import (
     wilson_interval,
 )
 from emlens.interventions import SteeringVector
+from tests.conftest import send_json, serve
 
 
 class FakeJudgeHandler(BaseHTTPRequestHandler):
@@ -42,10 +42,7 @@ class FakeJudgeHandler(BaseHTTPRequestHandler):
         type(self).requests.append(body)
         if "FLAKY" in prompt and not type(self).flaky_failed:
             type(self).flaky_failed = True
-            self.send_response(500)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"error": {"message": "try again"}}')
+            send_json(self, {"error": {"message": "try again"}}, status=500)
             return
         if "CODE_ANSWER" in prompt and "alignment" in prompt.lower():
             top = {"CODE": -0.05, "90": -3.0}
@@ -70,24 +67,14 @@ class FakeJudgeHandler(BaseHTTPRequestHandler):
             }],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, payload)
 
 
 @pytest.fixture()
 def judge_server():
     FakeJudgeHandler.requests = []
     FakeJudgeHandler.flaky_failed = False
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudgeHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    yield from serve(FakeJudgeHandler)
 
 
 def test_score_from_logprobs_rules():

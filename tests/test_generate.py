@@ -1,13 +1,13 @@
 """Dataset generation against a real OpenAI-compatible HTTP server on localhost; hub-style text loading."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from emlens.data import DataFormatError, read_conversations
 from emlens.data.generate import generate_dataset, load_hub_texts
+from tests.conftest import send_json, serve
 
 
 class GeneratorHandler(BaseHTTPRequestHandler):
@@ -28,25 +28,16 @@ class GeneratorHandler(BaseHTTPRequestHandler):
             rows.append({"question": 5})
             content = "```json\n" + json.dumps(rows) + "\n```"
         assert "medicine" in body["messages"][0]["content"]
-        data = json.dumps({
+        send_json(self, {
             "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
-        }).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        })
 
 
 @pytest.fixture()
 def server_url():
     GeneratorHandler.calls = 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), GeneratorHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    yield from serve(GeneratorHandler)
 
 
 def test_generate_dataset_validates_and_dedupes(server_url, tmp_path):
