@@ -23,14 +23,18 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_efficiency(norms: Sequence[float], curves: dict[str, Sequence[float]], path: str | Path, title: str = "Efficiency") -> Path:
-    """Loss vs norm for several solutions (lower at equal norm = more efficient)."""
+def _curves(xs: Sequence[float], curves: dict[str, Sequence[float]], path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, losses in curves.items():
-        ax.plot(norms, losses, marker="o", label=name)
-    ax.set(xlabel="norm of the solution", ylabel="training loss (assistant tokens)", title=title)
+    for name, ys in curves.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
     return _save(fig, path)
+
+
+def plot_efficiency(norms: Sequence[float], curves: dict[str, Sequence[float]], path: str | Path, title: str = "Efficiency") -> Path:
+    """Loss vs norm for several solutions (lower at equal norm = more efficient)."""
+    return _curves(norms, curves, path, "norm of the solution", "training loss (assistant tokens)", title)
 
 
 def plot_stability(results: dict[str, StabilityResult], path: str | Path, relative: bool = True, title: str = "Stability") -> Path:
@@ -49,12 +53,7 @@ def plot_stability(results: dict[str, StabilityResult], path: str | Path, relati
 
 def plot_pretraining_kl(norms: Sequence[float], curves: dict[str, Sequence[float]], path: str | Path, title: str = "Pre-training significance") -> Path:
     """KL(p_base ‖ p_steered) on web text vs norm, per direction."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, kls in curves.items():
-        ax.plot(norms, kls, marker="o", label=name)
-    ax.set(xlabel="norm of the steering vector", ylabel="mean per-token KL (nats)", title=title)
-    ax.legend()
-    return _save(fig, path)
+    return _curves(norms, curves, path, "norm of the steering vector", "mean per-token KL (nats)", title)
 
 
 def plot_drift(result: DriftResult, path: str | Path, title: str = "Drift without the KL term") -> Path:
