@@ -4,8 +4,8 @@ Everything below layer L is independent of an intervention at layer L, so the re
 stream entering block L can be computed once (without gradients) and reused: for every
 training step's backward pass, for the steered pass of the KL term, and for every point of
 an efficiency or stability sweep. :func:`logits_from_layer` runs blocks L… of the wrapped
-transformers model on such a residual, with every TransformerLens hook in those blocks
-firing as usual, so interventions apply unchanged.
+transformers model on such a residual: block L with its TransformerLens hooks (so the
+intervention applies unchanged), the blocks above it as plain transformers layers.
 """
 
 from __future__ import annotations
@@ -120,6 +120,19 @@ def _stack_from(model: Any, layer: int, hooked_blocks: int | None) -> list[nn.Mo
     return bridged[layer:end] + plain_layers(model)[end:]
 
 
+def hidden_from_layer(
+    model: Any,
+    residual: Float[Tensor, "batch seq d_model"],
+    attention_mask: Int[Tensor, "batch seq"],
+    layer: int,
+    hooked_blocks: int | None = 1,
+) -> Float[Tensor, "batch seq d_model"]:
+    """Final-normed hidden states from blocks ``layer``… (unembed only the rows you need with :func:`logits_at`)."""
+    hf = model.original_model
+    with _layer_stack(hf, _stack_from(model, layer, hooked_blocks)):
+        return _decoder(hf)(inputs_embeds=_as_inputs_embeds(hf, residual), attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
 def logits_from_layer(
     model: Any,
     residual: Float[Tensor, "batch seq d_model"],
@@ -132,22 +145,7 @@ def logits_from_layer(
     The first ``hooked_blocks`` blocks run with their TransformerLens hooks (where the
     intervention lives); the rest run as plain transformers layers. ``None`` hooks them all.
     """
-    hf = model.original_model
-    with _layer_stack(hf, _stack_from(model, layer, hooked_blocks)):
-        return hf(inputs_embeds=_as_inputs_embeds(hf, residual), attention_mask=attention_mask, use_cache=False).logits
-
-
-def hidden_from_layer(
-    model: Any,
-    residual: Float[Tensor, "batch seq d_model"],
-    attention_mask: Int[Tensor, "batch seq"],
-    layer: int,
-    hooked_blocks: int | None = 1,
-) -> Float[Tensor, "batch seq d_model"]:
-    """Final-normed hidden states from blocks ``layer``… (unembed only the rows you need with :func:`logits_at`)."""
-    hf = model.original_model
-    with _layer_stack(hf, _stack_from(model, layer, hooked_blocks)):
-        return _decoder(hf)(inputs_embeds=_as_inputs_embeds(hf, residual), attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return logits_at(model, hidden_from_layer(model, residual, attention_mask, layer, hooked_blocks))
 
 
 def logits_at(model: Any, hidden: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
@@ -221,7 +219,6 @@ class PrefixCache:
         return len(self._store)
 
 
-
 @torch.no_grad()
 def steering_sweep_losses(
     model: Any,
@@ -245,7 +242,7 @@ def steering_sweep_losses(
         batch = batch.to(device)
         resid = residual_at(model, batch, layer + 1)  # layer + 1 == n_layers: only norm and unembedding remain
         targets = batch.input_ids[:, 1:]
-        mask = batch.loss_mask[:, 1:] & batch.attention_mask[:, 1:].bool()
+        mask = batch.scored
         count += int(mask.sum())
         per_pass = max(1, max_rows // batch.input_ids.shape[0])
         for start in range(0, len(vectors), per_pass):

@@ -53,8 +53,7 @@ def per_token_sft_losses(
     losses = F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
     ).view_as(targets)
-    mask = batch.loss_mask[:, 1:] & batch.attention_mask[:, 1:].bool()
-    return losses, mask
+    return losses, batch.scored
 
 
 def sft_loss(logits: Float[Tensor, "batch seq vocab"], batch: ChatBatch) -> Float[Tensor, ""]:
@@ -282,7 +281,7 @@ def train(
             for idx, batch in micro:
                 # position t predicts token t+1; score it where t+1 is a real assistant token
                 scored = torch.zeros_like(batch.loss_mask)
-                scored[:, :-1] = batch.loss_mask[:, 1:] & batch.attention_mask[:, 1:].bool()
+                scored[:, :-1] = batch.scored
                 logits = logits_for(idx, batch, sft_cache, scored)
                 # token-weighted over the whole accumulated batch, so micro-batch sizes don't bias it
                 loss = F.cross_entropy(logits.float(), batch.input_ids[:, 1:][scored[:, :-1]], reduction="sum") / max(n_tokens, 1)

@@ -167,6 +167,11 @@ class ChatBatch:
         return ChatBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device))
 
     @property
+    def scored(self) -> Bool[Tensor, "batch seq_minus_1"]:
+        """Positions whose next-token prediction is scored: ``t`` counts when token ``t+1`` is a real assistant token."""
+        return self.loss_mask[:, 1:] & self.attention_mask[:, 1:].bool()
+
+    @property
     def n_loss_tokens(self) -> int:
         return int(self.loss_mask[:, 1:].sum())
 
