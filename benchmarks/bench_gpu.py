@@ -5,8 +5,10 @@ Measures training tokens/s and peak memory for
   (a) HF + PEFT rank-1 LoRA (rsLoRA, alpha 256) on layer L's down_proj,
   (b) a plain HF forward hook adding a trainable vector after layer L,
   (c) emlens SteeringVector, (d) emlens RankOneAdapter (both through emlens.train),
-with and without the KL term, and the time of an efficiency sweep (11 norms) and a stability
-sweep (11 ε × 3 seeds): re-running the full model per point vs emlens' cached-prefix sweeps.
+with and without the KL term (emlens both as one run that builds its own caches and as a run
+on caches built beforehand, as any later run on the same data), and the time of an efficiency
+sweep (11 norms) and a stability sweep (base + 11 ε × 3 seeds): re-running the full model per
+point vs emlens' cached-prefix, padding-free sweeps. Results table: benchmarks/make_table.py.
 
 Run on a GPU: python benchmarks/bench_gpu.py --models qwen2.5-0.5b qwen2.5-7b --out benchmarks/results.json
 """
@@ -146,15 +148,26 @@ def reference_hook_train(hf: Any, layer: int, data: Any, kl_data: Any | None, st
     return float(loss.detach())
 
 
-def emlens_train(bridge: Any, kind: str, layer: int, data: Any, kl_data: Any | None, steps: int, bs: int) -> Any:
-    """(c)/(d) emlens.train with the cached prefix."""
+def new_intervention(bridge: Any, kind: str, layer: int) -> Any:
     from emlens.interventions import RankOneAdapter, SteeringVector
+
+    return SteeringVector.for_model(bridge, layer) if kind == "steering" else RankOneAdapter.for_model(bridge, layer)
+
+
+def emlens_caches(bridge: Any, kind: str, layer: int, data: Any, kl_data: Any | None, bs: int) -> Any:
+    """The residual caches (and base hidden states for KL) that several runs on the same data share."""
+    from emlens.training import TrainingCaches
+
+    return TrainingCaches.build(bridge, new_intervention(bridge, kind, layer), data, kl_data, batch_size=bs, progress=False)
+
+
+def emlens_train(bridge: Any, kind: str, layer: int, data: Any, kl_data: Any | None, steps: int, bs: int, caches: Any = None) -> Any:
+    """(c)/(d) emlens.train: caches built inside the run (caches=None) or reused from an earlier build."""
     from emlens.training import TrainConfig, train
 
-    iv = SteeringVector.for_model(bridge, layer) if kind == "steering" else RankOneAdapter.for_model(bridge, layer)
     cfg = TrainConfig(lr=1e-4, max_steps=steps, batch_size=bs, grad_accum=1, kl_weight=6.6 if kl_data is not None else 0.0,
                       kl_batch_size=bs, progress=False, checkpoint_every=10**9)
-    result = train(bridge, iv, data, cfg, kl_dataset=kl_data)
+    result = train(bridge, new_intervention(bridge, kind, layer), data, cfg, kl_dataset=kl_data, caches=caches)
     return result.losses[-1]["sft"]
 
 
@@ -206,12 +219,12 @@ def run_model(name: str, args: argparse.Namespace, device_name: str) -> list[dic
     rows: list[dict[str, Any]] = []
     timings: dict[tuple[str, bool], float] = {}
 
-    def record(method: str, kl: bool, secs: float, peak_gib: float) -> None:
+    def record(method: str, kl: bool, secs: float, peak_gib: float, **extra: Any) -> None:
         tput = tokens / secs
         timings[(method, kl)] = secs
         rows.append({"model": name, "layer": f"{layer}/{n_layers}", "method": method, "kl": kl, "seconds": round(secs, 3),
                      "tokens_per_s": round(tput), "peak_GiB": round(peak_gib, 2),
-                     "mfu": round((1 + (2 if kl else 0)) * flops_per_token * tput / (peak * 1e12), 4)})
+                     "mfu": round((1 + (2 if kl else 0)) * flops_per_token * tput / (peak * 1e12), 4), **extra})
         print(json.dumps(rows[-1]), flush=True)
 
     # sweep settings (11 norms; 11 ε × 3 seeds) on eval rows
@@ -222,7 +235,8 @@ def run_model(name: str, args: argparse.Namespace, device_name: str) -> list[dic
     eps = [0.0, 0.01, 0.05, 0.1, 0.2, 0.4, 0.5, 0.6, 0.8, 0.9, 1.0]
 
     def stability_vectors() -> list[torch.Tensor]:
-        vectors = [vec.effective.detach()]
+        # the base model (relative stability needs L_base), the clean vector, then 10 ε × 3 seeds
+        vectors = [torch.zeros_like(vec.effective.detach()), vec.effective.detach()]
         for seed in range(3):
             gen = torch.Generator().manual_seed(seed)
             vectors += [perturb(vec, e, gen).effective.detach() for e in eps[1:]]
@@ -237,28 +251,43 @@ def run_model(name: str, args: argparse.Namespace, device_name: str) -> list[dic
             for _ in range(args.repeats):  # the last repeat is recorded (steady state)
                 _, secs, peak_gib = timed(lambda: fn(hf, layer, data, kl_data if kl else None, args.steps, args.batch, args.device), args.device)
             record(method, kl, secs, peak_gib)
+    reference_sweep(hf, layer, [vec.effective.detach()], small, args.eval_batch, args.device)  # warm-up
     ref_eff, ref_eff_s, _ = timed(lambda: reference_sweep(hf, layer, [vec.direction * n for n in norms], eval_set, args.eval_batch, args.device), args.device)
     ref_stab, ref_stab_s, _ = timed(lambda: reference_sweep(hf, layer, stability_vectors(), eval_set, args.eval_batch, args.device), args.device)
 
     # --- emlens, through TransformerLens -------------------------------------------------------
     bridge = bridge_from_hf(hf, byte_tokenizer(), name=f"emlens-bench/{name}")
-    for kind in ("steering", "adapter"):  # warm-up
-        emlens_train(bridge, kind, layer, small, small, 1, args.batch)
+    t0 = time.perf_counter()
+    for kind in ("steering", "adapter"):  # warm-up: compiles the blocks (once per process) on shapes unlike the timed ones
+        emlens_train(bridge, kind, layer, small, small, 2, args.batch)
+    efficiency(bridge, vec, small, norms[:2], args.eval_batch, progress=False)
+    warmup_s = time.perf_counter() - t0
+    print(json.dumps({"model": name, "emlens_warmup_and_compile_s": round(warmup_s, 1)}), flush=True)
     for kl in (False, True):
         for method, kind in (("emlens SteeringVector", "steering"), ("emlens RankOneAdapter", "adapter")):
-            for _ in range(args.repeats):
+            for _ in range(args.repeats):  # one epoch, caches built inside the run (counted)
                 _, secs, peak_gib = timed(lambda: emlens_train(bridge, kind, layer, data, kl_data if kl else None, args.steps, args.batch), args.device)
-            record(method, kl, secs, peak_gib)
-            rows[-1]["speedup_vs_HF+PEFT"] = round(timings[("HF+PEFT rank-1 LoRA", kl)] / secs, 2)
+            # caches built once and reused: later epochs, other seeds / KL weights / continuations on the same data
+            built, build_s, _ = timed(lambda: emlens_caches(bridge, kind, layer, data, kl_data if kl else None, args.batch), args.device)
+            _, reuse_s, reuse_peak = timed(lambda: emlens_train(bridge, kind, layer, data, kl_data if kl else None, args.steps, args.batch, built), args.device)
+            built = None  # free the caches before the next method
+            ref_s = timings[("HF+PEFT rank-1 LoRA", kl)]
+            record(method, kl, secs, peak_gib, cache_build_s=round(build_s, 3), seconds_reused_cache=round(reuse_s, 3),
+                   tokens_per_s_reused_cache=round(tokens / reuse_s), peak_GiB_reused_cache=round(reuse_peak, 2),
+                   speedup_vs_peft=round(ref_s / secs, 2), speedup_vs_peft_reused_cache=round(ref_s / reuse_s, 2))
     our_eff, our_eff_s, _ = timed(lambda: efficiency(bridge, vec, eval_set, norms, args.eval_batch, progress=False), args.device)
     our_stab, our_stab_s, _ = timed(lambda: stability(bridge, vec, eval_set, eps, (0, 1, 2), args.eval_batch, progress=False), args.device)
-    ours_flat = [float(our_stab.losses[0, 0])] + [float(x) for s in range(3) for x in our_stab.losses[s, 1:]]
+    ours_flat = [our_stab.base_loss, float(our_stab.losses[0, 0])] + [float(x) for s in range(3) for x in our_stab.losses[s, 1:]]
     for sweep, ref, ours, ref_s, our_s in (("efficiency (11 norms)", ref_eff, our_eff, ref_eff_s, our_eff_s),
-                                           ("stability (11 ε × 3 seeds)", ref_stab, ours_flat, ref_stab_s, our_stab_s)):
+                                           ("stability (base + 11 ε × 3 seeds)", ref_stab, ours_flat, ref_stab_s, our_stab_s)):
         rows.append({"model": name, "sweep": sweep, "reference_s": round(ref_s, 3), "emlens_s": round(our_s, 3),
                      "speedup": round(ref_s / our_s, 2), "max_abs_loss_diff": round(max(abs(a - b) for a, b in zip(ref, ours)), 5),
                      "eval_tokens": eval_tokens})
         print(json.dumps(rows[-1]), flush=True)
+    from torch._dynamo.utils import counters
+
+    rows.append({"model": name, "compile_stats": {k: int(v) for k, v in counters["stats"].items()}})
+    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

@@ -15,12 +15,12 @@ from emlens.geometry import (
 )
 from emlens.interventions import Intervention, RankOneAdapter, SteeringVector, load_intervention
 from emlens.models import default_layer, load_model, tiny_model
-from emlens.training import TrainConfig, TrainingResult, evaluate_loss, kl_to_base, train
+from emlens.training import TrainConfig, TrainingCaches, TrainingResult, evaluate_loss, kl_to_base, train
 
 __all__ = [
     "ChatBatch", "TokenDataset", "builtin_datasets", "read_conversations", "read_texts",
     "cosine_similarity", "cosine_similarity_matrix", "mean_difference_direction", "orthogonal_noise", "pca", "perturb",
     "Intervention", "RankOneAdapter", "SteeringVector", "load_intervention",
     "default_layer", "load_model", "tiny_model",
-    "TrainConfig", "TrainingResult", "evaluate_loss", "kl_to_base", "train",
+    "TrainConfig", "TrainingCaches", "TrainingResult", "evaluate_loss", "kl_to_base", "train",
 ]

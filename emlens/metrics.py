@@ -17,15 +17,18 @@ from tqdm.auto import tqdm
 
 from emlens.data import TokenDataset
 from emlens.geometry import PCAResult, pca, perturb
-from emlens.interventions import Intervention, SteeringVector
+from emlens.interventions import Intervention
 from emlens.prefix_cache import PrefixCache, steering_sweep_losses
 from emlens.training import (
     TrainConfig,
+    TrainingCaches,
     TrainingResult,
+    cache_layer,
     evaluate_loss,
     forward_logits,
     kl_per_token,
     model_device,
+    steers_residual_after_block,
     train,
 )
 
@@ -49,13 +52,7 @@ def _prefix(model: Any, intervention: Intervention, enabled: bool) -> PrefixCach
 
 def _batched_steering(model: Any, intervention: Intervention, enabled: bool) -> bool:
     """Whether sweep points can share passes: a steering vector on the residual after its block."""
-    return (
-        enabled
-        and isinstance(intervention, SteeringVector)
-        and intervention.positions == "all"
-        and intervention.hook in (f"blocks.{intervention.layer}.hook_resid_post", f"blocks.{intervention.layer}.hook_mlp_out")
-        and hasattr(model, "original_model")
-    )
+    return enabled and steers_residual_after_block(model, intervention)
 
 
 def efficiency(
@@ -224,10 +221,14 @@ def drift(
     """Train narrow (``narrow_config.kl_weight > 0``), then keep training without KL; PCA the path."""
     if narrow_config.kl_weight <= 0:
         raise ValueError("the narrow phase needs kl_weight > 0")
-    narrow = train(model, intervention, dataset, narrow_config, kl_dataset=kl_dataset)
+    caches = None  # built once, shared by both phases
+    if narrow_config.cache_prefix and hasattr(model, "original_model") and cache_layer(model, intervention) > 0:
+        caches = TrainingCaches.build(model, intervention, dataset, kl_dataset,
+                                      max(narrow_config.batch_size, narrow_config.kl_batch_size), progress=narrow_config.progress)
+    narrow = train(model, intervention, dataset, narrow_config, kl_dataset=kl_dataset, caches=caches)
     narrow_snapshot = TrainingResult(narrow.intervention.clone(), narrow.config, list(narrow.losses), list(narrow.trajectory))
     free = TrainConfig(**{**continue_config.__dict__, "kl_weight": 0.0})
-    continued = train(model, intervention, dataset, free, resume_from=narrow_snapshot)
+    continued = train(model, intervention, dataset, free, resume_from=narrow_snapshot, caches=caches if free.cache_prefix else None)
     steps = [s for s, _ in continued.trajectory]
     n_narrow = len(narrow_snapshot.trajectory)
     phase = ["narrow (KL)"] * n_narrow + ["no KL"] * (len(steps) - n_narrow)

@@ -22,8 +22,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from emlens.data import ChatBatch, TokenDataset
-from emlens.interventions import Intervention
-from emlens.prefix_cache import ExampleResiduals, PrefixCache, hidden_from_layer, logits_at
+from emlens.interventions import Intervention, SteeringVector
+from emlens.packed import fast_layers, run_packed, supports_packing
+from emlens.prefix_cache import (
+    ExampleResiduals,
+    PrefixCache,
+    hidden_from_layer,
+    logits_at,
+    plain_layers,
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -59,7 +66,7 @@ def per_token_sft_losses(
 def sft_loss(logits: Float[Tensor, "batch seq vocab"], batch: ChatBatch) -> Float[Tensor, ""]:
     """Mean cross-entropy over assistant tokens of the batch."""
     losses, mask = per_token_sft_losses(logits, batch)
-    return (losses * mask).sum() / mask.sum().clamp(min=1)
+    return losses.masked_fill(~mask, 0).sum() / mask.sum().clamp(min=1)
 
 
 def kl_per_token(
@@ -72,8 +79,9 @@ def kl_per_token(
 
 
 def masked_mean(values: Float[Tensor, "batch seq"], mask: Tensor) -> Float[Tensor, ""]:
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+    """Mean of ``values`` where ``mask`` is set (values elsewhere, even non-finite ones, are ignored)."""
+    mask = mask.bool()
+    return values.masked_fill(~mask, 0).sum() / mask.sum().clamp(min=1)
 
 
 def kl_to_base(model: Any, intervention: Intervention, batch: ChatBatch) -> Float[Tensor, ""]:
@@ -112,7 +120,7 @@ def evaluate_loss(
             batch = batch.to(device)
             logits = prefix.logits(batch) if prefix is not None else forward_logits(model, batch)
             losses, mask = per_token_sft_losses(logits, batch)
-            total += float((losses * mask).sum())
+            total += float(losses[mask].sum())
             count += int(mask.sum())
 
     if intervention is None:
@@ -221,6 +229,69 @@ def _lr_lambda(warmup: int, total: int):
     return schedule
 
 
+def steers_residual_after_block(model: Any, intervention: Intervention) -> bool:
+    """Whether ``intervention`` only adds one vector to the residual stream after its block, at every position.
+
+    Then the blocks up to and including its block never depend on it: the residual after the
+    block is cached and the vector added directly, without running any hooked block.
+    """
+    return (
+        isinstance(intervention, SteeringVector)
+        and intervention.positions == "all"
+        and intervention.hook in (f"blocks.{intervention.layer}.hook_resid_post", f"blocks.{intervention.layer}.hook_mlp_out")
+        and hasattr(model, "original_model")
+    )
+
+
+def cache_layer(model: Any, intervention: Intervention) -> int:
+    """The block whose input a training cache holds: the first block the intervention can change."""
+    return intervention.layer + 1 if steers_residual_after_block(model, intervention) else intervention.layer
+
+
+@dataclass
+class TrainingCaches:
+    """Per-example residual caches for :func:`train`, built once and reusable across runs on the same data.
+
+    ``sft`` holds the training set's residuals entering the first block the intervention can
+    change; ``kl`` the same for the KL set plus the base model's final hidden states. Runs that
+    share the data, model and intervention layer (other seeds, other KL weights, a continuation)
+    can pass the same caches and skip all work below the intervention.
+    """
+
+    sft: ExampleResiduals
+    kl: ExampleResiduals | None = None
+
+    @classmethod
+    def build(
+        cls,
+        model: Any,
+        intervention: Intervention,
+        dataset: TokenDataset,
+        kl_dataset: TokenDataset | None = None,
+        batch_size: int = 8,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+    ) -> "TrainingCaches":
+        """Caches for training ``intervention`` (its kind and layer) on ``dataset`` (and ``kl_dataset``)."""
+        if not hasattr(model, "original_model"):
+            raise TypeError("training caches need a TransformerLens bridge (a model with .original_model)")
+        layer = cache_layer(model, intervention)
+        if layer == 0:
+            raise ValueError("nothing lies below an intervention at block 0 to cache")
+        sft = ExampleResiduals(model, dataset, layer, batch_size, device, progress)
+        kl = ExampleResiduals(model, kl_dataset, layer, batch_size, device, progress, base_hidden=True) if kl_dataset is not None else None
+        return cls(sft, kl)
+
+    def check(self, model: Any, intervention: Intervention, dataset: TokenDataset, kl_dataset: TokenDataset | None) -> None:
+        """Raise if these caches do not fit this run's intervention layer and data."""
+        layer = cache_layer(model, intervention)
+        self.sft.check(dataset, layer)
+        if kl_dataset is not None:
+            if self.kl is None:
+                raise ValueError("training caches hold no KL-set cache, but this run has a KL term")
+            self.kl.check(kl_dataset, layer, base_hidden=True)
+
+
 def train(
     model: Any,
     intervention: Intervention,
@@ -228,12 +299,15 @@ def train(
     config: TrainConfig | None = None,
     kl_dataset: TokenDataset | None = None,
     resume_from: TrainingResult | None = None,
+    caches: TrainingCaches | None = None,
 ) -> TrainingResult:
     """Train ``intervention`` in place on ``dataset`` (assistant-token SFT loss).
 
     With ``config.kl_weight > 0`` each optimiser step also adds ``λ · KL(p_base ‖ p_steered)``
     on a batch of ``kl_dataset``. ``resume_from`` continues an earlier result's losses and
-    trajectory (e.g. a narrow run continued without KL to watch it drift).
+    trajectory (e.g. a narrow run continued without KL to watch it drift). ``caches``
+    (:class:`TrainingCaches`) reuses residual caches built earlier; without them, and with
+    ``config.cache_prefix``, they are built at the start of the run.
     """
     config = config or TrainConfig()
     if config.kl_weight > 0 and kl_dataset is None:
@@ -257,18 +331,34 @@ def train(
         result.trajectory.append((start_step, _snapshot(intervention)))
 
     use_kl = kl_dataset is not None and config.kl_weight > 0
-    layer = intervention.layer
-    cached = config.cache_prefix and layer > 0 and hasattr(model, "original_model")
-    sft_cache = ExampleResiduals(model, dataset, layer, config.batch_size, progress=config.progress) if cached else None
-    kl_cache = ExampleResiduals(model, kl_dataset, layer, config.kl_batch_size, progress=config.progress) if cached and use_kl else None
+    if caches is not None:
+        caches.check(model, intervention, dataset, kl_dataset if use_kl else None)
+    elif config.cache_prefix and hasattr(model, "original_model") and cache_layer(model, intervention) > 0:
+        caches = TrainingCaches.build(model, intervention, dataset, kl_dataset if use_kl else None,
+                                      max(config.batch_size, config.kl_batch_size), progress=config.progress)
+    layer = cache_layer(model, intervention)
+    direct = caches is not None and steers_residual_after_block(model, intervention)
+    hf = getattr(model, "original_model", None)
+    packed = direct and supports_packing(hf)
+    upper = fast_layers(model, plain_layers(model)[layer:]) if packed else None
 
     def logits_for(idx: list[int], batch: ChatBatch, cache: ExampleResiduals | None, rows: Tensor) -> Tensor:
-        """Logits at the positions ``rows`` ([batch, seq] bool) only: [n_rows, vocab]."""
+        """Logits at the positions ``rows`` ([batch, seq] bool) only: [n_rows, vocab], in row-major order."""
         if cache is None:
             return forward_logits(model, batch)[rows]
+        if packed:  # residual after the block + vector, upper blocks on the packed real tokens
+            resid, packing = cache.packed(idx, device)
+            hidden = run_packed(hf, upper, resid + intervention.effective.to(resid.dtype), packing)
+            return logits_at(model, hidden[rows[batch.attention_mask.bool()].to(hidden.device)])
         resid = cache.batch(idx, batch.input_ids.shape[1]).to(device)
-        return logits_at(model, hidden_from_layer(model, resid, batch.attention_mask, layer)[rows])
+        if direct:
+            hidden = hidden_from_layer(model, resid + intervention.effective.to(resid.dtype), batch.attention_mask, layer, hooked_blocks=0)
+        else:
+            hidden = hidden_from_layer(model, resid, batch.attention_mask, layer)
+        return logits_at(model, hidden[rows.to(hidden.device)])
 
+    sft_cache = caches.sft if caches is not None else None
+    kl_cache = caches.kl if caches is not None and use_kl else None
     sft_batches = _cycle(dataset, config.batch_size, config.seed)
     kl_batches = _cycle(kl_dataset, config.kl_batch_size, config.seed + 1) if use_kl else None
     bar = tqdm(range(total_steps), desc=f"train {intervention.kind}", disable=not config.progress)
@@ -284,7 +374,8 @@ def train(
                 scored[:, :-1] = batch.scored
                 logits = logits_for(idx, batch, sft_cache, scored)
                 # token-weighted over the whole accumulated batch, so micro-batch sizes don't bias it
-                loss = F.cross_entropy(logits.float(), batch.input_ids[:, 1:][scored[:, :-1]], reduction="sum") / max(n_tokens, 1)
+                targets = batch.input_ids[:, 1:][scored[:, :-1]].to(logits.device)
+                loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(n_tokens, 1)
                 loss.backward()
                 sft_total += float(loss.detach())
             record = {"step": start_step + step + 1, "sft": sft_total}
@@ -293,7 +384,7 @@ def train(
                 kl_batch = kl_batch.to(device)
                 real = kl_batch.attention_mask.bool()
                 with torch.no_grad(), intervention.disabled():
-                    base = logits_for(idx, kl_batch, kl_cache, real)
+                    base = logits_at(model, kl_cache.base(idx).to(device)) if kl_cache is not None else logits_for(idx, kl_batch, None, real)
                 steered = logits_for(idx, kl_batch, kl_cache, real)
                 kl = kl_per_token(base, steered).mean()  # mean over real tokens only
                 (config.kl_weight * kl).backward()
