@@ -148,7 +148,7 @@ class TrainConfig:
     checkpoint_every: int = 5
     seed: int = 0
     progress: bool = True
-    cache_prefix: bool = True  # compute blocks below the intervention's layer once per example
+    cache_prefix: bool = True  # compute blocks below the intervention once per example (see TrainingCaches to share across runs)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
