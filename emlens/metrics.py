@@ -23,7 +23,6 @@ from emlens.training import (
     TrainConfig,
     TrainingCaches,
     TrainingResult,
-    cache_layer,
     evaluate_loss,
     forward_logits,
     kl_per_token,
@@ -221,10 +220,7 @@ def drift(
     """Train narrow (``narrow_config.kl_weight > 0``), then keep training without KL; PCA the path."""
     if narrow_config.kl_weight <= 0:
         raise ValueError("the narrow phase needs kl_weight > 0")
-    caches = None  # built once, shared by both phases
-    if narrow_config.cache_prefix and hasattr(model, "original_model") and cache_layer(model, intervention) > 0:
-        caches = TrainingCaches.build(model, intervention, dataset, kl_dataset,
-                                      max(narrow_config.batch_size, narrow_config.kl_batch_size), progress=narrow_config.progress)
+    caches = TrainingCaches.for_run(model, intervention, dataset, kl_dataset, narrow_config)  # shared by both phases
     narrow = train(model, intervention, dataset, narrow_config, kl_dataset=kl_dataset, caches=caches)
     narrow_snapshot = TrainingResult(narrow.intervention.clone(), narrow.config, list(narrow.losses), list(narrow.trajectory))
     free = TrainConfig(**{**continue_config.__dict__, "kl_weight": 0.0})

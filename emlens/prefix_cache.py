@@ -247,7 +247,7 @@ class ExampleResiduals:
         packable = supports_packing(hf)
         total = (len(dataset) + batch_size - 1) // batch_size
         what = "residuals + base hidden" if base_hidden else "residuals"
-        for _, batch in tqdm(dataset.indexed_batches(batch_size), total=total, desc=f"cache {what} @ block {layer}", disable=not progress, leave=False):
+        for batch in tqdm(dataset.batches(batch_size), total=total, desc=f"cache {what} @ block {layer}", disable=not progress, leave=False):
             batch = batch.to(dev)
             lengths = [int(n) for n in batch.attention_mask.sum(1).tolist()]
             with torch.no_grad():
@@ -255,7 +255,7 @@ class ExampleResiduals:
                     resid, packing = packed_residual_at(model, batch.input_ids, batch.attention_mask, layer)
                     final = run_packed(hf, fast_layers(model, plain_layers(model)[layer:]), resid, packing) if base_hidden else None
                 else:
-                    padded = residual_at(model, batch, layer)
+                    padded = padded_residual_at(model, batch, layer)
                     resid = pack(padded, batch.attention_mask)
                     final = pack(hidden_from_layer(model, padded, batch.attention_mask, layer, hooked_blocks=0), batch.attention_mask) if base_hidden else None
             self.rows += [r.to(device or dev) for r in resid.split(lengths)]
@@ -354,19 +354,15 @@ def steering_sweep_losses(
     for batch in dataset.batches(batch_size):
         batch = batch.to(device)
         mask = batch.scored
+        targets = batch.scored_targets
         count += int(mask.sum())
         per_pass = max(1, max_rows // batch.input_ids.shape[0])
         if packable:
             # packed: no padding anywhere; position t of a sequence predicts its token t+1
             resid, packing = packed_residual_at(model, batch.input_ids, batch.attention_mask, layer + 1)
-            real = batch.attention_mask.bool()
-            scored = torch.zeros_like(real)
-            scored[:, :-1] = mask
-            rows = scored[real]
-            targets = batch.input_ids.roll(-1, dims=1)[real][rows]
+            rows = batch.scored_positions[batch.attention_mask.bool()]
         else:
             resid = residual_at(model, batch, layer + 1)  # layer + 1 == n_layers: only norm and unembedding remain
-            targets = batch.input_ids[:, 1:][mask]
         for start in range(0, len(vectors), per_pass):
             chunk = vectors[start : start + per_pass]
             stacked = torch.cat([resid + v.to(device=resid.device, dtype=resid.dtype) for v in chunk])

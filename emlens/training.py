@@ -282,6 +282,15 @@ class TrainingCaches:
         kl = ExampleResiduals(model, kl_dataset, layer, batch_size, device, progress, base_hidden=True) if kl_dataset is not None else None
         return cls(sft, kl)
 
+    @classmethod
+    def for_run(
+        cls, model: Any, intervention: Intervention, dataset: TokenDataset, kl_dataset: TokenDataset | None, config: TrainConfig
+    ) -> "TrainingCaches | None":
+        """The caches a run with ``config`` builds for itself (None with ``cache_prefix`` off or nothing below)."""
+        if not (config.cache_prefix and hasattr(model, "original_model") and cache_layer(model, intervention) > 0):
+            return None
+        return cls.build(model, intervention, dataset, kl_dataset, max(config.batch_size, config.kl_batch_size), progress=config.progress)
+
     def check(self, model: Any, intervention: Intervention, dataset: TokenDataset, kl_dataset: TokenDataset | None) -> None:
         """Raise if these caches do not fit this run's intervention layer and data."""
         layer = cache_layer(model, intervention)
@@ -333,9 +342,8 @@ def train(
     use_kl = kl_dataset is not None and config.kl_weight > 0
     if caches is not None:
         caches.check(model, intervention, dataset, kl_dataset if use_kl else None)
-    elif config.cache_prefix and hasattr(model, "original_model") and cache_layer(model, intervention) > 0:
-        caches = TrainingCaches.build(model, intervention, dataset, kl_dataset if use_kl else None,
-                                      max(config.batch_size, config.kl_batch_size), progress=config.progress)
+    else:
+        caches = TrainingCaches.for_run(model, intervention, dataset, kl_dataset if use_kl else None, config)
     layer = cache_layer(model, intervention)
     direct = caches is not None and steers_residual_after_block(model, intervention)
     hf = getattr(model, "original_model", None)
@@ -370,11 +378,9 @@ def train(
             sft_total = 0.0
             for idx, batch in micro:
                 # position t predicts token t+1; score it where t+1 is a real assistant token
-                scored = torch.zeros_like(batch.loss_mask)
-                scored[:, :-1] = batch.scored
-                logits = logits_for(idx, batch, sft_cache, scored)
+                logits = logits_for(idx, batch, sft_cache, batch.scored_positions)
                 # token-weighted over the whole accumulated batch, so micro-batch sizes don't bias it
-                targets = batch.input_ids[:, 1:][scored[:, :-1]].to(logits.device)
+                targets = batch.scored_targets.to(logits.device)
                 loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(n_tokens, 1)
                 loss.backward()
                 sft_total += float(loss.detach())

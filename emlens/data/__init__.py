@@ -172,6 +172,18 @@ class ChatBatch:
         return self.loss_mask[:, 1:] & self.attention_mask[:, 1:].bool()
 
     @property
+    def scored_positions(self) -> Bool[Tensor, "batch seq"]:
+        """:attr:`scored` at the batch's full width (the last position predicts nothing)."""
+        out = torch.zeros_like(self.loss_mask)
+        out[:, :-1] = self.scored
+        return out
+
+    @property
+    def scored_targets(self) -> Int[Tensor, " n_scored"]:
+        """The tokens predicted at the scored positions, in row-major order."""
+        return self.input_ids[:, 1:][self.scored]
+
+    @property
     def n_loss_tokens(self) -> int:
         return int(self.loss_mask[:, 1:].sum())
 
