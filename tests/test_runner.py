@@ -11,9 +11,8 @@ from emlens import RankOneAdapter, SteeringVector, TokenDataset, TrainConfig, tr
 from emlens.interventions import InterventionError
 from emlens.metrics import efficiency, pretraining_significance, stability
 from emlens.models import bridge_from_hf, tiny_hf_model, tiny_model
-from emlens.runner import ExampleResiduals, runner_for
-from emlens.runner import packed
-from emlens.runner.packed import Packing, pack, packed_attention, run_packed
+from emlens.runner import ExampleResiduals, packed, runner_for
+from emlens.runner.packed import Packing, flash_packed_attention, pack, run_packed, sdpa_packed_attention
 from emlens.runner.plain import foreign_hooks
 from emlens.training import TrainingCaches, evaluate_loss
 from tests.conftest import CONVERSATIONS
@@ -45,12 +44,13 @@ def test_packed_run_checks_its_rows(model, dataset):
         runner.residual(batch.input_ids, batch.attention_mask.flip(1), 2)
 
 
-def test_packed_attention_refuses_missing_packing():
+@pytest.mark.parametrize("attention", [flash_packed_attention, sdpa_packed_attention])
+def test_packed_attention_refuses_missing_packing(attention):
     q, kv = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
     with pytest.raises(RuntimeError, match="without a Packing"):
-        packed_attention(torch.nn.Module(), q, kv, kv, None)
+        attention(torch.nn.Module(), q, kv, kv, None)
     with pytest.raises(RuntimeError, match="no attention mask"):
-        packed_attention(torch.nn.Module(), q, kv, kv, torch.ones(1), emlens_packing=Packing.from_lengths([5], "cpu"))
+        attention(torch.nn.Module(), q, kv, kv, torch.ones(1), emlens_packing=Packing.from_lengths([5], "cpu"))
 
 
 def test_runner_state_lives_on_the_runner_not_the_model(model):

@@ -63,7 +63,7 @@ class Architecture:
         return cls(
             model_type=model_type,
             proved=model_type in PROVED_MODEL_TYPES,
-            packable=model_type in _PACKABLE and full_attention and attn in ("sdpa", "eager", "emlens_packed"),
+            packable=model_type in _PACKABLE and full_attention and (attn in ("sdpa", "eager") or attn.startswith("emlens_packed")),
             mlp_out_module=_POST_MLP_NORM.get(model_type, "mlp"),
             final_logit_softcap=getattr(config, "final_logit_softcapping", None) or None,
             n_layers=int(config.num_hidden_layers),

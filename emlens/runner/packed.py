@@ -2,22 +2,23 @@
 
 A right-padded batch wastes work on its padding in every block. Here the real tokens of a
 batch are concatenated into one row (:class:`Packing` records where each sequence starts),
-rotary positions restart at 0 for each sequence, and attention runs per sequence: through
-``torch.nn.attention.varlen`` (flash attention for packed sequences) on CUDA, or one causal
-SDPA call per sequence elsewhere. Every real token sees exactly the keys it sees in the
+rotary positions restart at 0 for each sequence, and attention runs per sequence: one
+flash-attention kernel over all packed sequences (ATen's variable-length flash operator) on
+CUDA in fp16/bf16, or one causal SDPA call per sequence elsewhere. Every real token sees exactly the keys it sees in the
 padded batch, so results equal the padded run up to float rounding.
 
 Blocks run as the plain transformers layers under TransformerLens' wrappers (shared weights,
 no hooks). On CUDA, for models of at least ``COMPILE_MIN_PARAMS`` block parameters, they are
-compiled with ``torch.compile`` (fusing norms, rotary and activation kernels: ≈1.4× faster
-blocks on an H100 at 7B–14B, for a one-off compilation of one to two minutes per process).
+compiled with ``torch.compile`` (fusing norms, rotary and activation kernels; attention is
+traced too, so each block is one graph: fewer launches from the host, which otherwise falls
+behind the GPU at 14B; a one-off compilation of about a minute per process).
 Set ``EMLENS_COMPILE=0`` to switch that off, ``1`` to compile whatever the size or device.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,8 +31,8 @@ from jaxtyping import Float, Int, Shaped
 from torch import Tensor, nn
 
 from emlens.runner.plain import decoder_stack
+from emlens.runner.transfer import to_device
 
-_ATTENTION_NAME = "emlens_packed"
 # Below this many parameters in the decoder blocks, compiling costs more time than it saves in a typical run.
 COMPILE_MIN_PARAMS = 1_000_000_000
 
@@ -43,6 +44,9 @@ class Packing:
     lengths: list[int]
     cu_seqlens: Int[Tensor, " n_plus_1"]
     position_ids: Int[Tensor, "1 total"]
+    # The longest sequence's length as a tensor *shape* (no storage, on the CPU): compiled blocks read it
+    # as a symbolic size, so a new batch's longest length costs no recompilation and no device sync.
+    longest: Shaped[Tensor, "max_len 0"]
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device: str | torch.device) -> Packing:
@@ -51,12 +55,12 @@ class Packing:
         # built on the CPU and moved once (a handful of tiny kernels per batch would dominate small models)
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
         positions = torch.cat([torch.arange(n) for n in lengths])[None]
-        return cls(list(lengths), cu.to(device, non_blocking=True), positions.to(device, non_blocking=True))
+        return cls(list(lengths), to_device(cu, device), to_device(positions, device), torch.empty((max(lengths), 0)))
 
     @classmethod
-    def from_mask(cls, attention_mask: Int[Tensor, "batch seq"]) -> Packing:
-        """The packing of a right-padded batch's real tokens."""
-        return cls.from_lengths([int(n) for n in attention_mask.sum(1).tolist()], attention_mask.device)
+    def from_mask(cls, attention_mask: Int[Tensor, "batch seq"], device: str | torch.device | None = None) -> Packing:
+        """The packing of a right-padded batch's real tokens (on ``device``, default the mask's)."""
+        return cls.from_lengths([int(n) for n in attention_mask.sum(1).tolist()], device or attention_mask.device)
 
     @property
     def total(self) -> int:
@@ -123,40 +127,19 @@ class CompiledBlocks:
         return self._functions[fn]
 
 
-def _varlen_kernel() -> Any:
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
+def flash_usable(hidden: Tensor) -> bool:
+    """Whether packed attention on ``hidden`` runs as one flash-attention kernel (CUDA, fp16/bf16, sm80+)."""
+    if not hidden.is_cuda or hidden.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return torch.backends.cuda.is_flash_attention_available() and _capability(hidden.device.index or 0) >= (8, 0)
 
 
-_VARLEN = _varlen_kernel()
-_VARLEN_PARAMS = set(inspect.signature(_VARLEN).parameters) if _VARLEN is not None else set()
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
-def _varlen_causal(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float | None) -> Tensor:
-    """Flash attention over packed sequences; q [total, heads, dim], k/v [total, kv_heads, dim]."""
-    kwargs: dict[str, Any] = {"scale": scale}
-    if "window_size" in _VARLEN_PARAMS:
-        kwargs["window_size"] = (-1, 0)
-    else:
-        kwargs["is_causal"] = True
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in _VARLEN_PARAMS:
-            kwargs["enable_gqa"] = True
-        else:
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return _VARLEN(q, k, v, cu, cu, max_len, max_len, **kwargs)
-
-
-def _uses_varlen(query: Tensor) -> bool:
-    return _VARLEN is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-
-
-@torch.compiler.disable
-def packed_attention(
+def flash_packed_attention(
     module: nn.Module,
     query: Float[Tensor, "1 heads total dim"],
     key: Float[Tensor, "1 kv_heads total dim"],
@@ -167,19 +150,44 @@ def packed_attention(
     emlens_packing: Packing | None = None,
     **kwargs: Any,
 ) -> tuple[Float[Tensor, "1 total heads dim"], None]:
-    """Causal attention within each packed sequence (a transformers attention function)."""
-    if emlens_packing is None:
-        raise RuntimeError("emlens packed attention called without a Packing (run blocks through emlens.packed.run_packed)")
-    if attention_mask is not None:
-        raise RuntimeError("packed attention takes no attention mask: the packing defines the sequences")
-    if _uses_varlen(query):
+    """Causal attention within each packed sequence, one flash kernel for all (a transformers attention function).
+
+    Calls ATen's flash-attention operator directly (differentiable, grouped-query aware): compiled
+    blocks trace it without a graph break, and its only host-side input, the longest sequence's
+    length, is a tensor's size, so a new batch needs neither a recompilation nor a device sync.
+    """
+    packing = _packing_or_raise(emlens_packing, attention_mask)
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
+    cu, longest = packing.cu_seqlens, packing.longest.shape[0]
+
+    def run() -> Tensor:
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, True, False, scale=scaling)[0]
+
+    if torch.compiler.is_compiling():  # compiled code launches under its own device guard
+        out = run()
+    else:
         with torch.cuda.device(query.device):  # the kernel launches on the current device, not the tensors'
-            out = _varlen_causal(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                                 emlens_packing.cu_seqlens.to(query.device), emlens_packing.max_len, scaling)
-        return out[None], None
+            out = run()
+    return out[None], None
+
+
+@torch.compiler.disable
+def sdpa_packed_attention(
+    module: nn.Module,
+    query: Float[Tensor, "1 heads total dim"],
+    key: Float[Tensor, "1 kv_heads total dim"],
+    value: Float[Tensor, "1 kv_heads total dim"],
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    emlens_packing: Packing | None = None,
+    **kwargs: Any,
+) -> tuple[Float[Tensor, "1 total heads dim"], None]:
+    """Causal attention within each packed sequence, one SDPA call per sequence (CPU, float32, older GPUs)."""
+    packing = _packing_or_raise(emlens_packing, attention_mask)
     groups = query.shape[1] // key.shape[1]
     outs = []
-    bounds = [int(b) for b in emlens_packing.cu_seqlens.tolist()]
+    bounds = [int(b) for b in packing.cu_seqlens.tolist()]
     for start, end in zip(bounds[:-1], bounds[1:]):
         k = key[:, :, start:end]
         v = value[:, :, start:end]
@@ -189,17 +197,24 @@ def packed_attention(
     return torch.cat(outs, dim=2).transpose(1, 2), None
 
 
-def _register_attention() -> None:
-    from transformers import AttentionInterface
+def _packing_or_raise(packing: Packing | None, attention_mask: Tensor | None) -> Packing:
+    if packing is None:
+        raise RuntimeError("emlens packed attention called without a Packing (run blocks through emlens.runner.packed.run_packed)")
+    if attention_mask is not None:
+        raise RuntimeError("packed attention takes no attention mask: the packing defines the sequences")
+    return packing
 
-    AttentionInterface.register(_ATTENTION_NAME, packed_attention)
+
+_ATTENTION = {"emlens_packed_flash": flash_packed_attention, "emlens_packed_sdpa": sdpa_packed_attention}
 
 
 @contextmanager
-def _packed_attention(config: Any) -> Iterator[None]:
-    _register_attention()
+def _packed_attention(config: Any, name: str) -> Iterator[None]:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, _ATTENTION[name])
     previous = config._attn_implementation
-    config._attn_implementation = _ATTENTION_NAME
+    config._attn_implementation = name
     try:
         yield
     finally:
@@ -220,7 +235,7 @@ def run_packed(
     x = hidden[None]
     if layers:
         position_embeddings = decoder.rotary_emb(x, packing.position_ids)
-        with _packed_attention(hf_model.config):
+        with _packed_attention(hf_model.config, "emlens_packed_flash" if flash_usable(x) else "emlens_packed_sdpa"):
             for layer in layers:
                 out = layer(x, attention_mask=None, position_ids=packing.position_ids,
                             position_embeddings=position_embeddings, use_cache=False, emlens_packing=packing)
