@@ -159,10 +159,14 @@ class Intervention(nn.Module, ABC):
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable settings (type, layer, hooks, dims, model name)."""
 
-    @property
     @abstractmethod
+    def norm_tensor(self) -> Float[Tensor, ""]:
+        """:attr:`norm` as a detached scalar tensor on the intervention's device (read without a host sync)."""
+
+    @property
     def norm(self) -> float:
         """Size of the intervention (vector norm, or Frobenius norm of the weight update)."""
+        return float(self.norm_tensor())
 
     @abstractmethod
     def scaled_to(self, norm: float) -> Intervention:
@@ -327,9 +331,8 @@ class SteeringVector(Intervention):
         """The vector actually added: ``alpha * v``."""
         return self.alpha * self.vector
 
-    @property
-    def norm(self) -> float:
-        return float(self.effective.detach().norm())
+    def norm_tensor(self) -> Float[Tensor, ""]:
+        return self.effective.detach().norm()
 
     @property
     def direction(self) -> Float[Tensor, " d_model"]:
@@ -467,10 +470,9 @@ class RankOneAdapter(Intervention):
     def scale(self) -> float:
         return self.alpha  # rsLoRA: alpha / sqrt(rank), rank 1
 
-    @property
-    def norm(self) -> float:
+    def norm_tensor(self) -> Float[Tensor, ""]:
         """Frobenius norm of the effective weight update ``scale · b aᵀ``."""
-        return float(self.scale * self.a.detach().norm() * self.b.detach().norm())
+        return self.scale * self.a.detach().norm() * self.b.detach().norm()
 
     def delta_weight(self) -> Float[Tensor, "d_model d_mlp"]:
         """The dense update to the down-projection weight (``out = W h``)."""

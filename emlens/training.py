@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from emlens.data import ChatBatch, TokenDataset
 from emlens.interventions import Intervention
 from emlens.runner import ExampleResiduals, Plan, loss_sweep, runner_for
+from emlens.runner.caches import CACHE_TOKENS_PER_FORWARD
+from emlens.runner.transfer import to_device
 from emlens.scoring import kl_per_token, nll_sum
 
 
@@ -57,7 +59,6 @@ def kl_to_base(model: Any, intervention: Intervention, batch: ChatBatch) -> floa
     """Mean per-token ``KL(p_base ‖ p_steered)`` over the real tokens of one batch."""
     runner = runner_for(model)
     plan = runner.plan(intervention)
-    batch = batch.to(runner.device)
     real = batch.attention_mask.bool()
     base = runner.logits(batch, real, None, plan)
     with runner.applied(intervention, plan):
@@ -203,13 +204,19 @@ class TrainingCaches:
         batch_size: int = 8,
         device: str | torch.device | None = None,
         progress: bool = True,
+        tokens_per_forward: int | None = CACHE_TOKENS_PER_FORWARD,
     ) -> TrainingCaches:
-        """Caches for training ``intervention`` (its kind and site) on ``dataset`` (and ``kl_dataset``)."""
+        """Caches for training ``intervention`` (its kind and site) on ``dataset`` (and ``kl_dataset``).
+
+        Examples run up to ``tokens_per_forward`` tokens at a time (None: ``batch_size`` examples at a time).
+        """
         plan = runner_for(model).plan(intervention)
         if not plan.fast:
             raise ValueError(f"training caches need the fast path, but the runner plans the {plan.describe()}")
-        sft = ExampleResiduals(model, dataset, plan.cut, batch_size, device, progress)
-        kl = ExampleResiduals(model, kl_dataset, plan.cut, batch_size, device, progress, base_hidden=True) if kl_dataset is not None else None
+        sft = ExampleResiduals(model, dataset, plan.cut, batch_size, device, progress, tokens_per_forward=tokens_per_forward)
+        kl = None
+        if kl_dataset is not None:
+            kl = ExampleResiduals(model, kl_dataset, plan.cut, batch_size, device, progress, base_hidden=True, tokens_per_forward=tokens_per_forward)
         return cls(sft, kl)
 
     @classmethod
@@ -219,7 +226,7 @@ class TrainingCaches:
         """The caches a run with ``config`` builds for itself (None when the runner plans the hooked path)."""
         if not runner_for(model).plan(intervention, config.cache_prefix).fast:
             return None
-        return cls.build(model, intervention, dataset, kl_dataset, max(config.batch_size, config.kl_batch_size), progress=config.progress)
+        return cls.build(model, intervention, dataset, kl_dataset, progress=config.progress)
 
     def check(self, plan: Plan, dataset: TokenDataset, kl_dataset: TokenDataset | None) -> None:
         """Raise if these caches do not fit this run's plan and data."""
@@ -294,8 +301,7 @@ def train(
     elif caches is not None:
         caches.check(plan, dataset, kl_dataset if use_kl else None)
     else:
-        caches = TrainingCaches.build(model, intervention, dataset, kl_dataset if use_kl else None,
-                                      max(config.batch_size, config.kl_batch_size), progress=config.progress)
+        caches = TrainingCaches.build(model, intervention, dataset, kl_dataset if use_kl else None, progress=config.progress)
     sft_cache = caches.sft if caches is not None else None
     kl_cache = caches.kl if caches is not None and use_kl else None
 
@@ -312,23 +318,24 @@ def train(
             result.losses, result.trajectory = saved.losses, saved.trajectory
     bar = tqdm(range(first, total_steps), desc=f"train {intervention.kind}", disable=not config.progress,
                initial=first, total=total_steps)
-    last_good = _snapshot(intervention)
+    # Each step reads the device twice (its losses and gradients' finiteness before the update, the
+    # parameters' finiteness and norm after it) and never waits on the GPU anywhere else.
+    last_good = _device_snapshot(intervention)
     with runner.applied(intervention, plan):
         for step in bar:
+            number = start_step + step + 1
             optimizer.zero_grad(set_to_none=True)
-            micro = [(idx, b.to(device)) for idx, b in (next(sft_batches) for _ in range(config.grad_accum))]
+            micro = [next(sft_batches) for _ in range(config.grad_accum)]  # host batches: the runner moves what it needs
             # token-weighted over the whole accumulated batch, so micro-batch sizes don't bias it
             n_tokens = sum(int(b.scored.sum()) for _, b in micro)
-            sft_total = 0.0
+            values = {"sft": torch.zeros((), dtype=torch.float64, device=device)}
             for idx, batch in micro:
                 logits = runner.logits(batch, batch.scored_positions, intervention, plan, cached(sft_cache, idx))
-                loss = nll_sum(logits, batch.scored_targets) / max(n_tokens, 1)
+                loss = nll_sum(logits, to_device(batch.scored_targets, device)) / max(n_tokens, 1)
                 loss.backward()
-                sft_total += float(loss.detach())
-            record = {"step": start_step + step + 1, "sft": sft_total}
+                values["sft"] = values["sft"] + loss.detach().double()
             if kl_batches is not None:
                 idx, kl_batch = next(kl_batches)
-                kl_batch = kl_batch.to(device)
                 real = kl_batch.attention_mask.bool()
                 with torch.no_grad(), intervention.disabled():
                     if kl_cache is not None:
@@ -338,22 +345,21 @@ def train(
                 steered = runner.logits(kl_batch, real, intervention, plan, cached(kl_cache, idx))
                 kl = kl_per_token(base, steered).mean()  # mean over real tokens only
                 (config.kl_weight * kl).backward()
-                record["kl"] = float(kl.detach())
-            _check_finite_step(intervention, record, start_step + step + 1, last_good, checkpoints)
+                values["kl"] = kl.detach().double()
+            record: dict[str, float | int] = {"step": number, **_finite_step(intervention, values, number, last_good, checkpoints)}
             optimizer.step()
             scheduler.step()
-            _check_finite_params(intervention, start_step + step + 1, last_good, checkpoints)
-            last_good = _snapshot(intervention)
-            record["norm"] = intervention.norm
+            record["norm"] = _finite_params(intervention, number, last_good, checkpoints)
+            last_good = _device_snapshot(intervention)
             record["lr"] = float(scheduler.get_last_lr()[0])
             result.losses.append(record)
             bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("sft", "kl", "norm")})
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == total_steps:
-                result.trajectory.append((start_step + step + 1, _snapshot(intervention)))
+                result.trajectory.append((number, _snapshot(intervention)))
                 if checkpoints is not None:
                     checkpoints.write(step + 1, intervention, optimizer, scheduler, sft_batches, kl_batches, result)
             if on_step is not None:
-                on_step(start_step + step + 1, record)
+                on_step(number, record)
     intervention.eval()
     return result
 
@@ -376,21 +382,38 @@ def _stop(intervention: Intervention, what: str, step: int, last_good: dict[str,
     )
 
 
-def _check_finite_step(intervention: Intervention, record: dict[str, float | int], step: int, last_good: dict[str, Tensor], checkpoints: Any) -> None:
-    for key in ("sft", "kl"):
-        if key in record and not math.isfinite(record[key]):
+def _finite_step(
+    intervention: Intervention, values: dict[str, Tensor], step: int, last_good: dict[str, Tensor], checkpoints: Any
+) -> dict[str, float]:
+    """``values`` (the step's losses) as floats, after checking them and every gradient is finite (one device read)."""
+    grads = [(name, p.grad) for name, p in intervention.named_parameters() if p.grad is not None]
+    flags = [torch.isfinite(g).all().double() for _, g in grads]
+    read = torch.stack([*(v.double() for v in values.values()), *flags]).tolist() if values or flags else []
+    out = dict(zip(values, read[: len(values)]))
+    for key, value in out.items():
+        if not math.isfinite(value):
             _stop(intervention, f"the {'SFT loss' if key == 'sft' else 'KL term'}", step, last_good, checkpoints)
-    for name, param in intervention.named_parameters():
-        if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
+    for (name, _), ok in zip(grads, read[len(values) :]):
+        if not ok:
             _stop(intervention, f"the gradient of {name!r}", step, last_good, checkpoints)
+    return out
 
 
-def _check_finite_params(intervention: Intervention, step: int, last_good: dict[str, Tensor], checkpoints: Any) -> None:
-    for name, param in intervention.named_parameters():
-        if not bool(torch.isfinite(param).all()):
+def _finite_params(intervention: Intervention, step: int, last_good: dict[str, Tensor], checkpoints: Any) -> float:
+    """The intervention's norm, after checking its parameters (and the norm) are finite (one device read)."""
+    params = list(intervention.named_parameters())
+    read = torch.stack([*(torch.isfinite(p.detach()).all().double() for _, p in params), intervention.norm_tensor().double()]).tolist()
+    for (name, _), ok in zip(params, read[:-1]):
+        if not ok:
             _stop(intervention, f"parameter {name!r} after the optimiser step", step, last_good, checkpoints)
-    if not math.isfinite(intervention.norm):  # finite parameters whose norm overflows (e.g. lr 1e30)
+    if not math.isfinite(read[-1]):  # finite parameters whose norm overflows (e.g. lr 1e30)
         _stop(intervention, "the intervention's norm after the optimiser step", step, last_good, checkpoints)
+    return read[-1]
+
+
+def _device_snapshot(intervention: Intervention) -> dict[str, Tensor]:
+    """A copy of the intervention's state where it lives (to restore after a non-finite step; no host sync)."""
+    return {k: v.detach().clone() for k, v in intervention.state_dict().items()}
 
 
 def _snapshot(intervention: Intervention) -> dict[str, Tensor]:

@@ -32,6 +32,7 @@ from emlens.data import ChatBatch
 from emlens.runner.architectures import Architecture
 from emlens.runner.packed import CompiledBlocks, Packing, pack, run_packed
 from emlens.runner.plain import decoder_stack, foreign_hooks, site_hooks, unwrap
+from emlens.runner.transfer import to_device
 from emlens.scoring import nll_sum, softcapped
 
 Path = Literal["offset", "prefix", "hooked"]
@@ -177,11 +178,15 @@ class Runner:
     # --- the two halves of the fast path ----------------------------------------------------
     @torch.no_grad()
     def residual(self, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"], cut: int) -> Float[Tensor, "total d_model"]:
-        """The residual entering block ``cut`` at the real tokens of a right-padded batch, packed (no padding)."""
+        """The residual entering block ``cut`` at the real tokens of a right-padded batch, packed (no padding).
+
+        Give host (CPU) tensors where possible: packing them there costs the GPU no sync.
+        """
         _check_right_padded(attention_mask)
+        dev = self.device
         if self.arch.packable:
-            packing = Packing.from_mask(attention_mask)
-            embedded = self.decoder.embed_tokens(pack(input_ids, attention_mask))
+            packing = Packing.from_mask(attention_mask, dev)
+            embedded = self.decoder.embed_tokens(to_device(pack(input_ids, attention_mask), dev))
             return run_packed(self.plain, self.compiled.layers(self.layers[:cut]), embedded, packing, final_norm=False)
         store: dict[str, Tensor] = {}
 
@@ -192,12 +197,13 @@ class Runner:
         target = self.decoder.layers[cut] if cut < self.arch.n_layers else self.decoder.norm
         handle = target.register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            self.decoder(input_ids=input_ids, attention_mask=None, use_cache=False)
+            self.decoder(input_ids=to_device(input_ids, dev), attention_mask=None, use_cache=False)
         except _Stop:
             pass
         finally:
             handle.remove()
-        return pack(store["resid"], attention_mask)
+        resid = store["resid"]
+        return resid.flatten(0, 1).index_select(0, to_device(_flat_real(_lengths_of(attention_mask), resid.shape[1]), resid.device))
 
     def hidden(
         self, residual: Float[Tensor, "total d_model"], lengths: list[int], cut: int, offset: Tensor | None = None
@@ -208,11 +214,12 @@ class Runner:
         if self.arch.packable:
             packing = Packing.from_lengths(lengths, residual.device)
             return run_packed(self.plain, self.compiled.layers(self.layers[cut:]), residual, packing)
-        mask = _right_padded_mask(lengths, residual.device)
-        padded = residual.new_zeros((*mask.shape, residual.shape[-1]))
-        padded = padded.masked_scatter(mask[..., None], residual)
+        width = max(lengths)
+        real = to_device(_flat_real(lengths, width), residual.device)
+        padded = residual.new_zeros((len(lengths) * width, residual.shape[-1])).index_copy(0, real, residual)
+        padded = padded.view(len(lengths), width, -1)
         if cut >= self.arch.n_layers:
-            return self.decoder.norm(padded)[mask]
+            return self.decoder.norm(padded).flatten(0, 1).index_select(0, real)
         stack = [_Skip() for _ in range(cut)] + self.layers[cut:]
 
         def feed(module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -230,7 +237,7 @@ class Runner:
         finally:
             decoder._modules["layers"] = full
             handle.remove()
-        return out[mask]
+        return out.flatten(0, 1).index_select(0, real)
 
     def unembed(self, hidden: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
         """Logits of final-normed hidden states (with the model's final logit soft-cap, if any)."""
@@ -253,14 +260,22 @@ class Runner:
         """Logits at positions ``rows`` (row-major) with ``intervention`` active (inside :meth:`applied`).
 
         On a fast plan, ``residual`` is the cached residual entering block ``plan.cut`` at the
-        batch's real tokens (computed here when not given).
+        batch's real tokens (computed here when not given). ``batch`` and ``rows`` may stay on
+        the host: the runner moves what it needs without stalling the GPU.
         """
+        dev = self.device
         if plan.path == "hooked":
-            return self.model(batch.input_ids, attention_mask=batch.attention_mask)[rows.to(self.device)]
+            logits = self.model(to_device(batch.input_ids, dev), attention_mask=to_device(batch.attention_mask, dev))
+            return logits.flatten(0, 1).index_select(0, to_device(rows.flatten().nonzero().squeeze(1), logits.device))
         if residual is None:
             residual = self.residual(batch.input_ids, batch.attention_mask, plan.cut)
         hidden = self.hidden(residual, _lengths(batch), plan.cut, self.offset_vector(intervention, plan))
-        return self.unembed(hidden[rows[batch.attention_mask.bool()].to(hidden.device)])
+        return self.unembed(hidden.index_select(0, self.packed_rows(batch, rows, hidden.device)))
+
+    @staticmethod
+    def packed_rows(batch: ChatBatch, rows: Bool[Tensor, "batch seq"], device: str | torch.device) -> Int[Tensor, " n_rows"]:
+        """Where positions ``rows`` of ``batch`` lie among its packed real tokens (an index on ``device``)."""
+        return to_device(rows[batch.attention_mask.bool()].nonzero().squeeze(1), device)
 
 
 def _unembed_nll_sum(head: nn.Module, hidden: Tensor, targets: Tensor, cap: float | None) -> Tensor:
@@ -268,12 +283,16 @@ def _unembed_nll_sum(head: nn.Module, hidden: Tensor, targets: Tensor, cap: floa
 
 
 def _lengths(batch: ChatBatch) -> list[int]:
-    return [int(n) for n in batch.attention_mask.sum(1).tolist()]
+    return _lengths_of(batch.attention_mask)
 
 
-def _right_padded_mask(lengths: list[int], device: torch.device) -> Bool[Tensor, "batch seq"]:
-    width = max(lengths)
-    return torch.arange(width, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+def _lengths_of(attention_mask: Tensor) -> list[int]:
+    return [int(n) for n in attention_mask.sum(1).tolist()]
+
+
+def _flat_real(lengths: list[int], width: int) -> Int[Tensor, " total"]:
+    """Positions of the real tokens in a right-padded ``[len(lengths), width]`` batch, flattened (on the host)."""
+    return torch.cat([torch.arange(n) + row * width for row, n in enumerate(lengths)])
 
 
 def _check_right_padded(attention_mask: Tensor) -> None:

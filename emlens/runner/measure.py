@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from emlens.runner.core import Plan, Runner, runner_for
+from emlens.runner.transfer import to_device
 from emlens.scoring import kl_per_token, nll_sum
 
 
@@ -49,21 +50,19 @@ def loss_sweep(
     """Token-weighted mean assistant-token NLL of ``dataset`` under each intervention (None = base model)."""
     runner = runner_for(model)
     plan = sweep_plan(runner, interventions, cache_prefix)
-    totals = [0.0] * len(interventions)
+    totals = _Totals(len(interventions), runner.device)
     count = 0
-    n_batches = math.ceil(len(dataset) / batch_size)
-    for batch in tqdm(dataset.batches(batch_size), total=n_batches, desc=desc, disable=not progress, leave=False):
-        batch = batch.to(runner.device)
-        targets = batch.scored_targets
+    for batch in _batches(dataset, batch_size, desc, progress):
+        targets = to_device(batch.scored_targets, runner.device)
         count += int(targets.numel())
         if plan.path == "hooked":
             for k, intervention in enumerate(interventions):
                 with runner.applied(intervention, plan):
-                    totals[k] += float(nll_sum(runner.logits(batch, batch.scored_positions, intervention, plan), targets))
+                    totals.add(k, nll_sum(runner.logits(batch, batch.scored_positions, intervention, plan), targets))
             continue
         resid = runner.residual(batch.input_ids, batch.attention_mask, plan.cut)
         lengths = [int(n) for n in batch.attention_mask.sum(1).tolist()]
-        rows = batch.scored_positions[batch.attention_mask.bool()].to(resid.device)
+        rows = runner.packed_rows(batch, batch.scored_positions, resid.device)
         if plan.path == "offset":
             per_pass = max(1, max_rows // len(lengths))
             for start in range(0, len(interventions), per_pass):
@@ -72,15 +71,34 @@ def loss_sweep(
                 stacked = torch.cat([resid if v is None else resid + v.to(device=resid.device, dtype=resid.dtype) for v in offsets])
                 hidden = runner.hidden(stacked, lengths * len(chunk), plan.cut).view(len(chunk), resid.shape[0], -1)
                 for k in range(len(chunk)):
-                    totals[start + k] += float(runner.nll_sum(hidden[k][rows.to(hidden.device)], targets))
+                    totals.add(start + k, runner.nll_sum(hidden[k].index_select(0, rows.to(hidden.device)), targets))
             continue
         for k, intervention in enumerate(interventions):
             with runner.applied(intervention, plan):
                 hidden = runner.hidden(resid, lengths, plan.cut)
-            totals[k] += float(runner.nll_sum(hidden[rows.to(hidden.device)], targets))
+            totals.add(k, runner.nll_sum(hidden.index_select(0, rows.to(hidden.device)), targets))
     if count == 0:
         raise ValueError("the dataset has no scored (assistant) token to compute a loss on")
-    return [t / count for t in totals]
+    return [t / count for t in totals.read()]
+
+
+class _Totals:
+    """Per-point sums kept on the device and read once at the end (a read per batch would stall the GPU)."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.sums = torch.zeros(n, dtype=torch.float64, device=device)
+
+    def add(self, k: int, value: torch.Tensor) -> None:
+        self.sums[k] += value.detach().to(self.sums.device, torch.float64)
+
+    def read(self) -> list[float]:
+        return [float(x) for x in self.sums.tolist()]
+
+
+def _batches(dataset: Any, batch_size: int, desc: str, progress: bool) -> Any:
+    """The dataset's batches on the host (the runner moves what it needs), with a progress bar."""
+    n_batches = math.ceil(len(dataset) / batch_size)
+    return tqdm(dataset.batches(batch_size), total=n_batches, desc=desc, disable=not progress, leave=False)
 
 
 @torch.no_grad()
@@ -96,11 +114,9 @@ def kl_sweep(
     """Mean per-token ``KL(p_base ‖ p_steered)`` over the real tokens of ``dataset``, for each intervention."""
     runner = runner_for(model)
     plan = sweep_plan(runner, interventions, cache_prefix)
-    totals = [0.0] * len(interventions)
+    totals = _Totals(len(interventions), runner.device)
     count = 0
-    n_batches = math.ceil(len(dataset) / batch_size)
-    for batch in tqdm(dataset.batches(batch_size), total=n_batches, desc=desc, disable=not progress, leave=False):
-        batch = batch.to(runner.device)
+    for batch in _batches(dataset, batch_size, desc, progress):
         real = batch.attention_mask.bool()
         count += int(real.sum())
         if plan.path == "hooked":
@@ -109,7 +125,7 @@ def kl_sweep(
                 if intervention is None:
                     continue
                 with runner.applied(intervention, plan):
-                    totals[k] += float(kl_per_token(base, runner.logits(batch, real, intervention, plan)).sum())
+                    totals.add(k, kl_per_token(base, runner.logits(batch, real, intervention, plan)).sum())
             continue
         resid = runner.residual(batch.input_ids, batch.attention_mask, plan.cut)
         lengths = [int(n) for n in batch.attention_mask.sum(1).tolist()]
@@ -119,5 +135,5 @@ def kl_sweep(
                 continue
             with runner.applied(intervention, plan):
                 steered = runner.unembed(runner.hidden(resid, lengths, plan.cut, runner.offset_vector(intervention, plan)))
-            totals[k] += float(kl_per_token(base, steered).sum())
-    return [t / max(count, 1) for t in totals]
+            totals.add(k, kl_per_token(base, steered).sum())
+    return [t / max(count, 1) for t in totals.read()]
