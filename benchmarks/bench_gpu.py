@@ -163,7 +163,7 @@ def emlens_caches(bridge: Any, kind: str, layer: int, data: Any, kl_data: Any | 
     """The residual caches (and base hidden states for KL) that several runs on the same data share."""
     from emlens.training import TrainingCaches
 
-    return TrainingCaches.build(bridge, new_intervention(bridge, kind, layer), data, kl_data, batch_size=bs, progress=False)
+    return TrainingCaches.build(bridge, new_intervention(bridge, kind, layer), data, kl_data, progress=False)  # as train() builds them
 
 
 def runner_for(bridge: Any) -> Any:
