@@ -89,6 +89,27 @@ def test_compiled_blocks_train_like_eager_blocks(monkeypatch):
     assert runs[0][1] == pytest.approx(runs[1][1], rel=1e-5)
 
 
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_blocks_keep_an_adapters_hooks(monkeypatch):
+    """torch.compile does not guard on module hooks: blocks compiled hook-free (a steering vector's run, the
+    cache build) must not be reused for the layer that carries an adapter's hook."""
+    monkeypatch.setenv("EMLENS_COMPILE", "1")
+    model = tiny_model("llama", seed=6)
+    data = TokenDataset.from_conversations(model.tokenizer, CONVERSATIONS, max_length=128)
+    evaluate_loss(model, data, SteeringVector.for_model(model, 1))  # compiles every block without hooks
+    adapter = RankOneAdapter.for_model(model, 1, seed=3)
+    with torch.no_grad():
+        adapter.b.copy_(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(4)))
+    fast = evaluate_loss(model, data, adapter)
+    assert runner_for(model).last_plan.path == "prefix"
+    assert fast == pytest.approx(evaluate_loss(model, data, adapter, cache_prefix=False), rel=1e-5)
+    assert abs(fast - evaluate_loss(model, data, None)) > 1e-3  # the adapter matters
+    cfg = TrainConfig(lr=1e-2, max_steps=2, batch_size=3, grad_accum=1, warmup_steps=0, progress=False)
+    runs = [train(model, RankOneAdapter.for_model(model, 1, seed=3), data, TrainConfig(**{**vars(cfg), "cache_prefix": c})).losses for c in (True, False)]
+    assert [r["sft"] for r in runs[0]] == pytest.approx([r["sft"] for r in runs[1]], rel=1e-5)
+    assert runs[0][-1]["norm"] > 0 and runs[0][-1]["norm"] == pytest.approx(runs[1][-1]["norm"], rel=1e-4)
+
+
 def test_device_map_dispatch_hooks_do_not_bypass_the_plain_layers():
     # transformers' device_map wraps each decoder layer's forward (accelerate hooks) before the bridge exists;
     # the hook-free layer copies must run their own forward, not the bridged original's

@@ -102,7 +102,13 @@ class CompiledBlocks:
         self._functions: dict[Any, Any] = {}
 
     def layers(self, layers: list[nn.Module]) -> list[nn.Module]:
-        """``layers`` as compiled modules (shallow copies sharing weights) when compilation is on, else unchanged."""
+        """``layers`` as compiled modules (shallow copies sharing weights) when compilation is on, else unchanged.
+
+        A layer carrying a PyTorch hook anywhere inside (an intervention's site hook) runs
+        uncompiled: torch.compile does not guard on module hooks, so a compiled layer traced
+        without a hook would keep skipping one registered later (an adapter after a steering
+        vector, or an adapter's evaluation after the hook-free cache build), without a word.
+        """
         if not layers:
             return layers
         device = next(layers[0].parameters()).device
@@ -110,6 +116,9 @@ class CompiledBlocks:
             return layers
         out = []
         for layer in layers:
+            if _carries_hooks(layer):
+                out.append(layer)
+                continue
             compiled = self._layers.get(id(layer))
             if compiled is None:
                 compiled = copy.copy(layer)
@@ -125,6 +134,11 @@ class CompiledBlocks:
         if fn not in self._functions:
             self._functions[fn] = torch.compile(fn, dynamic=True)
         return self._functions[fn]
+
+
+def _carries_hooks(module: nn.Module) -> bool:
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(sub, name, None) for sub in module.modules() for name in hooks)
 
 
 def flash_usable(hidden: Tensor) -> bool:
