@@ -9,7 +9,8 @@ weight surgery, and the loss / KL written out with plain torch.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -57,19 +58,19 @@ def reference_edit(reference: Any, intervention: Any | None, surgery: bool = Fal
         delta = intervention.scale * torch.outer(intervention.b, intervention.a)
         if surgery:
             original = down.weight.data.clone()
-            down.weight.data += delta.detach()
+            down.weight.data += delta.detach().to(down.weight.dtype)
             try:
                 yield
             finally:
                 down.weight.data = original
             return
-        handle = down.register_forward_hook(lambda m, args, out: out + F.linear(args[0], delta))
+        handle = down.register_forward_hook(lambda m, args, out: out + F.linear(args[0], delta.to(args[0].dtype)))
     else:
         # TransformerLens' hook_mlp_out is what the block adds to the residual: after Gemma's post-MLP norm
         mlp_out = getattr(layer, "post_feedforward_layernorm", layer.mlp)
         module = mlp_out if intervention.hook.endswith("hook_mlp_out") else layer
         vec = intervention.effective
-        handle = module.register_forward_hook(lambda m, args, out: out + vec)
+        handle = module.register_forward_hook(lambda m, args, out: out + vec.to(out.dtype))
     try:
         yield
     finally:
@@ -80,9 +81,10 @@ def reference_loss(reference: Any, data: TokenDataset, intervention: Any | None,
     total, count = 0.0, 0
     with torch.no_grad(), reference_edit(reference, intervention, surgery):
         for batch in data.batches(2):
+            batch = batch.to(reference.device)
             logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             scored = batch.loss_mask[:, 1:] & batch.attention_mask[:, 1:].bool()
-            total += float(F.cross_entropy(logits[:, :-1][scored], batch.input_ids[:, 1:][scored], reduction="sum"))
+            total += float(F.cross_entropy(logits[:, :-1][scored].float(), batch.input_ids[:, 1:][scored], reduction="sum"))
             count += int(scored.sum())
     return total / count
 
@@ -91,10 +93,11 @@ def reference_kl(reference: Any, data: TokenDataset, intervention: Any) -> float
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in data.batches(2):
+            batch = batch.to(reference.device)
             real = batch.attention_mask.bool()
-            base = F.log_softmax(reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[real], -1)
+            base = F.log_softmax(reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[real].float(), -1)
             with reference_edit(reference, intervention):
-                steered = F.log_softmax(reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[real], -1)
+                steered = F.log_softmax(reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[real].float(), -1)
             total += float((base.exp() * (base - steered)).sum())
             count += int(real.sum())
     return total / count

@@ -48,8 +48,8 @@ def tiny_config(arch: str, tokenizer: Any, n_layers: int = 4, d_model: int = 64)
     raise ValueError(arch)
 
 
-def tiny_pair(arch: str, seed: int = 0) -> tuple[Any, Any]:
-    """``(plain transformers model, bridge)`` with identical weights, float32, eval mode."""
+def tiny_pair(arch: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """``(plain transformers model, bridge)`` with identical weights (float32 on the CPU by default), eval mode."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = byte_tokenizer()
@@ -59,6 +59,7 @@ def tiny_pair(arch: str, seed: int = 0) -> tuple[Any, Any]:
         if p.ndim == 1:
             with torch.no_grad():
                 p.add_(0.1 * torch.randn_like(p))
+    hf = hf.to(device=device, dtype=dtype)
     reference = copy.deepcopy(hf).eval()
     for p in reference.parameters():
         p.requires_grad_(False)

@@ -1,0 +1,201 @@
+"""The CUDA fast path equals plain transformers: flash attention over packed sequences, compiled blocks, sync-free steps.
+
+CI has no GPU, so these run on a GPU machine: ``python -m pytest -q gpu_tests`` (they fail,
+rather than skip, without CUDA). Tiny random models of every proved architecture, on CUDA in
+float32 (tight tolerances: the per-sequence attention path) and bfloat16 (flash attention and
+compiled blocks, the path large models take); the reference is plain transformers on the same
+device and dtype with the edit made by a forward hook or weight surgery (tests/test_parity.py).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ["EMLENS_COMPILE"] = "1"  # compile even tiny models' blocks, as emlens does for large ones
+
+from emlens import TokenDataset, TrainConfig, evaluate_loss, train  # noqa: E402
+from emlens.metrics import efficiency, mean_kl  # noqa: E402
+from emlens.runner import runner_for  # noqa: E402
+from emlens.runner.packed import Packing, flash_packed_attention, flash_usable  # noqa: E402
+from emlens.runner.sampling import SamplingSettings, generate_batch  # noqa: E402
+from emlens.scoring import nll_sum  # noqa: E402
+from emlens.training import TrainingCaches  # noqa: E402
+from tests.conftest import CONVERSATIONS  # noqa: E402
+from tests.test_parity import make_intervention, reference_edit, reference_kl, reference_loss  # noqa: E402
+from tests.tiny_archs import PROVED, tiny_pair  # noqa: E402
+
+if not torch.cuda.is_available():
+    raise RuntimeError("gpu_tests need a CUDA GPU; CI runs tests/ instead")
+
+DEVICE = "cuda"
+# relative tolerance of a mean loss, per dtype: float32 rounding, and bf16's 8-bit mantissa
+LOSS_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+KINDS = ("resid_post", "mlp_out", "adapter")
+
+
+@pytest.fixture(scope="module", params=[(a, d) for a in PROVED for d in (torch.float32, torch.bfloat16)], ids=lambda p: f"{p[0]}-{str(p[1])[6:]}")
+def pair(request: Any) -> tuple[str, torch.dtype, Any, Any]:
+    arch, dtype = request.param
+    reference, bridge = tiny_pair(arch, device=DEVICE, dtype=dtype)
+    return arch, dtype, reference, bridge
+
+
+@pytest.fixture(scope="module")
+def data(pair: Any) -> TokenDataset:
+    return TokenDataset.from_conversations(pair[3].tokenizer, CONVERSATIONS, max_length=128)
+
+
+def on_device(kind: str, bridge: Any) -> Any:
+    return make_intervention(kind, bridge).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_attention_equals_causal_attention_per_sequence(dtype: torch.dtype) -> None:
+    """One flash kernel over packed sequences = causal attention of each sequence alone (float64 reference), values and gradients."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    lengths = [5, 17, 1, 33, 64]
+    total, heads, kv_heads, dim = sum(lengths), 8, 2, 64
+    q = torch.randn(1, heads, total, dim, device=DEVICE, generator=gen, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, kv_heads, total, dim, device=DEVICE, generator=gen, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, kv_heads, total, dim, device=DEVICE, generator=gen, dtype=dtype, requires_grad=True)
+    assert flash_usable(q)
+    out, _ = flash_packed_attention(torch.nn.Module(), q, k, v, None, scaling=dim**-0.5, emlens_packing=Packing.from_lengths(lengths, DEVICE))
+    grad_out = torch.randn(out.shape, device=DEVICE, generator=gen, dtype=dtype)
+    (out * grad_out).sum().backward()
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    pieces, start = [], 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        kk = k64[:, :, sl].repeat_interleave(heads // kv_heads, dim=1)
+        vv = v64[:, :, sl].repeat_interleave(heads // kv_heads, dim=1)
+        scores = q64[:, :, sl] @ kk.transpose(-1, -2) * dim**-0.5
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=DEVICE).triu(1), float("-inf"))
+        pieces.append(scores.softmax(-1) @ vv)
+        start += n
+    expected = torch.cat(pieces, dim=2).transpose(1, 2)
+    (expected * grad_out.double()).sum().backward()
+    for got, want, name in ((out, expected, "output"), (q.grad, q64.grad, "dq"), (k.grad, k64.grad, "dk"), (v.grad, v64.grad, "dv")):
+        err = float((got.double() - want).norm() / want.norm())
+        assert err < 1e-2, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_evaluate_loss_and_sweep(pair: Any, data: TokenDataset, kind: str) -> None:
+    arch, dtype, reference, bridge = pair
+    intervention = on_device(kind, bridge)
+    expected = reference_loss(reference, data, intervention)
+    fast = evaluate_loss(bridge, data, intervention)
+    plan = runner_for(bridge).last_plan
+    assert plan is not None and plan.fast, plan
+    hooked = evaluate_loss(bridge, data, intervention, cache_prefix=False)
+    tol = LOSS_TOL[dtype]
+    assert fast == pytest.approx(expected, rel=tol) and hooked == pytest.approx(expected, rel=tol), (fast, hooked, expected)
+    norms = [0.0, intervention.norm * 1.5]
+    got = efficiency(bridge, intervention, data, norms, batch_size=2, progress=False)
+    want = [reference_loss(reference, data, None if n == 0 else intervention.scaled_to(n)) for n in norms]
+    assert got == pytest.approx(want, rel=tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_step_loss_and_gradient(pair: Any, data: TokenDataset, kind: str) -> None:
+    arch, dtype, reference, bridge = pair
+    batch = next(data.batches(4))
+    runner = runner_for(bridge)
+    intervention = on_device(kind, bridge)
+    plan = runner.plan(intervention)
+    assert plan.fast
+    with runner.applied(intervention, plan):
+        logits = runner.logits(batch, batch.scored_positions, intervention, plan)
+        loss = nll_sum(logits, batch.scored_targets.to(DEVICE)) / batch.scored.sum()
+    loss.backward()
+    got = [p.grad.clone() for p in intervention.parameters()]
+    intervention = on_device(kind, bridge)
+    gpu_batch = batch.to(DEVICE)
+    with reference_edit(reference, intervention):
+        ref_logits = reference(input_ids=gpu_batch.input_ids, attention_mask=gpu_batch.attention_mask).logits
+    expected = F.cross_entropy(ref_logits[:, :-1][gpu_batch.scored].float(), gpu_batch.input_ids[:, 1:][gpu_batch.scored])
+    expected.backward()
+    assert float(loss) == pytest.approx(float(expected), rel=LOSS_TOL[dtype])
+    for g, e in zip(got, [p.grad for p in intervention.parameters()]):
+        err = float((g - e).norm() / e.norm())
+        assert err < (1e-3 if dtype == torch.float32 else 5e-2), f"{arch} {kind} gradient: relative error {err:.2e}"
+
+
+def test_train_with_kl_first_step(pair: Any, data: TokenDataset) -> None:
+    arch, dtype, reference, bridge = pair
+    intervention = on_device("resid_post", bridge)
+    expected_sft = reference_loss(reference, data, intervention)
+    expected_kl = reference_kl(reference, data, intervention)
+    config = TrainConfig(lr=1e-3, max_steps=1, batch_size=len(data), grad_accum=1, kl_weight=1.0, kl_batch_size=len(data),
+                         warmup_steps=0, progress=False)
+    result = train(bridge, intervention, data, config, kl_dataset=data)
+    assert "hooked" not in result.plan
+    assert result.losses[0]["sft"] == pytest.approx(expected_sft, rel=LOSS_TOL[dtype])
+    assert result.losses[0]["kl"] == pytest.approx(expected_kl, rel=1e-3 if dtype == torch.float32 else 0.1, abs=1e-5)
+    assert mean_kl(bridge, intervention, data, batch_size=2) == pytest.approx(reference_kl(reference, data, intervention),
+                                                                              rel=1e-3 if dtype == torch.float32 else 0.1, abs=1e-5)
+
+
+def test_greedy_sampling_equals_plain_generate(pair: Any) -> None:
+    arch, dtype, reference, bridge = pair
+    intervention = on_device("resid_post", bridge)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 61, 33, 12]], device=DEVICE)
+    tokens = generate_batch(bridge, ids, torch.ones_like(ids), intervention, SamplingSettings(16, 0.0), seed=0)
+    with torch.no_grad(), reference_edit(reference, intervention):
+        expected = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
+                                      pad_token_id=bridge.tokenizer.pad_token_id, eos_token_id=None)[:, ids.shape[1]:]
+    eos = bridge.tokenizer.eos_token_id
+    got, want = tokens[0].tolist(), expected[0].tolist()
+    if eos in got:  # emlens stops at EOS and pads after it
+        got = got[: got.index(eos) + 1]
+        want = want[: len(got)]
+    assert got == want
+
+
+def test_compiled_blocks_do_not_recompile_for_new_batch_shapes() -> None:
+    """After warming up, batches of other lengths and sizes reuse the compiled blocks (dynamic shapes, no host-side lengths in the graph)."""
+    reference, bridge = tiny_pair("qwen2", device=DEVICE, dtype=torch.bfloat16)
+    data = TokenDataset.from_conversations(bridge.tokenizer, CONVERSATIONS, max_length=128)
+    vector = on_device("resid_post", bridge)
+    config = TrainConfig(lr=1e-3, max_steps=2, batch_size=2, grad_accum=1, warmup_steps=0, progress=False)
+    train(bridge, vector, data, config)
+    evaluate_loss(bridge, data, vector, batch_size=3)
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        for batch_size in (1, 4, 5):
+            train(bridge, on_device("resid_post", bridge), data, TrainConfig(lr=1e-3, max_steps=2, batch_size=batch_size, grad_accum=1,
+                                                                            warmup_steps=0, progress=False))
+            evaluate_loss(bridge, data, vector, batch_size=batch_size)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+
+
+def test_training_step_reads_the_device_twice() -> None:
+    """A step on the fast path waits on the GPU twice (losses and gradients before the update, parameters after it)."""
+    _, bridge = tiny_pair("llama", device=DEVICE, dtype=torch.bfloat16)
+    data = TokenDataset.from_conversations(bridge.tokenizer, CONVERSATIONS, max_length=128)
+    vector = on_device("resid_post", bridge)
+    caches = TrainingCaches.build(bridge, vector, data, progress=False)
+    config = TrainConfig(lr=1e-3, max_steps=2, batch_size=2, grad_accum=2, warmup_steps=0, progress=False, checkpoint_every=100)
+    train(bridge, vector, data, config, caches=caches)  # warm-up: compiles, pins host buffers
+
+    def syncs(steps: int) -> int:
+        config.max_steps = steps
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train(bridge, on_device("resid_post", bridge), data, config, caches=caches)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    # the run's fixed costs (snapshots, the last step's trajectory) cancel in the difference
+    assert syncs(5) - syncs(3) == 2 * 2
