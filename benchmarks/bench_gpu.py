@@ -179,7 +179,7 @@ def emlens_train(bridge: Any, kind: str, layer: int, data: Any, kl_data: Any | N
     cfg = TrainConfig(lr=1e-4, max_steps=steps, batch_size=bs, grad_accum=1, kl_weight=6.6 if kl_data is not None else 0.0,
                       kl_batch_size=bs, progress=False, checkpoint_every=10**9)
     result = train(bridge, new_intervention(bridge, kind, layer), data, cfg, kl_dataset=kl_data, caches=caches)
-    return result.losses[-1]["sft"], runner_for(bridge).last_plan
+    return result.losses[-1], runner_for(bridge).last_plan
 
 
 def reference_sweep(hf: Any, layer: int, vectors: list[torch.Tensor], data: Any, bs: int, device: str) -> list[float]:
@@ -340,10 +340,10 @@ def run_model(name: str, args: argparse.Namespace, device_name: str, save: Calla
     for kl in (False, True):
         for method, kind in (("emlens SteeringVector", "steering"), ("emlens RankOneAdapter", "adapter")):
             for _ in range(args.repeats):  # one epoch, caches built inside the run (counted)
-                (_, plan), secs, peak_gib = timed(partial(emlens_train, bridge, kind, layer, data, kl_data if kl else None, args.steps, args.batch), args.device)
+                (last, plan), secs, peak_gib = timed(partial(emlens_train, bridge, kind, layer, data, kl_data if kl else None, args.steps, args.batch), args.device)
             # caches built once and reused: later epochs, other seeds / KL weights / continuations on the same data
             built, build_s, _ = timed(partial(emlens_caches, bridge, kind, layer, data, kl_data if kl else None, args.batch), args.device)
-            (_, plan_reused), reuse_s, reuse_peak = timed(partial(emlens_train, bridge, kind, layer, data, kl_data if kl else None, args.steps, args.batch, built), args.device)
+            (last_reused, plan_reused), reuse_s, reuse_peak = timed(partial(emlens_train, bridge, kind, layer, data, kl_data if kl else None, args.steps, args.batch, built), args.device)
             built = None  # free the caches before the next method
             ref_s = timings[("HF+PEFT rank-1 LoRA", kl)]
             record(method, kl, secs, peak_gib, cache_build_s=round(build_s, 3), seconds_reused_cache=round(reuse_s, 3),
@@ -352,7 +352,9 @@ def run_model(name: str, args: argparse.Namespace, device_name: str, save: Calla
                    own_work_tflops=round(own_work_flops(plan.cut, kl, False) / secs / 1e12, 1),
                    own_work_tflops_reused_cache=round(own_work_flops(plan_reused.cut, kl, True) / reuse_s / 1e12, 1),
                    speedup_vs_peft=round(ref_s / secs, 2), speedup_vs_peft_reused_cache=round(ref_s / reuse_s, 2),
-                   plan=plan.describe(), plan_reused_cache=plan_reused.describe())
+                   plan=plan.describe(), plan_reused_cache=plan_reused.describe(),
+                   # the run really trained: its last step's record (a norm of 0 would mean no gradient reached the intervention)
+                   last_step=last, last_step_reused_cache=last_reused)
     our_eff, our_eff_s, _ = timed(lambda: efficiency(bridge, vec, eval_set, norms, args.eval_batch, progress=False), args.device)
     eff_plan = runner_for(bridge).last_plan.describe()
     our_stab, our_stab_s, _ = timed(lambda: stability(bridge, vec, eval_set, eps, (0, 1, 2), args.eval_batch, progress=False), args.device)

@@ -10,6 +10,7 @@ device and dtype with the edit made by a forward hook or weight surgery (tests/t
 from __future__ import annotations
 
 import os
+import traceback
 import warnings
 from typing import Any
 
@@ -39,7 +40,9 @@ LOSS_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 KINDS = ("resid_post", "mlp_out", "adapter")
 
 
-@pytest.fixture(scope="module", params=[(a, d) for a in PROVED for d in (torch.float32, torch.bfloat16)], ids=lambda p: f"{p[0]}-{str(p[1])[6:]}")
+@pytest.fixture(
+    scope="module", params=[(a, d) for a in PROVED for d in (torch.float32, torch.bfloat16)], ids=lambda p: f"{p[0]}-{str(p[1])[6:]}"
+)
 def pair(request: Any) -> tuple[str, torch.dtype, Any, Any]:
     arch, dtype = request.param
     reference, bridge = tiny_pair(arch, device=DEVICE, dtype=dtype)
@@ -65,7 +68,9 @@ def test_flash_attention_equals_causal_attention_per_sequence(dtype: torch.dtype
     k = torch.randn(1, kv_heads, total, dim, device=DEVICE, generator=gen, dtype=dtype, requires_grad=True)
     v = torch.randn(1, kv_heads, total, dim, device=DEVICE, generator=gen, dtype=dtype, requires_grad=True)
     assert flash_usable(q)
-    out, _ = flash_packed_attention(torch.nn.Module(), q, k, v, None, scaling=dim**-0.5, emlens_packing=Packing.from_lengths(lengths, DEVICE))
+    out, _ = flash_packed_attention(
+        torch.nn.Module(), q, k, v, None, scaling=dim**-0.5, emlens_packing=Packing.from_lengths(lengths, DEVICE)
+    )
     grad_out = torch.randn(out.shape, device=DEVICE, generator=gen, dtype=dtype)
     (out * grad_out).sum().backward()
 
@@ -133,14 +138,16 @@ def test_train_with_kl_first_step(pair: Any, data: TokenDataset) -> None:
     intervention = on_device("resid_post", bridge)
     expected_sft = reference_loss(reference, data, intervention)
     expected_kl = reference_kl(reference, data, intervention)
-    config = TrainConfig(lr=1e-3, max_steps=1, batch_size=len(data), grad_accum=1, kl_weight=1.0, kl_batch_size=len(data),
-                         warmup_steps=0, progress=False)
+    config = TrainConfig(
+        lr=1e-3, max_steps=1, batch_size=len(data), grad_accum=1, kl_weight=1.0, kl_batch_size=len(data), warmup_steps=0, progress=False
+    )
     result = train(bridge, intervention, data, config, kl_dataset=data)
     assert "hooked" not in result.plan
     assert result.losses[0]["sft"] == pytest.approx(expected_sft, rel=LOSS_TOL[dtype])
     assert result.losses[0]["kl"] == pytest.approx(expected_kl, rel=1e-3 if dtype == torch.float32 else 0.1, abs=1e-5)
-    assert mean_kl(bridge, intervention, data, batch_size=2) == pytest.approx(reference_kl(reference, data, intervention),
-                                                                              rel=1e-3 if dtype == torch.float32 else 0.1, abs=1e-5)
+    assert mean_kl(bridge, intervention, data, batch_size=2) == pytest.approx(
+        reference_kl(reference, data, intervention), rel=1e-3 if dtype == torch.float32 else 0.1, abs=1e-5
+    )
 
 
 def test_greedy_sampling_equals_plain_generate(pair: Any) -> None:
@@ -149,8 +156,14 @@ def test_greedy_sampling_equals_plain_generate(pair: Any) -> None:
     ids = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 61, 33, 12]], device=DEVICE)
     tokens = generate_batch(bridge, ids, torch.ones_like(ids), intervention, SamplingSettings(16, 0.0), seed=0)
     with torch.no_grad(), reference_edit(reference, intervention):
-        expected = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
-                                      pad_token_id=bridge.tokenizer.pad_token_id, eos_token_id=None)[:, ids.shape[1]:]
+        expected = reference.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=16,
+            pad_token_id=bridge.tokenizer.pad_token_id,
+            eos_token_id=None,
+        )[:, ids.shape[1] :]
     eos = bridge.tokenizer.eos_token_id
     got, want = tokens[0].tolist(), expected[0].tolist()
     if eos in got:  # emlens stops at EOS and pads after it
@@ -170,8 +183,12 @@ def test_compiled_blocks_do_not_recompile_for_new_batch_shapes() -> None:
     torch._dynamo.config.error_on_recompile = True
     try:
         for batch_size in (1, 4, 5):
-            train(bridge, on_device("resid_post", bridge), data, TrainConfig(lr=1e-3, max_steps=2, batch_size=batch_size, grad_accum=1,
-                                                                            warmup_steps=0, progress=False))
+            train(
+                bridge,
+                on_device("resid_post", bridge),
+                data,
+                TrainConfig(lr=1e-3, max_steps=2, batch_size=batch_size, grad_accum=1, warmup_steps=0, progress=False),
+            )
             evaluate_loss(bridge, data, vector, batch_size=batch_size)
     finally:
         torch._dynamo.config.error_on_recompile = False
@@ -183,19 +200,27 @@ def test_training_step_reads_the_device_twice() -> None:
     data = TokenDataset.from_conversations(bridge.tokenizer, CONVERSATIONS, max_length=128)
     vector = on_device("resid_post", bridge)
     caches = TrainingCaches.build(bridge, vector, data, progress=False)
-    config = TrainConfig(lr=1e-3, max_steps=2, batch_size=2, grad_accum=2, warmup_steps=0, progress=False, checkpoint_every=100)
-    train(bridge, vector, data, config, caches=caches)  # warm-up: compiles, pins host buffers
+    config = TrainConfig(lr=1e-3, max_steps=6, batch_size=2, grad_accum=2, warmup_steps=0, progress=False, checkpoint_every=100)
+    train(bridge, vector, data, config, caches=caches)  # warm-up: compiles for every batch shape, pins host buffers
+    where: list[list[str]] = [[]]
+    original = warnings.showwarning
 
-    def syncs(steps: int) -> int:
-        config.max_steps = steps
-        with warnings.catch_warnings(record=True) as caught:
+    def record(message: Any, *args: Any, **kwargs: Any) -> None:
+        if "synchroniz" in str(message):
+            frame = next((f for f in reversed(traceback.extract_stack()[:-1]) if "/emlens/" in f.filename), None)
+            where[-1].append(f"{frame.filename.split('/emlens/')[-1]}:{frame.lineno}" if frame else "?")
+
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = record
             torch.cuda.set_sync_debug_mode("warn")
-            try:
-                train(bridge, on_device("resid_post", bridge), data, config, caches=caches)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        return sum("synchroniz" in str(w.message) for w in caught)
-
-    # the run's fixed costs (snapshots, the last step's trajectory) cancel in the difference
-    assert syncs(5) - syncs(3) == 2 * 2
+            train(bridge, on_device("resid_post", bridge), data, config, caches=caches, on_step=lambda step, rec: where.append([]))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = original
+    # where[0]: set-up and step 1; where[-2]: the last step (its trajectory snapshot); in between, one list per step
+    middle = where[1:-2]
+    assert len(middle) == config.max_steps - 2
+    assert all(len(w) == 2 for w in middle), middle
