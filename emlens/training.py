@@ -328,12 +328,13 @@ def train(
             micro = [next(sft_batches) for _ in range(config.grad_accum)]  # host batches: the runner moves what it needs
             # token-weighted over the whole accumulated batch, so micro-batch sizes don't bias it
             n_tokens = sum(int(b.scored.sum()) for _, b in micro)
-            values = {"sft": torch.zeros((), dtype=torch.float64, device=device)}
+            micro_losses = []
             for idx, batch in micro:
                 logits = runner.logits(batch, batch.scored_positions, intervention, plan, cached(sft_cache, idx))
-                loss = nll_sum(logits, to_device(batch.scored_targets, device)) / max(n_tokens, 1)
+                loss = nll_sum(logits, to_device(batch.scored_targets, logits.device)) / max(n_tokens, 1)
                 loss.backward()
-                values["sft"] = values["sft"] + loss.detach().double()
+                micro_losses.append(loss.detach())
+            values = {"sft": _on_one_device(micro_losses).sum()}
             if kl_batches is not None:
                 idx, kl_batch = next(kl_batches)
                 real = kl_batch.attention_mask.bool()
@@ -387,8 +388,8 @@ def _finite_step(
 ) -> dict[str, float]:
     """``values`` (the step's losses) as floats, after checking them and every gradient is finite (one device read)."""
     grads = [(name, p.grad) for name, p in intervention.named_parameters() if p.grad is not None]
-    flags = [torch.isfinite(g).all().double() for _, g in grads]
-    read = torch.stack([*(v.double() for v in values.values()), *flags]).tolist() if values or flags else []
+    flags = [torch.isfinite(g).all() for _, g in grads]
+    read = _on_one_device([*values.values(), *flags]).tolist() if values or flags else []
     out = dict(zip(values, read[: len(values)]))
     for key, value in out.items():
         if not math.isfinite(value):
@@ -402,13 +403,18 @@ def _finite_step(
 def _finite_params(intervention: Intervention, step: int, last_good: dict[str, Tensor], checkpoints: Any) -> float:
     """The intervention's norm, after checking its parameters (and the norm) are finite (one device read)."""
     params = list(intervention.named_parameters())
-    read = torch.stack([*(torch.isfinite(p.detach()).all().double() for _, p in params), intervention.norm_tensor().double()]).tolist()
+    read = _on_one_device([*(torch.isfinite(p.detach()).all() for _, p in params), intervention.norm_tensor()]).tolist()
     for (name, _), ok in zip(params, read[:-1]):
         if not ok:
             _stop(intervention, f"parameter {name!r} after the optimiser step", step, last_good, checkpoints)
     if not math.isfinite(read[-1]):  # finite parameters whose norm overflows (e.g. lr 1e30)
         _stop(intervention, "the intervention's norm after the optimiser step", step, last_good, checkpoints)
     return read[-1]
+
+
+def _on_one_device(scalars: list[Tensor]) -> Float[Tensor, " n"]:
+    """Scalars (from any devices, e.g. a model split over GPUs) as one float64 vector on the first one's device."""
+    return torch.stack([t.to(device=scalars[0].device, dtype=torch.float64) for t in scalars])
 
 
 def _device_snapshot(intervention: Intervention) -> dict[str, Tensor]:
