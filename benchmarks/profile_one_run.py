@@ -64,14 +64,20 @@ def matmul_rate(m: int, k: int, n: int) -> float:
     return 2 * m * k * n * 20 / (start.elapsed_time(end) / 1e3) / 1e12
 
 
-def main() -> None:
+def run_arguments(out: str) -> argparse.ArgumentParser:
+    """The settings both profile scripts share: bench_gpu.py's one-run row (model, steps, batch, length)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-14b")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--out", default=out)
+    return ap
+
+
+def main() -> None:
+    ap = run_arguments("profile.json")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="profile.json")
     args = ap.parse_args()
     from emlens.models import bridge_from_hf, byte_tokenizer
     from emlens.training import TrainingCaches
@@ -94,7 +100,9 @@ def main() -> None:
     t0 = time.perf_counter()
     emlens_train(bridge, "steering", layer, small, None, 2, args.batch)
     report["warmup_s"] = time.perf_counter() - t0
-    one = [timed(lambda: emlens_train(bridge, "steering", layer, data, None, args.steps, args.batch), "cuda")[1] for _ in range(args.repeats)]
+    one = [
+        timed(lambda: emlens_train(bridge, "steering", layer, data, None, args.steps, args.batch), "cuda")[1] for _ in range(args.repeats)
+    ]
     report["one_run_s"] = one
     report["speedup_one_run"] = min(ref) / min(one)
     print("one run", one, "speed-up", report["speedup_one_run"], flush=True)
@@ -102,6 +110,7 @@ def main() -> None:
 
     builds = {}
     for budget in (None, 4096, 8192, 16384):  # None: the training batch size, examples at a time
+
         def build(budget: int | None = budget) -> object:
             vec = new_intervention(bridge, "steering", layer)
             return TrainingCaches.build(bridge, vec, data, None, batch_size=args.batch, progress=False, tokens_per_forward=budget)
@@ -112,7 +121,9 @@ def main() -> None:
     save()
 
     caches = TrainingCaches.build(bridge, new_intervention(bridge, "steering", layer), data, None, progress=False)
-    reused = [timed(lambda: emlens_train(bridge, "steering", layer, data, None, args.steps, args.batch, caches), "cuda")[1] for _ in range(2)]
+    reused = [
+        timed(lambda: emlens_train(bridge, "steering", layer, data, None, args.steps, args.batch, caches), "cuda")[1] for _ in range(2)
+    ]
     report["reused_s"] = reused
     print("reused", reused, flush=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -135,8 +146,12 @@ def main() -> None:
     tokens = sum(len(e.input_ids) for e in data.examples) // args.steps
     rates = {}
     for m in (tokens, 2 * tokens, 4 * tokens):
-        rates[m] = {"gate_up": matmul_rate(m, d, f), "down": matmul_rate(m, f, d), "q_proj": matmul_rate(m, d, d),
-                    "down_T (input grad)": matmul_rate(m, d, f)}
+        rates[m] = {
+            "gate_up": matmul_rate(m, d, f),
+            "down": matmul_rate(m, f, d),
+            "q_proj": matmul_rate(m, d, d),
+            "down_T (input grad)": matmul_rate(m, d, f),
+        }
     report["matmul_tflops"] = rates
     print(json.dumps(rates, indent=1))
     save()

@@ -9,7 +9,6 @@ python benchmarks/profile_steps.py --model qwen2.5-14b --out steps.json
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import json
@@ -25,17 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import build_model, emlens_train, make_dataset, new_intervention, timed  # noqa: E402
-from profile_one_run import busy_fraction  # noqa: E402
+from profile_one_run import busy_fraction, run_arguments  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="qwen2.5-14b")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--out", default="steps.json")
-    args = ap.parse_args()
+    args = run_arguments("steps.json").parse_args()
     from emlens.models import bridge_from_hf, byte_tokenizer
     from emlens.training import TrainingCaches
 
@@ -49,7 +42,9 @@ def main() -> None:
     report["warmup_s"] = time.perf_counter() - t0
     caches = TrainingCaches.build(bridge, new_intervention(bridge, "steering", layer), data, None, progress=False)
     one = [timed(lambda: emlens_train(bridge, "steering", layer, data, None, args.steps, args.batch), "cuda")[1] for _ in range(2)]
-    reused = [timed(lambda: emlens_train(bridge, "steering", layer, data, None, args.steps, args.batch, caches), "cuda")[1] for _ in range(3)]
+    reused = [
+        timed(lambda: emlens_train(bridge, "steering", layer, data, None, args.steps, args.batch, caches), "cuda")[1] for _ in range(3)
+    ]
     report.update(one_run_s=one, reused_s=reused)
     print("one run", one, "reused", reused, flush=True)
 
