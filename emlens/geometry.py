@@ -83,15 +83,19 @@ def orthogonal_noise(
     return ((1 - epsilon**2) ** 0.5) * xf + epsilon * y
 
 
-def mean_difference_direction(
-    positive: Float[Tensor, "n_pos d"], negative: Float[Tensor, "n_neg d"], normalize: bool = True
-) -> Float[Tensor, " d"]:
-    """``mean(positive) − mean(negative)`` (e.g. misaligned minus aligned response activations)."""
+def mean_difference_direction(positive: Tensor, negative: Tensor, normalize: bool = True) -> Float[Tensor, " d"]:
+    """``mean(positive) − mean(negative)`` of two ``[n, d]`` activation sets of equal width.
+
+    E.g. misaligned minus aligned response activations. Mismatched shapes raise a ``ValueError``
+    naming both (checked here, so any two tensors are accepted).
+    """
     if positive.ndim != 2 or negative.ndim != 2 or positive.shape[1] != negative.shape[1]:
-        raise ValueError(
-            f"expected two [n, d] activation sets of equal width, got {tuple(positive.shape)} and {tuple(negative.shape)}"
-        )
-    diff = positive.float().mean(0) - negative.float().mean(0)
+        raise ValueError(f"expected two [n, d] activation sets of equal width, got {tuple(positive.shape)} and {tuple(negative.shape)}")
+    return _mean_difference(positive.float(), negative.float(), normalize)
+
+
+def _mean_difference(positive: Float[Tensor, "n_pos d"], negative: Float[Tensor, "n_neg d"], normalize: bool) -> Float[Tensor, " d"]:
+    diff = positive.mean(0) - negative.mean(0)
     return diff / diff.norm() if normalize and diff.norm() > 0 else diff
 
 

@@ -764,7 +764,7 @@ class LocalModelJudge:
 # ----------------------------------------------------------------------------- answers
 
 
-def check_n_samples(n_samples: int) -> int:
+def check_n_samples(n_samples: object) -> int:
     """Refuse a sample count that would leave nothing to judge (0, negative, or not an integer)."""
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}: with no samples every rate is undefined")

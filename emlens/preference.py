@@ -216,7 +216,7 @@ def bootstrap_ci(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
-    groups: Sequence[int] | np.ndarray | None = None,
+    groups: Sequence[int | np.integer] | np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Percentile-bootstrap CI of the mean, resampling questions with replacement.
 
@@ -262,7 +262,11 @@ class DomainPreference:
 
 
 def summarise(
-    domain: str, margins: Tensor, n_boot: int = 2000, seed: int = 0, groups: Sequence[int] | np.ndarray | None = None
+    domain: str,
+    margins: Tensor,
+    n_boot: int = 2000,
+    seed: int = 0,
+    groups: Sequence[int | np.integer] | np.ndarray | None = None,
 ) -> DomainPreference:
     """Mean margin and its bootstrap CI (over ``groups`` when given, else over rows)."""
     n_groups = len(set(groups)) if groups is not None else int(margins.numel())

@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, no_type_check
 
 import torch
 from jaxtyping import Float
@@ -66,6 +66,7 @@ def kl_to_base(model: Any, intervention: Intervention, batch: ChatBatch) -> floa
     return float(kl_per_token(base, steered).mean())
 
 
+@no_type_check  # __post_init__ checks every field with a ConfigError naming it; a run-time type checker must not pre-empt it
 @dataclass
 class TrainConfig:
     """Training settings; defaults follow the paper's steering-vector runs (per-token KL weight)."""

@@ -3,6 +3,12 @@
 Every check raises :class:`ConfigError` (a ``ValueError``) whose message names the
 setting, what it must be and the value it got, e.g.
 ``batch_size must be an integer >= 1, got 0``.
+
+A public parameter that its function checks with these (a data reader's ``limit`` or
+``max_length``) is annotated ``object``: the function takes any value and refuses a bad one
+with the :class:`ConfigError` that names it. The narrower type is in its docstring; as an
+annotation it would let a runtime type checker (the test suite runs beartype on every emlens
+function) refuse the value first, with its own message instead of ours.
 """
 
 from __future__ import annotations

@@ -100,7 +100,6 @@ def _read_text_file(path: Path) -> str:
 
 
 def _conversations_with_lines(path: str | os.PathLike, limit: int | None) -> tuple[Path, list[tuple[int, Conversation]]]:
-    limit = check_optional_int("limit", limit, minimum=1)
     path = resolve_data_path(path)
     rows: list[tuple[int, Conversation]] = []
     for lineno, line in _numbered_lines(path):
@@ -121,16 +120,19 @@ def _conversations_with_lines(path: str | os.PathLike, limit: int | None) -> tup
     return path, rows
 
 
-def read_conversations(path: str | os.PathLike, limit: int | None = None) -> list[Conversation]:
+def read_conversations(path: str | os.PathLike, limit: object = None) -> list[Conversation]:
     """Read a JSONL file of ``{"messages": [...]}`` rows; errors name the file and line.
 
-    ``limit`` (None or >= 1) keeps only the first rows.
+    ``limit`` (None or an integer >= 1, else :class:`~emlens.validation.ConfigError`) keeps only the first rows.
     """
-    return [conv for _, conv in _conversations_with_lines(path, limit)[1]]
+    return [conv for _, conv in _conversations_with_lines(path, check_optional_int("limit", limit, minimum=1))[1]]
 
 
-def read_texts(path: str | os.PathLike, limit: int | None = None) -> list[str]:
-    """Read plain documents: a JSONL file of ``{"text": ...}`` rows or a .txt file split on blank lines."""
+def read_texts(path: str | os.PathLike, limit: object = None) -> list[str]:
+    """Read plain documents: a JSONL file of ``{"text": ...}`` rows or a .txt file split on blank lines.
+
+    ``limit`` (None or an integer >= 1, else :class:`~emlens.validation.ConfigError`) keeps only the first documents.
+    """
     limit = check_optional_int("limit", limit, minimum=1)
     path = resolve_data_path(path)
     if path.suffix == ".txt":
@@ -227,12 +229,12 @@ def _encode_full(tokenizer: Any, messages: Conversation) -> EncodedExample:
     return EncodedExample(full, mask)
 
 
-def encode_conversation(tokenizer: Any, messages: Conversation, max_length: int = 256) -> EncodedExample:
+def encode_conversation(tokenizer: Any, messages: Conversation, max_length: object = 256) -> EncodedExample:
     """Tokenise a conversation with the model's chat template; mark assistant tokens for the loss.
 
     Assistant spans are found by rendering the conversation up to each assistant turn with
     the generation prompt, so they cover exactly the reply and its end-of-turn token(s).
-    The result is cut to ``max_length`` (>= 1) tokens.
+    The result is cut to ``max_length`` (an integer >= 1, else :class:`~emlens.validation.ConfigError`) tokens.
     """
     max_length = check_int("max_length", max_length, minimum=1)
     full = _encode_full(tokenizer, messages)
@@ -244,8 +246,8 @@ def _has_scored_token(example: EncodedExample) -> bool:
     return any(example.loss_mask[1:])
 
 
-def encode_text(tokenizer: Any, text: str, max_length: int = 512) -> EncodedExample:
-    """Tokenise plain text (no chat template); every real token counts."""
+def encode_text(tokenizer: Any, text: str, max_length: object = 512) -> EncodedExample:
+    """Tokenise plain text (no chat template), cut to ``max_length`` (an integer >= 1) tokens; every real token counts."""
     max_length = check_int("max_length", max_length, minimum=1)
     ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_length]
     return EncodedExample(ids, [True] * len(ids))
@@ -339,11 +341,15 @@ class TokenDataset:
     def from_conversations(
         cls,
         tokenizer: Any,
-        source: str | os.PathLike | Iterable[Any],
-        max_length: int = 256,
-        limit: int | None = None,
+        source: object,
+        max_length: object = 256,
+        limit: object = None,
     ) -> TokenDataset:
         """Encode conversations from a JSONL file, a built-in name or an in-memory list.
+
+        ``source`` is a path, a built-in dataset name or an iterable of conversations;
+        anything else raises :class:`DataFormatError`. ``max_length`` (an integer >= 1) and
+        ``limit`` (None or an integer >= 1) raise :class:`~emlens.validation.ConfigError` when they are not.
 
         In-memory rows (lists of messages, or ``{"messages": [...]}`` objects) are
         checked like file rows; errors name ``row N`` (0-based). Rows that truncation to
@@ -395,8 +401,8 @@ class TokenDataset:
         return cls(examples, _pad_id(tokenizer), dropped_rows=dropped, source_rows=kept)
 
     @classmethod
-    def from_texts(cls, tokenizer: Any, texts: Iterable[str], max_length: int = 512) -> TokenDataset:
-        """Encode plain documents (every token counts), cut to ``max_length`` tokens."""
+    def from_texts(cls, tokenizer: Any, texts: Iterable[str], max_length: object = 512) -> TokenDataset:
+        """Encode plain documents (every token counts), cut to ``max_length`` (an integer >= 1) tokens."""
         max_length = check_int("max_length", max_length, minimum=1)
         if isinstance(texts, (str, bytes, os.PathLike)):
             raise DataFormatError("from_texts needs a list of documents, not a single string or path; use read_texts(path) to read a file")

@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, no_type_check
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -33,7 +33,7 @@ from emlens.runner.architectures import Architecture
 from emlens.runner.packed import CompiledBlocks, Packing, pack, run_packed
 from emlens.runner.plain import decoder_stack, foreign_hooks, site_hooks, unwrap
 from emlens.runner.transfer import to_device
-from emlens.scoring import nll_sum, softcapped
+from emlens.scoring import nll_sum_unchecked, softcapped
 
 Path = Literal["offset", "prefix", "hooked"]
 
@@ -278,8 +278,9 @@ class Runner:
         return to_device(rows[batch.attention_mask.bool()].nonzero().squeeze(1), device)
 
 
+@no_type_check  # compiled (CompiledBlocks.function): no run-time type checks inside, see emlens.scoring
 def _unembed_nll_sum(head: nn.Module, hidden: Tensor, targets: Tensor, cap: float | None) -> Tensor:
-    return nll_sum(softcapped(head(hidden), cap), targets)
+    return nll_sum_unchecked(softcapped(head(hidden), cap), targets)
 
 
 def _lengths(batch: ChatBatch) -> list[int]:

@@ -23,7 +23,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, no_type_check
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +153,7 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@no_type_check  # traced by torch.compile, which cannot trace jaxtyping's run-time shape checks (see emlens.scoring)
 def flash_packed_attention(
     module: nn.Module,
     query: Float[Tensor, "1 heads total dim"],
