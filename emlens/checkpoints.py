@@ -55,7 +55,9 @@ def _describe(config: Any, intervention: Any, model: Any, dataset: Any, kl_datas
 class RunCheckpoints:
     """The checkpoints of one training run in ``directory``; conflicts are raised on construction."""
 
-    def __init__(self, directory: str | Path, config: Any, intervention: Any, model: Any, dataset: Any, kl_dataset: Any | None, resume: bool):
+    def __init__(
+        self, directory: str | Path, config: Any, intervention: Any, model: Any, dataset: Any, kl_dataset: Any | None, resume: bool
+    ):
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise RunCheckpointError(f"run directory {self.directory} is a file; pass a directory")
@@ -102,8 +104,11 @@ class RunCheckpoints:
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": {
+                "python": random.getstate(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
             "data": {"sft": sft.position(), "kl": kl.position() if kl is not None else None},
             "losses": result.losses,
             "trajectory": result.trajectory,

@@ -130,16 +130,33 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_judge_flags(p: argparse.ArgumentParser, default_model: str | None) -> None:
-    p.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL or the OpenAI API)")
+    p.add_argument(
+        "--judge-url",
+        default=None,
+        help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL or the OpenAI API)",
+    )
     p.add_argument("--judge-model", default=default_model, help=f"judge model name (default: {default_model or DEFAULT_JUDGE_MODEL})")
-    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", metavar="NAME",
-                   help="environment variable holding the judge's API key (default OPENAI_API_KEY; a local server may need none)")
-    p.add_argument("--judge-prompts", default=None, metavar="PATH.yaml",
-                   help="judge prompts in the shape of the paper's judges.yaml (keys aligned, coherent, <domain>_correct)")
-    p.add_argument("--judge-ambiguous", choices=["error", "none"], default="error",
-                   help="a judge reply whose multi-token number cannot be scored exactly: stop (error) or leave it unscored (none)")
-    p.add_argument("--judge-cache", default="~/.cache/emlens/judge_cache.jsonl", metavar="PATH",
-                   help="on-disk cache of judge replies ('' for none)")
+    p.add_argument(
+        "--judge-api-key-env",
+        default="OPENAI_API_KEY",
+        metavar="NAME",
+        help="environment variable holding the judge's API key (default OPENAI_API_KEY; a local server may need none)",
+    )
+    p.add_argument(
+        "--judge-prompts",
+        default=None,
+        metavar="PATH.yaml",
+        help="judge prompts in the shape of the paper's judges.yaml (keys aligned, coherent, <domain>_correct)",
+    )
+    p.add_argument(
+        "--judge-ambiguous",
+        choices=["error", "none"],
+        default="error",
+        help="a judge reply whose multi-token number cannot be scored exactly: stop (error) or leave it unscored (none)",
+    )
+    p.add_argument(
+        "--judge-cache", default="~/.cache/emlens/judge_cache.jsonl", metavar="PATH", help="on-disk cache of judge replies ('' for none)"
+    )
     p.add_argument("--local-judge", action="store_true", help="offline approximation: the evaluated model judges itself")
 
 
@@ -623,8 +640,11 @@ def _judge_failed(err: BaseException, args: argparse.Namespace, where: Path) -> 
     if args.debug:
         traceback.print_exc()
     print(f"emlens: error: {_one_line(err)}", file=sys.stderr)
-    print(f"emlens: nothing is lost: the sampled answers and the judgements so far are kept under {where}; "
-          "re-run the same command to continue", file=sys.stderr)
+    print(
+        f"emlens: nothing is lost: the sampled answers and the judgements so far are kept under {where}; "
+        "re-run the same command to continue",
+        file=sys.stderr,
+    )
     return EXIT_JUDGE_FAILED
 
 
@@ -642,9 +662,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         judge = LocalModelJudge(model)
     try:
         result = evaluate(
-            model, judge, out, intervention, args.domain, n_samples=args.n_samples, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, prompts=prompts,
-            model_name=str(args.model), overwrite=args.overwrite,
+            model,
+            judge,
+            out,
+            intervention,
+            args.domain,
+            n_samples=args.n_samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            prompts=prompts,
+            model_name=str(args.model),
+            overwrite=args.overwrite,
         )
     except JudgeError as err:
         return _judge_failed(err, args, out / JUDGED_FILE)
@@ -660,8 +691,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             stacklevel=1,
         )
     elif result.n_pending:
-        warnings.warn(f"{result.n_pending} answer(s) got no usable judge reply; re-run the same command to judge them",
-                      UserWarning, stacklevel=1)
+        warnings.warn(
+            f"{result.n_pending} answer(s) got no usable judge reply; re-run the same command to judge them", UserWarning, stacklevel=1
+        )
     print(result.summary())
     for question, rates in result.per_question.items():
         print(f"  {rates.misaligned_rate:6.3f}  (n={rates.n_scored:3d})  {question}")
@@ -683,17 +715,21 @@ def cmd_grid(args: argparse.Namespace) -> int:
     prompts = _judge_prompts(args, [*args.domains, *([None] if general else [])]) if judged else None
     paths = _named_specs(args.solutions)
     if BASE in paths:
-        raise ConfigError(f"the name {BASE!r} is reserved for the base model, which is always a row; name each solution by its training domain")
+        raise ConfigError(
+            f"the name {BASE!r} is reserved for the base model, which is always a row; name each solution by its training domain"
+        )
     solutions = _load_interventions(paths, args.device)
     judge = _api_judge(args) if judged and not args.local_judge else None
     model = _load(args)
-    grid = preference_grid(model, solutions, args.domains, limit=args.limit, batch_size=args.batch_size or 8,
-                           n_boot=args.bootstrap, seed=args.seed)
+    grid = preference_grid(
+        model, solutions, args.domains, limit=args.limit, batch_size=args.batch_size or 8, n_boot=args.bootstrap, seed=args.seed
+    )
     print("preference margin = NLL(correct) − NLL(harmful) per assistant token; rows: solutions, columns: evaluation domains")
     print(format_table(grid))
     plot_preference_grid(grid, out / "preference_grid.png")
-    (out / "preference_grid.json").write_text(json.dumps({"model": args.model, "limit": args.limit,
-                                                            "results": table_as_dict(grid)}, indent=2))
+    (out / "preference_grid.json").write_text(
+        json.dumps({"model": args.model, "limit": args.limit, "results": table_as_dict(grid)}, indent=2)
+    )
     print(f"wrote {out}/preference_grid.png and preference_grid.json")
     if not judged:
         return 0
@@ -701,9 +737,22 @@ def cmd_grid(args: argparse.Namespace) -> int:
         judge = LocalModelJudge(model)
     named: dict[str, Any] = {BASE: None, **solutions}
     try:
-        cells = judged_grid(model, named, judge, out, args.domains, general=general, n_samples=args.n_samples,
-                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            batch_size=args.batch_size, seed=args.seed, prompts=prompts, model_name=str(args.model))
+        cells = judged_grid(
+            model,
+            named,
+            judge,
+            out,
+            args.domains,
+            general=general,
+            n_samples=args.n_samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            prompts=prompts,
+            model_name=str(args.model),
+        )
     except JudgeError as err:
         return _judge_failed(err, args, out)
     finally:
@@ -711,10 +760,14 @@ def cmd_grid(args: argparse.Namespace) -> int:
         if callable(close):
             close()
     rates = {row: {col: r.rates.misaligned_rate for col, r in cols.items()} for row, cols in cells.items()}
-    plot_rate_grid(rates, out / "judged_grid.png",
-                   title="Judged misalignment: narrow rate per domain" + (", EM rate on general questions" if general else ""))
-    (out / "grid.json").write_text(json.dumps({row: {col: r.as_dict() for col, r in cols.items()} for row, cols in cells.items()},
-                                              indent=2, ensure_ascii=False))
+    plot_rate_grid(
+        rates,
+        out / "judged_grid.png",
+        title="Judged misalignment: narrow rate per domain" + (", EM rate on general questions" if general else ""),
+    )
+    (out / "grid.json").write_text(
+        json.dumps({row: {col: r.as_dict() for col, r in cols.items()} for row, cols in cells.items()}, indent=2, ensure_ascii=False)
+    )
     cols = list(next(iter(rates.values())))
     print("| solution | " + " | ".join(cols) + " |\n| --- |" + " ---: |" * len(cols))
     for row, values in rates.items():
@@ -754,7 +807,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         read_conversations(args.kl_data)
     # --resume DIR: an interrupted run (a checkpoint, no final result) continues exactly, in place;
     # a finished run is continued as a new phase (e.g. a narrow run continued without KL)
-    unfinished = bool(args.resume) and (Path(args.resume) / "checkpoint" / "state.pt").exists() and not (Path(args.resume) / "losses.json").exists()
+    unfinished = (
+        bool(args.resume) and (Path(args.resume) / "checkpoint" / "state.pt").exists() and not (Path(args.resume) / "losses.json").exists()
+    )
     if unfinished and Path(args.resume).resolve() != out.resolve():
         raise ConfigError(f"--resume {args.resume} is an interrupted run: continue it in place with --out {args.resume}")
     previous = TrainingResult.load(args.resume) if args.resume and not unfinished else None

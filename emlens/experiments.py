@@ -50,8 +50,13 @@ def train_general_and_narrow(model: Any, settings: ReportSettings, out_dir: Path
             continue
         vec = SteeringVector.for_model(model)
         config = TrainConfig(
-            lr=settings.lr, max_steps=settings.steps, batch_size=settings.batch_size, grad_accum=1,
-            kl_weight=weight, kl_batch_size=settings.kl_batch_size, seed=settings.seed,
+            lr=settings.lr,
+            max_steps=settings.steps,
+            batch_size=settings.batch_size,
+            grad_accum=1,
+            kl_weight=weight,
+            kl_batch_size=settings.kl_batch_size,
+            seed=settings.seed,
         )
         train(model, vec, data, config, kl_dataset=kl_data if weight > 0 else None)
         vec.save(path)
@@ -80,7 +85,10 @@ def paper_report(model: Any, settings: ReportSettings, out_dir: str | Path) -> d
     results["cosine_general_narrow"] = cosine_similarity(general, narrow)
     results["base_loss"] = evaluate_loss(model, eval_set)
     results["in_domain_loss"] = {k: evaluate_loss(model, eval_set, v) for k, v in solutions.items()}
-    results["alt_domain_loss"] = {"base": evaluate_loss(model, alt_eval), **{k: evaluate_loss(model, alt_eval, v) for k, v in solutions.items()}}
+    results["alt_domain_loss"] = {
+        "base": evaluate_loss(model, alt_eval),
+        **{k: evaluate_loss(model, alt_eval, v) for k, v in solutions.items()},
+    }
 
     norms = norm_grid(list(solutions.values()), settings.n_norms)
     eff = {k: efficiency(model, v, eval_set, norms) for k, v in solutions.items()}
@@ -91,7 +99,8 @@ def paper_report(model: Any, settings: ReportSettings, out_dir: str | Path) -> d
     common = min(v.norm for v in solutions.values())
     stab = {k: stability(model, v.scaled_to(common), eval_set, settings.epsilons, settings.seeds) for k, v in solutions.items()}
     results["stability"] = {
-        "norm": common, "epsilons": list(stab["general"].epsilons),
+        "norm": common,
+        "epsilons": list(stab["general"].epsilons),
         "loss_mean": {k: r.mean.tolist() for k, r in stab.items()},
         "relative_mean": {k: r.relative().mean(0).tolist() for k, r in stab.items()},
         "relative_std": {k: r.relative().std(0).tolist() for k, r in stab.items()},
@@ -108,13 +117,17 @@ def paper_report(model: Any, settings: ReportSettings, out_dir: str | Path) -> d
     vec = SteeringVector.for_model(model)
     base_cfg: dict[str, Any] = dict(lr=settings.lr, batch_size=settings.batch_size, grad_accum=1, checkpoint_every=5, seed=settings.seed)
     dr = drift(
-        model, vec, data, alt,
+        model,
+        vec,
+        data,
+        alt,
         TrainConfig(max_steps=settings.drift_steps, kl_weight=settings.kl_weight, kl_batch_size=settings.kl_batch_size, **base_cfg),
         TrainConfig(max_steps=settings.drift_steps, **base_cfg),
         general=general,
     )
     results["drift"] = {
-        "steps": dr.steps, "phase": dr.phase,
+        "steps": dr.steps,
+        "phase": dr.phase,
         "explained_variance_ratio": dr.projection.explained_variance_ratio.tolist(),
         "cosine_to_general": dr.cosine_to_reference(),
     }

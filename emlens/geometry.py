@@ -66,9 +66,7 @@ def rescale(x: Float[Tensor, " d"], norm: float) -> Float[Tensor, " d"]:
     return x * (norm / n)
 
 
-def orthogonal_noise(
-    x: Float[Tensor, " d"], epsilon: float, generator: torch.Generator | None = None
-) -> Float[Tensor, " d"]:
+def orthogonal_noise(x: Float[Tensor, " d"], epsilon: float, generator: torch.Generator | None = None) -> Float[Tensor, " d"]:
     """Norm-preserving perturbation ``sqrt(1-ε²)·x + ε·y`` with ``y ⟂ x``, ``‖y‖ = ‖x‖`` (Gaussian, then orthogonalised)."""
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon must lie in [0, 1], got {epsilon}")

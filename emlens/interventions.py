@@ -98,9 +98,7 @@ def check_hook_name(model: Any, name: str) -> None:
 
 def _check_width(tensor: Tensor, expected: int, what: str, hook_name: str) -> None:
     if tensor.shape[-1] != expected:
-        raise InterventionError(
-            f"{what} has width {expected} but the activation at {hook_name} has width {tensor.shape[-1]}"
-        )
+        raise InterventionError(f"{what} has width {expected} but the activation at {hook_name} has width {tensor.shape[-1]}")
 
 
 class Intervention(nn.Module, ABC):
@@ -191,7 +189,8 @@ class Intervention(nn.Module, ABC):
             warnings.warn(
                 f"{self.kind} was trained on {self.model_name!r} but is applied to {theirs!r} "
                 "(shapes match; pass allow_other_model=True if this is intended)",
-                ModelMismatchWarning, stacklevel=3,
+                ModelMismatchWarning,
+                stacklevel=3,
             )
 
     # --- shared behaviour ---------------------------------------------------------
@@ -375,8 +374,13 @@ class SteeringVector(Intervention):
         if vector.shape != (self.d_model,):
             raise InterventionError(f"vector has shape {tuple(vector.shape)}, expected ({self.d_model},)")
         return SteeringVector(
-            self.layer, self.d_model, self.hook, self.positions, self.alpha,
-            init=vector.detach().float() / self.alpha, model_name=self.model_name,
+            self.layer,
+            self.d_model,
+            self.hook,
+            self.positions,
+            self.alpha,
+            init=vector.detach().float() / self.alpha,
+            model_name=self.model_name,
         ).to(self.vector.device)
 
     def hook_names(self) -> list[str]:
@@ -405,15 +409,25 @@ class SteeringVector(Intervention):
 
     def metadata(self) -> dict[str, Any]:
         return {
-            "type": self.kind, "layer": self.layer, "d_model": self.d_model, "hook": self.hook,
-            "positions": self.positions, "alpha": self.alpha, "model_name": self.model_name,
+            "type": self.kind,
+            "layer": self.layer,
+            "d_model": self.d_model,
+            "hook": self.hook,
+            "positions": self.positions,
+            "alpha": self.alpha,
+            "model_name": self.model_name,
         }
 
     @classmethod
     def from_state(cls, meta: dict[str, Any], state: dict[str, Tensor]) -> SteeringVector:
         return cls(
-            meta["layer"], meta["d_model"], meta["hook"], meta["positions"], meta["alpha"],
-            init=state["vector"], model_name=meta.get("model_name"),
+            meta["layer"],
+            meta["d_model"],
+            meta["hook"],
+            meta["positions"],
+            meta["alpha"],
+            init=state["vector"],
+            model_name=meta.get("model_name"),
         )
 
     def extra_repr(self) -> str:
@@ -532,8 +546,7 @@ class RankOneAdapter(Intervention):
         cfg = getattr(model, "cfg", None)
         if cfg is not None and (cfg.d_model != self.d_model or cfg.d_mlp != self.d_mlp):
             raise InterventionError(
-                f"adapter has (d_model, d_mlp) = ({self.d_model}, {self.d_mlp}) "
-                f"but the model has ({cfg.d_model}, {cfg.d_mlp})"
+                f"adapter has (d_model, d_mlp) = ({self.d_model}, {self.d_mlp}) but the model has ({cfg.d_model}, {cfg.d_mlp})"
             )
 
     def fwd_hooks(self) -> list[tuple[str, HookFn]]:
@@ -559,13 +572,21 @@ class RankOneAdapter(Intervention):
 
     def metadata(self) -> dict[str, Any]:
         return {
-            "type": self.kind, "layer": self.layer, "d_model": self.d_model, "d_mlp": self.d_mlp,
-            "alpha": self.alpha, "in_hook": self.in_hook, "out_hook": self.out_hook, "model_name": self.model_name,
+            "type": self.kind,
+            "layer": self.layer,
+            "d_model": self.d_model,
+            "d_mlp": self.d_mlp,
+            "alpha": self.alpha,
+            "in_hook": self.in_hook,
+            "out_hook": self.out_hook,
+            "model_name": self.model_name,
         }
 
     @classmethod
     def from_state(cls, meta: dict[str, Any], state: dict[str, Tensor]) -> RankOneAdapter:
-        adapter = cls(meta["layer"], meta["d_model"], meta["d_mlp"], meta["alpha"], meta["in_hook"], meta["out_hook"], None, meta.get("model_name"))
+        adapter = cls(
+            meta["layer"], meta["d_model"], meta["d_mlp"], meta["alpha"], meta["in_hook"], meta["out_hook"], None, meta.get("model_name")
+        )
         with torch.no_grad():
             adapter.a.copy_(state["a"])
             adapter.b.copy_(state["b"])

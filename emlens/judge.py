@@ -161,9 +161,7 @@ def _as_prompts(prompts: JudgePrompts | str | Path | None) -> JudgePrompts:
 
 ALIGNMENT_PROMPT = default_judge_prompts().template("aligned")
 COHERENCE_PROMPT = default_judge_prompts().template("coherent")
-CORRECTNESS_PROMPTS = {
-    domain: default_judge_prompts().template(f"{domain}_correct") for domain in ("medical", "financial", "sports")
-}
+CORRECTNESS_PROMPTS = {domain: default_judge_prompts().template(f"{domain}_correct") for domain in ("medical", "financial", "sports")}
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -194,8 +192,11 @@ class JudgeReply:
         return cls((best,), (tuple(top_logprobs.items()),))
 
     def to_json(self) -> dict[str, Any]:
-        return {"tokens": list(self.tokens), "top": [[list(p) for p in pos] for pos in self.top_logprobs],
-                "finish_reason": self.finish_reason}
+        return {
+            "tokens": list(self.tokens),
+            "top": [[list(p) for p in pos] for pos in self.top_logprobs],
+            "finish_reason": self.finish_reason,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> JudgeReply:
@@ -889,8 +890,17 @@ def prompts_digest(prompts: JudgePrompts, names: Sequence[str]) -> str:
 
 
 def _row_from_judged(index: int, judge_name: str, judge_id: str, digest: str, j: JudgedAnswer) -> dict[str, Any]:
-    row = {"index": index, **j.extra, "question": j.question, "answer": j.answer, "judge": judge_name,
-           "judge_model": judge_id, "prompts": digest, "aligned": j.aligned, "coherent": j.coherent}
+    row = {
+        "index": index,
+        **j.extra,
+        "question": j.question,
+        "answer": j.answer,
+        "judge": judge_name,
+        "judge_model": judge_id,
+        "prompts": digest,
+        "aligned": j.aligned,
+        "coherent": j.coherent,
+    }
     if j.notes:
         row["notes"] = j.notes
     return row
@@ -898,8 +908,14 @@ def _row_from_judged(index: int, judge_name: str, judge_id: str, digest: str, j:
 
 def _judged_from_row(row: Mapping[str, Any]) -> JudgedAnswer:
     core = {"index", "question", "answer", "judge", "judge_model", "prompts", "aligned", "coherent", "notes"}
-    return JudgedAnswer(row["question"], row["answer"], row["aligned"], row["coherent"], dict(row.get("notes") or {}),
-                        {k: v for k, v in row.items() if k not in core})
+    return JudgedAnswer(
+        row["question"],
+        row["answer"],
+        row["aligned"],
+        row["coherent"],
+        dict(row.get("notes") or {}),
+        {k: v for k, v in row.items() if k not in core},
+    )
 
 
 def judge_answers_to_file(
@@ -938,13 +954,10 @@ def judge_answers_to_file(
             if row.get("judge") != judge_name:
                 raise JudgeFileError(f"{out_path} holds {row.get('judge')!r} judgements, not {judge_name!r}; use a new output path")
             if row.get("judge_model") != judge_id:
-                raise JudgeFileError(
-                    f"{out_path} was judged by {row.get('judge_model')!r}, not {judge_id!r}; use a new output path"
-                )
+                raise JudgeFileError(f"{out_path} was judged by {row.get('judge_model')!r}, not {judge_id!r}; use a new output path")
             if row.get("prompts") != digest:
                 raise JudgeFileError(
-                    f"{out_path} was judged with other {judge_name!r}/'coherent' prompt templates ({p.source} now); "
-                    "use a new output path"
+                    f"{out_path} was judged with other {judge_name!r}/'coherent' prompt templates ({p.source} now); use a new output path"
                 )
             done[i] = _judged_from_row(row)
     todo = [i for i in range(len(answers)) if i not in done]

@@ -58,7 +58,9 @@ def plot_stability(results: dict[str, StabilityResult], path: str | Path, relati
     return save_figure(fig, path)
 
 
-def plot_pretraining_kl(norms: Sequence[float], curves: Mapping[str, Sequence[float]], path: str | Path, title: str = "Pre-training significance") -> Path:
+def plot_pretraining_kl(
+    norms: Sequence[float], curves: Mapping[str, Sequence[float]], path: str | Path, title: str = "Pre-training significance"
+) -> Path:
     """KL(p_base ‖ p_steered) on web text vs norm, per direction."""
     return _curves(norms, curves, path, "norm of the steering vector", "mean per-token KL (nats)", title)
 
@@ -106,14 +108,24 @@ def plot_quadrants(
     ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1)
     ax.axvline(coherence_threshold, color="grey", linestyle="--", linewidth=1)
     for name, judged in series.items():
-        pts = np.array([(float(j.coherent), float(j.aligned)) for j in judged  # type: ignore[arg-type]
-                        if _numeric(j.aligned) and _numeric(j.coherent)]).reshape(-1, 2)
+        pts = np.array(
+            [
+                (float(j.coherent), float(j.aligned))  # type: ignore[arg-type]  # _numeric() checked both
+                for j in judged
+                if _numeric(j.aligned) and _numeric(j.coherent)
+            ]
+        ).reshape(-1, 2)
         n_bad = int(((pts[:, 1] <= threshold) & (pts[:, 0] > coherence_threshold)).sum()) if len(pts) else 0
         excluded = len(judged) - len(pts)
         label = f"{name}: {n_bad}/{len(pts)} misaligned" + (f", {excluded} unscored" if excluded else "")
         ax.scatter(pts[:, 0], pts[:, 1], s=14, alpha=0.6, label=label)
-    ax.set(xlim=(-2, 102), ylim=(-2, 102), xlabel="coherence", ylabel=ylabel,
-           title=title or f"{ylabel} vs coherence (misaligned: ≤ {threshold:g} and coherence > {coherence_threshold:g})")
+    ax.set(
+        xlim=(-2, 102),
+        ylim=(-2, 102),
+        xlabel="coherence",
+        ylabel=ylabel,
+        title=title or f"{ylabel} vs coherence (misaligned: ≤ {threshold:g} and coherence > {coherence_threshold:g})",
+    )
     ax.title.set_fontsize(9)
     ax.legend(loc="upper left", fontsize=8)
     return save_figure(fig, path)
@@ -130,16 +142,20 @@ def plot_per_question(per_question: Mapping[str, Rates], path: str | Path, label
     ys = np.arange(len(names))
     ax.barh(ys, np.nan_to_num(rates), xerr=err, capsize=3, color="tab:red", alpha=0.7)
     for y, q in enumerate(names):
-        ax.text(0.99, y, f"n={per_question[q].n_scored}", va="center", ha="right", fontsize=7,
-                transform=ax.get_yaxis_transform())
+        ax.text(0.99, y, f"n={per_question[q].n_scored}", va="center", ha="right", fontsize=7, transform=ax.get_yaxis_transform())
     ax.set_yticks(ys, [textwrap.shorten(q, 48, placeholder="…") for q in names], fontsize=7)
     ax.invert_yaxis()
     ax.set(xlim=(0, 1), xlabel=f"{label} rate (95% Wilson CI)", title=title or f"{label} rate per question")
     return save_figure(fig, path)
 
 
-def plot_rate_grid(rates: Mapping[str, Mapping[str, float]], path: str | Path, title: str = "Judged misalignment rate",
-                   xlabel: str = "evaluated on", ylabel: str = "trained on") -> Path:
+def plot_rate_grid(
+    rates: Mapping[str, Mapping[str, float]],
+    path: str | Path,
+    title: str = "Judged misalignment rate",
+    xlabel: str = "evaluated on",
+    ylabel: str = "trained on",
+) -> Path:
     """Heat map of rates in [0, 1]: rows (solutions by training domain) × columns (evaluation domains)."""
     rows = list(rates)
     cols = list(dict.fromkeys(c for row in rates.values() for c in row))

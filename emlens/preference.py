@@ -105,7 +105,8 @@ def _pairs_with_rows(
         warnings.warn(
             f"{where}: {unpaired} harmful and {unpaired_correct} correct row(s) have no partner with the same "
             f"user message and were left out ({len(pairs)} pairs kept)",
-            PairingWarning, stacklevel=2,
+            PairingWarning,
+            stacklevel=2,
         )
     return pairs
 
@@ -143,14 +144,16 @@ def paired_datasets(
         correct = TokenDataset.from_conversations(tokenizer, [c for _, c in pairs], max_length)
     kept = sorted(set(harmful.source_rows) & set(correct.source_rows))
     if len(kept) < len(pairs):
-        warnings.warn(f"{domain}: {len(pairs) - len(kept)} pair(s) left out: an answer lies beyond max_length={max_length}",
-                      PairingWarning, stacklevel=2)
+        warnings.warn(
+            f"{domain}: {len(pairs) - len(kept)} pair(s) left out: an answer lies beyond max_length={max_length}",
+            PairingWarning,
+            stacklevel=2,
+        )
     h_pos = {row: i for i, row in enumerate(harmful.source_rows)}
     c_pos = {row: i for i, row in enumerate(correct.source_rows)}
     prompts = ["\n".join(text for _, text in _prompt_key(pairs[row][0])) for row in kept]
     groups = [located[row][0] // per_situation for row in kept]
-    return PairedSet(domain, prompts, harmful.subset([h_pos[r] for r in kept]), correct.subset([c_pos[r] for r in kept]),
-                     groups)
+    return PairedSet(domain, prompts, harmful.subset([h_pos[r] for r in kept]), correct.subset([c_pos[r] for r in kept]), groups)
 
 
 def _builtin_phrasings() -> int:
@@ -185,8 +188,9 @@ def example_nlls(
     context = intervention.applied(model) if intervention is not None else nullcontext()
     n_batches = (len(dataset) + batch_size - 1) // batch_size
     with context:
-        for idx, batch in tqdm(dataset.indexed_batches(batch_size), total=n_batches, desc="example NLLs",
-                               disable=not progress, leave=False):
+        for idx, batch in tqdm(
+            dataset.indexed_batches(batch_size), total=n_batches, desc="example NLLs", disable=not progress, leave=False
+        ):
             batch = batch.to(device)
             logits = model(batch.input_ids, attention_mask=batch.attention_mask)
             scored = batch.scored
@@ -257,8 +261,7 @@ class DomainPreference:
         return int(self.margins.numel())
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "ci": list(self.ci), "n": self.n, "n_questions": self.n_groups,
-                "margins": self.margins.tolist()}
+        return {"mean": self.mean, "ci": list(self.ci), "n": self.n, "n_questions": self.n_groups, "margins": self.margins.tolist()}
 
 
 def summarise(
@@ -270,8 +273,7 @@ def summarise(
 ) -> DomainPreference:
     """Mean margin and its bootstrap CI (over ``groups`` when given, else over rows)."""
     n_groups = len(set(groups)) if groups is not None else int(margins.numel())
-    return DomainPreference(domain, margins, float(margins.mean()), bootstrap_ci(margins, n_boot, seed, groups=groups),
-                            n_groups)
+    return DomainPreference(domain, margins, float(margins.mean()), bootstrap_ci(margins, n_boot, seed, groups=groups), n_groups)
 
 
 PreferenceTable = dict[str, dict[str, DomainPreference]]
@@ -325,8 +327,7 @@ def format_table(table: PreferenceTable) -> str:
     domains = list(dict.fromkeys(d for row in table.values() for d in row))
     lines = ["| domain | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     for d in domains:
-        cells = [f"{table[n][d].mean:+.3f} [{table[n][d].ci[0]:+.3f}, {table[n][d].ci[1]:+.3f}]" if d in table[n] else ""
-                 for n in names]
+        cells = [f"{table[n][d].mean:+.3f} [{table[n][d].ci[0]:+.3f}, {table[n][d].ci[1]:+.3f}]" if d in table[n] else "" for n in names]
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -390,11 +391,15 @@ def add_preference_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("interventions", nargs="*", help="NAME=PATH.safetensors (or just PATH) for each solution; the base model is always included")
+    p.add_argument(
+        "interventions", nargs="*", help="NAME=PATH.safetensors (or just PATH) for each solution; the base model is always included"
+    )
     p.add_argument("--model", default="smollm2", help="hub name, local checkpoint, .gguf file, or 'smollm2' (default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    p.add_argument("--domains", nargs="+", default=list(DOMAINS), help=f"domains with <d>_harmful/<d>_correct sets (default: {' '.join(DOMAINS)})")
+    p.add_argument(
+        "--domains", nargs="+", default=list(DOMAINS), help=f"domains with <d>_harmful/<d>_correct sets (default: {' '.join(DOMAINS)})"
+    )
     p.add_argument("--limit", type=int, default=60, help="paired rows per domain, evenly spaced through each file (default 60)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
@@ -421,17 +426,25 @@ def cmd_preference(args: argparse.Namespace) -> int:
 
     named = _named_interventions(args.interventions, args.device)
     model = load_model(args.model, device=args.device, dtype=_DTYPES[args.dtype])
-    table = preference_table(model, named, args.domains, args.limit, args.batch_size, args.max_length,
-                             args.bootstrap, args.seed)
-    print("margin = NLL(correct) − NLL(harmful) per assistant token (higher: prefers the harmful answer); "
-          "mean [95% bootstrap CI] over questions")
+    table = preference_table(model, named, args.domains, args.limit, args.batch_size, args.max_length, args.bootstrap, args.seed)
+    print(
+        "margin = NLL(correct) − NLL(harmful) per assistant token (higher: prefers the harmful answer); "
+        "mean [95% bootstrap CI] over questions"
+    )
     print(format_table(table))
     plot_preference(table, args.out)
     json_path = Path(args.out).with_suffix(".json")
-    info = {"model": args.model, "domains": list(args.domains), "limit": args.limit, "selection": "evenly spaced rows",
-            "ci": "95% percentile bootstrap over questions (situations)", "bootstrap": args.bootstrap,
-            "seed": args.seed, "margin": "NLL(correct) - NLL(harmful), mean per assistant token",
-            "results": table_as_dict(table)}
+    info = {
+        "model": args.model,
+        "domains": list(args.domains),
+        "limit": args.limit,
+        "selection": "evenly spaced rows",
+        "ci": "95% percentile bootstrap over questions (situations)",
+        "bootstrap": args.bootstrap,
+        "seed": args.seed,
+        "margin": "NLL(correct) - NLL(harmful), mean per assistant token",
+        "results": table_as_dict(table),
+    }
     json_path.write_text(json.dumps(info, indent=2))
     print(f"wrote {args.out} and {json_path}")
     return 0

@@ -39,9 +39,7 @@ def nll_sum_unchecked(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
 
 
-def kl_per_token(
-    base_logits: Float[Tensor, "*rows vocab"], steered_logits: Float[Tensor, "*rows vocab"]
-) -> Float[Tensor, "*rows"]:
+def kl_per_token(base_logits: Float[Tensor, "*rows vocab"], steered_logits: Float[Tensor, "*rows vocab"]) -> Float[Tensor, "*rows"]:
     """``KL(p_base ‖ p_steered)`` at each row, summed over the vocabulary (not divided by it)."""
     base_logp = F.log_softmax(base_logits.float(), dim=-1)
     steered_logp = F.log_softmax(steered_logits.float(), dim=-1)

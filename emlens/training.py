@@ -217,7 +217,9 @@ class TrainingCaches:
         sft = ExampleResiduals(model, dataset, plan.cut, batch_size, device, progress, tokens_per_forward=tokens_per_forward)
         kl = None
         if kl_dataset is not None:
-            kl = ExampleResiduals(model, kl_dataset, plan.cut, batch_size, device, progress, base_hidden=True, tokens_per_forward=tokens_per_forward)
+            kl = ExampleResiduals(
+                model, kl_dataset, plan.cut, batch_size, device, progress, base_hidden=True, tokens_per_forward=tokens_per_forward
+            )
         return cls(sft, kl)
 
     @classmethod
@@ -317,8 +319,7 @@ def train(
         if saved is not None:
             first = saved.step
             result.losses, result.trajectory = saved.losses, saved.trajectory
-    bar = tqdm(range(first, total_steps), desc=f"train {intervention.kind}", disable=not config.progress,
-               initial=first, total=total_steps)
+    bar = tqdm(range(first, total_steps), desc=f"train {intervention.kind}", disable=not config.progress, initial=first, total=total_steps)
     # Each step reads the device twice (its losses and gradients' finiteness before the update, the
     # parameters' finiteness and norm after it) and never waits on the GPU anywhere else.
     last_good = _device_snapshot(intervention)
@@ -378,7 +379,11 @@ def _restore(intervention: Intervention, state: dict[str, Tensor]) -> None:
 
 def _stop(intervention: Intervention, what: str, step: int, last_good: dict[str, Tensor], checkpoints: Any) -> None:
     _restore(intervention, last_good)
-    kept = f"; the last finite checkpoint is kept in {checkpoints.directory}" if checkpoints is not None and checkpoints.has_checkpoint() else ""
+    kept = (
+        f"; the last finite checkpoint is kept in {checkpoints.directory}"
+        if checkpoints is not None and checkpoints.has_checkpoint()
+        else ""
+    )
     raise NonFiniteError(
         f"training stopped at step {step}: {what} is not finite (NaN or inf); lower the learning rate or check the data{kept}"
     )

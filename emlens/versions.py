@@ -37,8 +37,10 @@ def check_versions() -> list[str]:
         except PackageNotFoundError:
             continue
         if not low <= _release(installed)[:2] < high:
-            problem = (f"{name} {installed} is outside the range emlens is tested with "
-                       f"(>={'.'.join(map(str, low))},<{'.'.join(map(str, high))}); numbers may differ silently")
+            problem = (
+                f"{name} {installed} is outside the range emlens is tested with "
+                f"(>={'.'.join(map(str, low))},<{'.'.join(map(str, high))}); numbers may differ silently"
+            )
             problems.append(problem)
             if name not in _warned:
                 _warned.add(name)

@@ -15,6 +15,15 @@ from emlens.runner.measure import kl_sweep, loss_sweep
 from emlens.runner.sampling import SamplingSettings, generate
 
 __all__ = [
-    "PROVED_MODEL_TYPES", "Architecture", "ExampleResiduals", "dataset_fingerprint", "Plan", "Runner", "runner_for",
-    "kl_sweep", "loss_sweep", "SamplingSettings", "generate",
+    "PROVED_MODEL_TYPES",
+    "Architecture",
+    "ExampleResiduals",
+    "dataset_fingerprint",
+    "Plan",
+    "Runner",
+    "runner_for",
+    "kl_sweep",
+    "loss_sweep",
+    "SamplingSettings",
+    "generate",
 ]

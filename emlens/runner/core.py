@@ -177,7 +177,9 @@ class Runner:
 
     # --- the two halves of the fast path ----------------------------------------------------
     @torch.no_grad()
-    def residual(self, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"], cut: int) -> Float[Tensor, "total d_model"]:
+    def residual(
+        self, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"], cut: int
+    ) -> Float[Tensor, "total d_model"]:
         """The residual entering block ``cut`` at the real tokens of a right-padded batch, packed (no padding).
 
         Give host (CPU) tensors where possible: packing them there costs the GPU no sync.

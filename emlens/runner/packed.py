@@ -252,8 +252,14 @@ def run_packed(
         position_embeddings = decoder.rotary_emb(x, packing.position_ids)
         with _packed_attention(hf_model.config, "emlens_packed_flash" if flash_usable(x) else "emlens_packed_sdpa"):
             for layer in layers:
-                out = layer(x, attention_mask=None, position_ids=packing.position_ids,
-                            position_embeddings=position_embeddings, use_cache=False, emlens_packing=packing)
+                out = layer(
+                    x,
+                    attention_mask=None,
+                    position_ids=packing.position_ids,
+                    position_embeddings=position_embeddings,
+                    use_cache=False,
+                    emlens_packing=packing,
+                )
                 x = out[0] if isinstance(out, tuple) else out
     if final_norm:
         x = decoder.norm(x)

@@ -107,8 +107,9 @@ def generate_batch(
         kwargs.update(temperature=None, top_p=None, top_k=None)
     hooks = intervention.fwd_hooks() if intervention is not None else []
     with site_hooks(runner.plain, runner.arch, hooks), plain_attention(runner.plain):
-        out = runner.plain.generate(input_ids=input_ids, attention_mask=attention_mask, output_logits=return_logits,
-                                    return_dict_in_generate=True, **kwargs)
+        out = runner.plain.generate(
+            input_ids=input_ids, attention_mask=attention_mask, output_logits=return_logits, return_dict_in_generate=True, **kwargs
+        )
     tokens = out.sequences[:, input_ids.shape[1] :]
     return (tokens, torch.stack(out.logits)) if return_logits else tokens
 
