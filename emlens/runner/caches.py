@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from emlens.data import collate
 from emlens.runner.core import Runner, runner_for
 
-# Residual caches are built without gradients, so one forward can take many examples; about this
-# many tokens fill an H100's matrix units (measured at 14B: 8 rows of ~200 tokens run 20% slower).
+# Residual caches are built without gradients, so one forward can take many examples. At 14B on an
+# H100, forwards of 8 rows (~1,600 tokens) took 7% longer than forwards of up to this many tokens
+# (benchmarks/raw/h100_profile_after.json; 4,096: 4% longer, 16,384: no faster).
 CACHE_TOKENS_PER_FORWARD = 8192
 
 
@@ -56,8 +57,9 @@ class ExampleResiduals:
     Stored unpadded per example (right padding and causal attention make a real token's
     residual independent of the padding) and served, concatenated, for any list of example
     indices. Examples are run ``batch_size`` at a time, or, with ``tokens_per_forward``, as
-    many as fit in that many (padded) tokens. With ``base_hidden=True`` the base model's final-normed hidden states are kept
-    too, so ``p_base`` for a KL term costs only the unembedding.
+    many as fit in that many (padded) tokens. With ``base_hidden=True`` the base model's
+    final-normed hidden states are kept too, so ``p_base`` for a KL term costs only the
+    unembedding.
     """
 
     def __init__(
