@@ -146,7 +146,7 @@ def test_train_step_loss_and_gradient(pair: Any, data: TokenDataset, kind: str) 
             logits = runner.logits(batch, batch.scored_positions, intervention, plan)
             loss = nll_sum(logits, batch.scored_targets) / batch.scored.sum()
         loss.backward()
-        grads[path] = (float(loss), [p.grad.clone() for p in intervention.parameters()])
+        grads[path] = (float(loss.detach()), [p.grad.clone() for p in intervention.parameters()])
     intervention = make_intervention(kind, bridge)
     with reference_edit(reference, intervention):
         logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
