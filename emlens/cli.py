@@ -636,6 +636,20 @@ def _check_out_dir(out: str | Path) -> Path:
     return out
 
 
+def _sampling_options(args: argparse.Namespace, prompts: Any) -> dict[str, Any]:
+    """The sampling and judging settings that `evaluate` and the judged `grid` share, from their flags."""
+    return dict(
+        n_samples=args.n_samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        prompts=prompts,
+        model_name=str(args.model),
+    )
+
+
 def _judge_failed(err: BaseException, args: argparse.Namespace, where: Path) -> int:
     if args.debug:
         traceback.print_exc()
@@ -667,15 +681,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             out,
             intervention,
             args.domain,
-            n_samples=args.n_samples,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            prompts=prompts,
-            model_name=str(args.model),
             overwrite=args.overwrite,
+            **_sampling_options(args, prompts),
         )
     except JudgeError as err:
         return _judge_failed(err, args, out / JUDGED_FILE)
@@ -744,14 +751,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
             out,
             args.domains,
             general=general,
-            n_samples=args.n_samples,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            prompts=prompts,
-            model_name=str(args.model),
+            **_sampling_options(args, prompts),
         )
     except JudgeError as err:
         return _judge_failed(err, args, out)
