@@ -155,7 +155,7 @@ def test_train_step_loss_and_gradient(pair: Any, data: TokenDataset, kind: str) 
     loss.backward()
     expected = [p.grad for p in intervention.parameters()]
     for path, (value, got) in grads.items():
-        assert value == pytest.approx(float(loss), **TOL), path
+        assert value == pytest.approx(float(loss.detach()), **TOL), path
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5, msg=f"{arch} {kind} {path} gradient")
 
