@@ -395,7 +395,7 @@ def _finite_step(
     """``values`` (the step's losses) as floats, after checking them and every gradient is finite (one device read)."""
     grads = [(name, p.grad) for name, p in intervention.named_parameters() if p.grad is not None]
     flags = [torch.isfinite(g).all() for _, g in grads]
-    read = _on_one_device([*values.values(), *flags]).tolist() if values or flags else []
+    read = _on_one_device([*values.values(), *flags]).tolist()  # values always holds the SFT loss
     out = dict(zip(values, read[: len(values)]))
     for key, value in out.items():
         if not math.isfinite(value):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from emlens.data import ChatBatch
 from emlens.runner.architectures import Architecture
-from emlens.runner.packed import CompiledBlocks, Packing, pack, run_packed
+from emlens.runner.packed import CompiledBlocks, Packing, mask_lengths, pack, run_packed
 from emlens.runner.plain import decoder_stack, foreign_hooks, site_hooks, unwrap
 from emlens.runner.transfer import to_device
 from emlens.scoring import nll_sum_unchecked, softcapped
@@ -205,7 +205,7 @@ class Runner:
         finally:
             handle.remove()
         resid = store["resid"]
-        return resid.flatten(0, 1).index_select(0, to_device(_flat_real(_lengths_of(attention_mask), resid.shape[1]), resid.device))
+        return resid.flatten(0, 1).index_select(0, to_device(_flat_real(mask_lengths(attention_mask), resid.shape[1]), resid.device))
 
     def hidden(
         self, residual: Float[Tensor, "total d_model"], lengths: list[int], cut: int, offset: Tensor | None = None
@@ -271,7 +271,7 @@ class Runner:
             return logits.flatten(0, 1).index_select(0, to_device(rows.flatten().nonzero().squeeze(1), logits.device))
         if residual is None:
             residual = self.residual(batch.input_ids, batch.attention_mask, plan.cut)
-        hidden = self.hidden(residual, _lengths(batch), plan.cut, self.offset_vector(intervention, plan))
+        hidden = self.hidden(residual, batch_lengths(batch), plan.cut, self.offset_vector(intervention, plan))
         return self.unembed(hidden.index_select(0, self.packed_rows(batch, rows, hidden.device)))
 
     @staticmethod
@@ -285,12 +285,9 @@ def _unembed_nll_sum(head: nn.Module, hidden: Tensor, targets: Tensor, cap: floa
     return nll_sum_unchecked(softcapped(head(hidden), cap), targets)
 
 
-def _lengths(batch: ChatBatch) -> list[int]:
-    return _lengths_of(batch.attention_mask)
-
-
-def _lengths_of(attention_mask: Tensor) -> list[int]:
-    return [int(n) for n in attention_mask.sum(1).tolist()]
+def batch_lengths(batch: ChatBatch) -> list[int]:
+    """Real tokens per row of a right-padded batch (read from the host when the batch is there)."""
+    return mask_lengths(batch.attention_mask)
 
 
 def _flat_real(lengths: list[int], width: int) -> Int[Tensor, " total"]:

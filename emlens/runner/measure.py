@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from emlens.runner.core import Plan, Runner, runner_for
+from emlens.runner.core import Plan, Runner, batch_lengths, runner_for
 from emlens.runner.transfer import to_device
 from emlens.scoring import kl_per_token, nll_sum
 
@@ -61,7 +61,7 @@ def loss_sweep(
                     totals.add(k, nll_sum(runner.logits(batch, batch.scored_positions, intervention, plan), targets))
             continue
         resid = runner.residual(batch.input_ids, batch.attention_mask, plan.cut)
-        lengths = [int(n) for n in batch.attention_mask.sum(1).tolist()]
+        lengths = batch_lengths(batch)
         rows = runner.packed_rows(batch, batch.scored_positions, resid.device)
         if plan.path == "offset":
             per_pass = max(1, max_rows // len(lengths))
@@ -128,7 +128,7 @@ def kl_sweep(
                     totals.add(k, kl_per_token(base, runner.logits(batch, real, intervention, plan)).sum())
             continue
         resid = runner.residual(batch.input_ids, batch.attention_mask, plan.cut)
-        lengths = [int(n) for n in batch.attention_mask.sum(1).tolist()]
+        lengths = batch_lengths(batch)
         base = runner.unembed(runner.hidden(resid, lengths, plan.cut))
         for k, intervention in enumerate(interventions):
             if intervention is None:

@@ -60,7 +60,7 @@ class Packing:
     @classmethod
     def from_mask(cls, attention_mask: Int[Tensor, "batch seq"], device: str | torch.device | None = None) -> Packing:
         """The packing of a right-padded batch's real tokens (on ``device``, default the mask's)."""
-        return cls.from_lengths([int(n) for n in attention_mask.sum(1).tolist()], device or attention_mask.device)
+        return cls.from_lengths(mask_lengths(attention_mask), device or attention_mask.device)
 
     @property
     def total(self) -> int:
@@ -73,6 +73,11 @@ class Packing:
     def repeated(self, times: int) -> Packing:
         """The packing of ``times`` copies of these sequences, one after another."""
         return Packing.from_lengths(self.lengths * times, self.cu_seqlens.device)
+
+
+def mask_lengths(attention_mask: Int[Tensor, "batch seq"]) -> list[int]:
+    """Real tokens per row of a right-padded batch's attention mask (read from the host when the mask is there)."""
+    return [int(n) for n in attention_mask.sum(1).tolist()]
 
 
 def pack(padded: Shaped[Tensor, "batch seq *rest"], attention_mask: Int[Tensor, "batch seq"]) -> Shaped[Tensor, "total *rest"]:  # noqa: F821 (jaxtyping shape string)
