@@ -32,6 +32,7 @@ class SavedState:
     """What :meth:`RunCheckpoints.restore` hands back to :func:`~emlens.training.train`."""
 
     step: int
+    start_step: int  # the step number before this run's first step (a continuation's earlier phases)
     losses: list[dict[str, float | int]]
     trajectory: list[tuple[int, dict[str, Tensor]]]
 
@@ -62,6 +63,35 @@ class RunCheckpoints:
         if self.directory.exists() and not self.directory.is_dir():
             raise RunCheckpointError(f"run directory {self.directory} is a file; pass a directory")
         self.run = _describe(config, intervention, model, dataset, kl_dataset)
+        self._lock = self._take_lock()
+        try:
+            self._check(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _take_lock(self) -> Any:
+        """An exclusive lock on the run directory, held until :meth:`close`: two runs never share one."""
+        import fcntl
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        handle = (self.directory / ".lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise RunCheckpointError(
+                f"another training run is using {self.directory} right now; wait for it to finish or choose another directory"
+            ) from None
+        return handle
+
+    def close(self) -> None:
+        """Release the run directory's lock."""
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None
+
+    def _check(self, resume: bool) -> None:
         self._recover()
         if self.has_checkpoint():
             if not resume:
@@ -69,7 +99,13 @@ class RunCheckpoints:
                     f"{self.directory} already holds a training checkpoint; pass resume=True (CLI: --resume) to continue it, "
                     "or choose another directory"
                 )
-            saved = json.loads((self.path / "run.json").read_text())
+            run_file = self.path / "run.json"
+            try:
+                saved = json.loads(run_file.read_text())
+                if not isinstance(saved, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, UnicodeDecodeError, ValueError) as err:
+                raise RunCheckpointError(f"{run_file} cannot be read ({err}); remove {self.path} to start over") from err
             for key in ("intervention", "model", "data", "kl_data", "config"):
                 if saved.get(key) != self.run[key]:
                     raise RunCheckpointError(
@@ -94,7 +130,9 @@ class RunCheckpoints:
                 old.rename(self.path)
         shutil.rmtree(self.directory / f"{CHECKPOINT}.partial", ignore_errors=True)
 
-    def write(self, step: int, intervention: Any, optimizer: Any, scheduler: Any, sft: Any, kl: Any | None, result: Any) -> None:
+    def write(
+        self, step: int, start_step: int, intervention: Any, optimizer: Any, scheduler: Any, sft: Any, kl: Any | None, result: Any
+    ) -> None:
         """Write the state after ``step`` steps of this run, atomically."""
         partial = self.directory / f"{CHECKPOINT}.partial"
         shutil.rmtree(partial, ignore_errors=True)
@@ -102,6 +140,7 @@ class RunCheckpoints:
         intervention.save(partial / "intervention.safetensors")
         state = {
             "step": step,
+            "start_step": start_step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": {
@@ -147,4 +186,7 @@ class RunCheckpoints:
         sft.epoch, sft.offset = state["data"]["sft"]["epoch"], state["data"]["sft"]["offset"]
         if kl is not None and state["data"]["kl"] is not None:
             kl.epoch, kl.offset = state["data"]["kl"]["epoch"], state["data"]["kl"]["offset"]
-        return SavedState(int(state["step"]), list(state["losses"]), list(state["trajectory"]))
+        losses = list(state["losses"])
+        # checkpoints written before start_step was stored: the last loss's label minus the steps of this phase
+        start = state.get("start_step", int(losses[-1]["step"]) - int(state["step"]) if losses else 0)
+        return SavedState(int(state["step"]), int(start), losses, list(state["trajectory"]))

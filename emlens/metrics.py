@@ -20,6 +20,7 @@ from emlens.geometry import PCAResult, pca
 from emlens.interventions import Intervention
 from emlens.runner import kl_sweep, loss_sweep
 from emlens.training import TrainConfig, TrainingCaches, TrainingResult, train
+from emlens.validation import check_grid
 
 PAPER_EPSILONS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -32,6 +33,15 @@ def norm_grid(interventions: Sequence[Intervention], n_points: int = 11, max_fac
 
 def _at_norm(intervention: Intervention, norm: float) -> Intervention | None:
     return None if norm == 0 else intervention.scaled_to(norm)
+
+
+def _refuse_zero(intervention: Intervention, metric: str) -> None:
+    """A zero intervention has no direction to rescale, perturb or compare; say so instead of returning nan or one point."""
+    if intervention.norm == 0:
+        raise ValueError(
+            f"{metric} needs a {intervention.kind} with a direction, but this one has norm 0 "
+            "(untrained, or trained for too few steps to move); train it first"
+        )
 
 
 def efficiency(
@@ -47,9 +57,9 @@ def efficiency(
 
     Blocks below the intervention run once per batch for the whole sweep (on the fast path).
     """
-    if not norms:
-        raise ValueError("efficiency needs at least one norm")
+    norms = check_grid("norms", norms, minimum=0)
     intervention.check_model(model)
+    _refuse_zero(intervention, "efficiency")
     points = [_at_norm(intervention, n) for n in norms]
     return loss_sweep(model, dataset, points, batch_size, cache_prefix, progress, desc="efficiency")
 
@@ -91,19 +101,25 @@ def stability(
     progress: bool = True,
     cache_prefix: bool = True,
 ) -> StabilityResult:
-    """Loss as the solution is rotated away from itself by orthogonal noise of strength ε (norm kept)."""
-    epsilons = [float(e) for e in epsilons]
+    """Loss as the solution is rotated away from itself by orthogonal noise of strength ε (norm kept).
+
+    ``epsilons`` are sorted (duplicates refused) and ε = 0 is added when missing. Each seed draws
+    one noise direction, the same for every ε of that seed, so the value at a given (seed, ε)
+    does not depend on which other ε are in the grid.
+    """
+    epsilons = sorted(check_grid("epsilons", epsilons, minimum=0, maximum=1))
     if not seeds:
         raise ValueError("stability needs at least one seed")
-    if any(not 0 <= e <= 1 for e in epsilons):
-        raise ValueError(f"every epsilon must lie in [0, 1], got {epsilons}")
-    if not epsilons or epsilons[0] != 0.0:
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+    if epsilons[0] != 0.0:
         epsilons = [0.0] + epsilons
     intervention.check_model(model)
+    _refuse_zero(intervention, "stability")
     points: list[Intervention | None] = [None, intervention]
     for seed in seeds:
-        gen = torch.Generator().manual_seed(seed)
-        points += [intervention.perturbed(eps, gen) for eps in epsilons[1:]]
+        # a fresh generator per point: the noise for (seed, ε) is drawn the same way whatever the grid
+        points += [intervention.perturbed(eps, torch.Generator().manual_seed(seed)) for eps in epsilons[1:]]
     flat = loss_sweep(model, dataset, points, batch_size, cache_prefix, progress, desc="stability")
     per_seed = len(epsilons) - 1
     table = np.array([[flat[1]] + flat[2 + s * per_seed : 2 + (s + 1) * per_seed] for s in range(len(seeds))])
@@ -125,11 +141,11 @@ def pretraining_significance(
     cache_prefix: bool = True,
 ) -> dict[str, list[float]]:
     """KL from the base model on plain text for each named intervention's direction at each norm."""
-    if not norms:
-        raise ValueError("pre-training KL needs at least one norm")
+    norms = check_grid("norms", norms, minimum=0)
     out: dict[str, list[float]] = {}
     for name, intervention in interventions.items():
         intervention.check_model(model)
+        _refuse_zero(intervention, f"pre-training KL ({name})")
         points = [_at_norm(intervention, n) for n in norms]
         out[name] = kl_sweep(model, texts, points, batch_size, cache_prefix, progress, desc=f"pre-training KL {name}")
     return out

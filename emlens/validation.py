@@ -156,6 +156,28 @@ def check_optional_float(name: str, value: Any, **bounds: Any) -> float | None:
         raise _fail(name, f"None or {err.requirement}", value) from None
 
 
+def check_grid(name: str, values: Any, **bounds: Any) -> list[float]:
+    """A grid of numbers (ε, norms, λ) checked, in the order given, with duplicates refused.
+
+    A duplicate would be a second, identical point; it is refused so that no table or plot
+    holds one setting twice.
+    """
+    if isinstance(values, (str, bytes)) or not isinstance(values, Collection):
+        raise _fail(name, "a list of numbers", values)
+    grid = [check_float(f"{name} value", v, **bounds) for v in values]
+    if not grid:
+        raise _fail(name, "a non-empty list of numbers", values)
+    repeated = sorted({v for v in grid if grid.count(v) > 1})
+    if repeated:
+        raise ConfigError(
+            f"{name} lists {', '.join(_number_text(v) for v in repeated)} more than once; give each value once",
+            setting=name,
+            requirement="distinct values",
+            value=values,
+        )
+    return grid
+
+
 def check_bool(name: str, value: Any) -> bool:
     """Return ``value`` if it is ``True`` or ``False`` (not 0/1, not a string)."""
     if not isinstance(value, bool):

@@ -69,6 +69,13 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(autouse=True)
+def _drop_model_copies(tmp_path):
+    """Tests here copy the real model (hundreds of MB) into tmp_path/cache: remove it, rather than leave it in pytest's temp dirs."""
+    yield
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
 class Calls:
     def __init__(self):
         self.downloads = 0

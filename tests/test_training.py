@@ -102,7 +102,7 @@ def test_training_is_reproducible(model, dataset):
 
 
 def test_kl_regularised_training_and_resume(model, dataset, tmp_path):
-    alt = TokenDataset.from_conversations(model.tokenizer, "alt_domain", limit=8)
+    alt = TokenDataset.from_conversations(model.tokenizer, "kl:medical", limit=8)
     vec = SteeringVector.for_model(model, 1)
     config = TrainConfig(lr=1e-3, max_steps=4, kl_weight=5.0, kl_batch_size=2, **FAST)
     result = train(model, vec, dataset, config, kl_dataset=alt)

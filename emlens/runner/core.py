@@ -118,6 +118,8 @@ class Runner:
         """The path a consumer takes for ``intervention`` (None: the base model)."""
         if intervention is not None and check:
             intervention.check_model(self.model)
+        if intervention is not None:
+            intervention.refuse_if_applied(self.model)
         plan = self._choose(intervention, cache_prefix)
         self.last_plan = plan
         return plan
