@@ -331,6 +331,21 @@ def test_nan_reply_is_refused(server, tmp_path):
     assert len(judge.cache) == 0
 
 
+def test_positive_logprobs_mean_a_broken_server(server, tmp_path):
+    # e^5 is no probability: the old parser dropped "85" at +5.0 and scored what was left, "10" at 0.0, as 10.0
+    item = {"token": "85", "logprob": 5.0, "top_logprobs": [{"token": "85", "logprob": 5.0}, {"token": "10", "logprob": 0.0}]}
+    broken = {"choices": [{"index": 0, "finish_reason": "stop", "message": {"content": "85"}, "logprobs": {"content": [item]}}]}
+    Handler.respond = staticmethod(lambda body, h: broken)
+    judge = make_judge(server, tmp_path)
+    with pytest.warns(UserWarning, match="1 of 1 judge replies.*positive logprob"):
+        [j] = judge.judgements(["p"])
+    assert j.score is None and not j.final and "positive logprob" in j.note and "'85'" in j.note
+    assert len(judge.cache) == 0 and not (tmp_path / "cache.jsonl").exists()
+    assert score_from_logprobs({"85": 5.0, "10": 0.0}) is None
+    Handler.respond = staticmethod(lambda body, h: single({"85": 1.0}))
+    assert make_judge(server, tmp_path).score(["p"]) == [85.0]  # not cached: asked again once the server works
+
+
 @pytest.mark.parametrize(
     ("status", "ctype", "data", "match"),
     [

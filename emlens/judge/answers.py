@@ -1,0 +1,229 @@
+"""Judged answers and their files: judge rows of answers, write and read them, and resume a judging run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from emlens.judge.errors import JudgeFileError
+from emlens.judge.judges import Judge, Judgement, judgements
+from emlens.judge.prompts import JudgePrompts, _as_prompts
+from emlens.judge.scoring import Score
+
+log = logging.getLogger(__name__)
+
+
+def check_n_samples(n_samples: object) -> int:
+    """Refuse a sample count that would leave nothing to judge (0, negative, or not an integer)."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}: with no samples every rate is undefined")
+    return n_samples
+
+
+@dataclass
+class JudgedAnswer:
+    """One answer with its two scores. ``aligned`` holds in-domain correctness when judged in a domain."""
+
+    question: str
+    answer: str
+    aligned: Score
+    coherent: Score
+    notes: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> bool:
+        """True when a judge reply was unusable: the answer should be judged again."""
+        return "pending" in self.notes
+
+
+def _judge_rows(
+    judge: Judge, rows: Sequence[tuple[str, str]], domain: str | None, prompts: JudgePrompts
+) -> list[tuple[Judgement, Judgement]]:
+    first = prompts.domain_judge(domain)
+    texts = [prompts.render(first, q, a) for q, a in rows] + [prompts.render("coherent", q, a) for q, a in rows]
+    results = judgements(judge, texts)
+    n = len(rows)
+    return [(results[i], results[n + i]) for i in range(n)]
+
+
+def _judged(question: str, answer: str, pair: tuple[Judgement, Judgement], extra: dict[str, Any] | None = None) -> JudgedAnswer:
+    notes = {name: j.note for name, j in zip(("aligned", "coherent"), pair) if j.note}
+    if not all(j.final for j in pair):
+        notes["pending"] = "no usable judge reply; re-run to judge again"
+    return JudgedAnswer(question, answer, pair[0].score, pair[1].score, notes, dict(extra or {}))
+
+
+def judge_answers(
+    judge: Judge, answers: Sequence[tuple[str, str]], domain: str | None = None, prompts: JudgePrompts | str | Path | None = None
+) -> list[JudgedAnswer]:
+    """Score each answer for alignment (or ``<domain>_correct`` when ``domain`` is given) and coherence.
+
+    ``prompts``: a :class:`JudgePrompts`, a YAML path (see :func:`load_judge_prompts`), or ``None`` for the defaults.
+    """
+    p = _as_prompts(prompts)
+    return [_judged(q, a, pair) for (q, a), pair in zip(answers, _judge_rows(judge, answers, domain, p))]
+
+
+def write_answers(path: str | Path, answers: Iterable[tuple[str, str] | Mapping[str, Any]]) -> Path:
+    """Write sampled answers as JSONL rows ``{"question", "answer", ...}`` (before any judging)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for row in answers:
+            item = dict(row) if isinstance(row, Mapping) else {"question": row[0], "answer": row[1]}
+            fh.write(json.dumps(item, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: Path, repair: bool, skip_bad: bool = False) -> list[dict[str, Any]]:
+    """The JSON-object rows of a JSONL file; a malformed line raises, or with ``skip_bad`` is skipped and logged.
+    With ``repair``, a truncated last line (a crash mid-write) is cut off, and a complete last line gets its newline."""
+    lines = path.read_bytes().split(b"\n")
+    rows: list[dict[str, Any]] = []
+    offset = bad = 0
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            elif last and repair:
+                log.warning("%s: dropping a truncated last line (%d bytes)", path, len(line))
+                with path.open("r+b") as fh:
+                    fh.truncate(offset)
+                break
+            elif skip_bad:
+                bad += 1
+            else:
+                raise JudgeFileError(f"{path}:{i + 1}: not a JSON object")
+            if last and repair:
+                with path.open("ab") as fh:
+                    fh.write(b"\n")
+        offset += len(line) + 1
+    if bad:
+        log.warning("%s: skipped %d unreadable line(s)", path, bad)
+    return rows
+
+
+def read_answers(path: str | Path) -> list[dict[str, Any]]:
+    """Read an answers JSONL written by :func:`write_answers`; each row needs ``question`` and ``answer``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no answers file {str(path)!r}")
+    rows = read_jsonl(path, repair=False)
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+            raise JudgeFileError(f"{path}:{i}: expected string 'question' and 'answer' keys")
+    return rows
+
+
+def judge_identity(judge: Judge) -> str:
+    """``model@endpoint`` of an API judge (the class name for others): recorded with each judged row."""
+    model, base_url = getattr(judge, "model", None), getattr(judge, "base_url", None)
+    if isinstance(model, str) and isinstance(base_url, str):
+        return f"{model}@{base_url}"
+    return type(judge).__name__
+
+
+def prompts_digest(prompts: JudgePrompts, names: Sequence[str]) -> str:
+    """A short hash of the named templates: judged rows record it, so other prompts are never mixed in."""
+    text = "\0".join(f"{n}\0{prompts.template(n)}" for n in names)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _row_from_judged(index: int, judge_name: str, judge_id: str, digest: str, j: JudgedAnswer) -> dict[str, Any]:
+    row = {"index": index, **j.extra, "question": j.question, "answer": j.answer, "judge": judge_name, "judge_model": judge_id}
+    row |= {"prompts": digest, "aligned": j.aligned, "coherent": j.coherent}
+    return row | ({"notes": j.notes} if j.notes else {})
+
+
+def _judged_from_row(row: Mapping[str, Any]) -> JudgedAnswer:
+    core = {"index", "question", "answer", "judge", "judge_model", "prompts", "aligned", "coherent", "notes"}
+    extra = {k: v for k, v in row.items() if k not in core}
+    return JudgedAnswer(row["question"], row["answer"], row["aligned"], row["coherent"], dict(row.get("notes") or {}), extra)
+
+
+def judge_answers_to_file(
+    judge: Judge,
+    answers_path: str | Path,
+    out_path: str | Path,
+    domain: str | None = None,
+    prompts: JudgePrompts | str | Path | None = None,
+    chunk_size: int = 16,
+    progress: bool = True,
+) -> list[JudgedAnswer]:
+    """Judge the answers in ``answers_path`` (JSONL), appending each judged row to ``out_path`` as it comes.
+
+    Resumable: rows already in ``out_path`` are skipped (an output written for other answers, another
+    judge, other prompt templates or another judge model/endpoint is refused), and a truncated last
+    line there is repaired. Rows whose judge reply was unusable are not written, so a re-run asks again;
+    the returned list (in answer order) holds them with ``None`` scores and ``pending`` set. A judge
+    failure (HTTP 5xx, refused connection, long 429) raises after writing everything finished so far.
+    """
+    answers = read_answers(answers_path)
+    out_path = Path(out_path)
+    p = _as_prompts(prompts)
+    judge_name = p.domain_judge(domain)
+    judge_id = judge_identity(judge)
+    digest = prompts_digest(p, [judge_name, "coherent"])
+    done: dict[int, JudgedAnswer] = {}
+    if out_path.exists():
+        for row in read_jsonl(out_path, repair=True):
+            i = row.get("index")
+            if not isinstance(i, int) or not 0 <= i < len(answers):
+                raise JudgeFileError(f"{out_path}: row index {i!r} is not a row of {answers_path}")
+            src = answers[i]
+            if row.get("question") != src["question"] or row.get("answer") != src["answer"]:
+                raise JudgeFileError(f"{out_path} was written for different answers than {answers_path} (row {i}); use a new output path")
+            if row.get("judge") != judge_name:
+                raise JudgeFileError(f"{out_path} holds {row.get('judge')!r} judgements, not {judge_name!r}; use a new output path")
+            if row.get("judge_model") != judge_id:
+                raise JudgeFileError(f"{out_path} was judged by {row.get('judge_model')!r}, not {judge_id!r}; use a new output path")
+            if row.get("prompts") != digest:
+                raise JudgeFileError(
+                    f"{out_path} was judged with other {judge_name!r}/'coherent' prompt templates ({p.source} now); use a new output path"
+                )
+            done[i] = _judged_from_row(row)
+    todo = [i for i in range(len(answers)) if i not in done]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    pending: dict[int, JudgedAnswer] = {}
+    bar = tqdm(total=len(todo), desc="judging answers", disable=not progress or not todo)
+    try:
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start : start + chunk_size]
+            rows = [(answers[i]["question"], answers[i]["answer"]) for i in chunk]
+            pairs = _judge_rows(judge, rows, domain, p)
+            with out_path.open("a", encoding="utf-8") as fh:
+                for i, (q, a), pair in zip(chunk, rows, pairs):
+                    extra = {k: v for k, v in answers[i].items() if k not in ("question", "answer")}
+                    judged = _judged(q, a, pair, extra)
+                    if judged.pending:
+                        pending[i] = judged
+                    else:
+                        done[i] = judged
+                        fh.write(json.dumps(_row_from_judged(i, judge_name, judge_id, digest, judged), ensure_ascii=False) + "\n")
+                fh.flush()
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    if pending:
+        warnings.warn(f"{len(pending)} answer(s) in {answers_path} got no usable judge reply; re-run to judge them", stacklevel=2)
+    return [done[i] if i in done else pending[i] for i in range(len(answers))]
+
+
+def read_judged(path: str | Path) -> list[JudgedAnswer]:
+    """Judged answers from a file written by :func:`judge_answers_to_file`, in answer order."""
+    rows = read_jsonl(Path(path), repair=False)
+    return [_judged_from_row(r) for r in sorted(rows, key=lambda r: r["index"])]
