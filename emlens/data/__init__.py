@@ -99,33 +99,85 @@ def _read_text_file(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _conversations_with_lines(path: str | os.PathLike, limit: int | None) -> tuple[Path, list[tuple[int, Conversation]]]:
-    path = resolve_data_path(path)
-    rows: list[tuple[int, Conversation]] = []
-    for lineno, line in _numbered_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataFormatError(f"{where}: not valid JSON ({err.msg})") from err
-        if not isinstance(row, dict) or "messages" not in row:
-            raise DataFormatError(f"{where}: expected an object with a 'messages' key")
-        rows.append((lineno, _validate_messages(row["messages"], where)))
+def _source_and_split(source: str | os.PathLike, split: str | None) -> tuple[str | os.PathLike, str | None]:
+    """``NAME:train`` / ``NAME:heldout`` select a split of a built-in set or file (or ``split`` does)."""
+    from emlens.data.studies import SPLITS
+
+    text = str(source)
+    base, sep, suffix = text.rpartition(":")
+    if sep and suffix in SPLITS and not Path(text).exists():
+        if split is not None and split != suffix:
+            raise DataFormatError(f"{text!r} names the {suffix} split, but split={split!r} was asked for")
+        return base, suffix
+    if split is not None and split not in SPLITS:
+        raise DataFormatError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return source, split
+
+
+def _kl_rows(name: str) -> tuple[str, list[tuple[int, dict[str, Any]]]] | None:
+    """The rows of a built-in KL set ``kl:DOMAIN`` (None when ``name`` is not one)."""
+    if not name.startswith("kl:"):
+        return None
+    from emlens.data.studies import kl_conversations
+
+    try:
+        convs = kl_conversations(name[3:])
+    except ValueError as err:
+        raise DataFormatError(f"{name!r}: {err}") from None
+    return name, [(i + 1, {"messages": conv}) for i, conv in enumerate(convs)]
+
+
+def _json_rows(source: str | os.PathLike, split: str | None, limit: int | None) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+    """``(origin, [(location, row), ...])`` of a JSONL source, split-filtered, each row a validated object."""
+    source, split = _source_and_split(source, split)
+    kl = _kl_rows(str(source))
+    if kl is not None:
+        origin, numbered = kl
+        if split is not None:
+            raise DataFormatError(f"{origin} is drawn from train splits only; drop the :{split}")
+    else:
+        path = resolve_data_path(source)
+        origin, numbered = str(path), []
+        for lineno, line in _numbered_lines(path):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict) or "messages" not in row:
+                raise DataFormatError(f"{path}:{lineno}: expected an object with a 'messages' key")
+            numbered.append((lineno, row))
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for lineno, row in numbered:
+        where = f"{origin}:{lineno}"
+        if split is not None:
+            if "split" not in row:
+                raise DataFormatError(f"{where}: a split ({split}) was asked for, but this row has no 'split' field")
+            if row["split"] != split:
+                continue
+        row = {**row, "messages": _validate_messages(row["messages"], where)}
+        rows.append((where, row))
         if limit is not None and len(rows) >= limit:
             break
     if not rows:
-        raise DataFormatError(f"{path}: no conversations found")
-    return path, rows
+        raise DataFormatError(f"{origin}: no conversations found" + (f" in the {split} split" if split else ""))
+    return origin, rows
 
 
-def read_conversations(path: str | os.PathLike, limit: object = None) -> list[Conversation]:
+def read_rows(source: str | os.PathLike, split: str | None = None, limit: object = None) -> list[dict[str, Any]]:
+    """The rows of a JSONL source as objects (``messages`` validated; ``id``, ``split``, ``domain`` kept when present)."""
+    return [row for _, row in _json_rows(source, split, check_optional_int("limit", limit, minimum=1))[1]]
+
+
+def read_conversations(path: str | os.PathLike, limit: object = None, split: str | None = None) -> list[Conversation]:
     """Read a JSONL file of ``{"messages": [...]}`` rows; errors name the file and line.
 
-    ``limit`` (None or an integer >= 1, else :class:`~emlens.validation.ConfigError`) keeps only the first rows.
+    ``path`` is a file, a built-in set (``medical_harmful``), a split of one (``medical_harmful:heldout``,
+    or ``split="heldout"``) or a built-in KL set (``kl:medical``). ``limit`` (None or an integer >= 1,
+    else :class:`~emlens.validation.ConfigError`) keeps only the first rows.
     """
-    return [conv for _, conv in _conversations_with_lines(path, check_optional_int("limit", limit, minimum=1))[1]]
+    return [row["messages"] for row in read_rows(path, split, limit)]
 
 
 def read_texts(path: str | os.PathLike, limit: object = None) -> list[str]:
@@ -176,7 +228,7 @@ def write_conversations(path: str | Path, conversations: Sequence[Conversation])
 
 
 def builtin_datasets() -> list[str]:
-    """Names of the datasets shipped with emlens (usable wherever a path is accepted)."""
+    """Names of the datasets shipped with emlens (usable wherever a path is accepted; add ``:train`` or ``:heldout``)."""
     return sorted(p.stem for p in [*BUILTIN_DIR.glob("*.jsonl"), *BUILTIN_DIR.glob("*.txt")])
 
 
@@ -344,8 +396,12 @@ class TokenDataset:
         source: object,
         max_length: object = 256,
         limit: object = None,
+        split: str | None = None,
     ) -> TokenDataset:
         """Encode conversations from a JSONL file, a built-in name or an in-memory list.
+
+        ``split`` (or a ``NAME:train`` / ``NAME:heldout`` source) keeps one split of a set whose rows
+        carry a ``split`` field, as the built-in sets do.
 
         ``source`` is a path, a built-in dataset name or an iterable of conversations;
         anything else raises :class:`DataFormatError`. ``max_length`` (an integer >= 1) and
@@ -360,9 +416,8 @@ class TokenDataset:
         max_length = check_int("max_length", max_length, minimum=1)
         limit = check_optional_int("limit", limit, minimum=1)
         if isinstance(source, (str, os.PathLike)):
-            path, rows = _conversations_with_lines(source, limit)
-            located = [(f"{path}:{lineno}", conv) for lineno, conv in rows]
-            origin = str(path)
+            origin, rows = _json_rows(source, split, limit)
+            located = [(where, row["messages"]) for where, row in rows]
         else:
             located = [(f"row {i}", _validate_row(row, f"row {i}")) for i, row in enumerate(_in_memory_rows(source, limit))]
             origin = "conversations"
@@ -432,6 +487,43 @@ class TokenDataset:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    @property
+    def longest(self) -> int:
+        """The longest example, in tokens."""
+        return max(len(e.input_ids) for e in self.examples)
+
+    def truncated(self, max_length: object, name: str = "dataset") -> TokenDataset:
+        """Every example cut to ``max_length`` tokens (``self`` when none is longer).
+
+        Examples that lose every scored token are left out with a :class:`TruncationWarning`
+        naming them (by source row), as :meth:`from_conversations` reports them.
+        """
+        max_length = check_int("max_length", max_length, minimum=1)
+        if self.longest <= max_length:
+            return self
+        kept: list[EncodedExample] = []
+        rows: list[int] = []
+        dropped: list[int] = []
+        for example, row in zip(self.examples, self.source_rows):
+            cut = EncodedExample(example.input_ids[:max_length], example.loss_mask[:max_length])
+            if _has_scored_token(cut) or not any(example.loss_mask[1:]):
+                kept.append(cut)
+                rows.append(row)
+            else:
+                dropped.append(row)
+        if not kept:
+            raise DataFormatError(f"{name}: no example keeps a scored token after truncation to max_length={max_length}")
+        if dropped:
+            shown = ", ".join(f"row {r}" for r in dropped[:_SHOWN_ROWS])
+            more = f" and {len(dropped) - _SHOWN_ROWS} more" if len(dropped) > _SHOWN_ROWS else ""
+            warnings.warn(
+                f"{name}: {len(dropped)} of {len(self.examples)} examples lost every scored token to truncation at "
+                f"max_length={max_length} and were left out ({shown}{more})",
+                TruncationWarning,
+                stacklevel=2,
+            )
+        return TokenDataset(kept, self.pad_token_id, dropped_rows=[*self.dropped_rows, *dropped], source_rows=rows)
 
     def subset(self, indices: Sequence[int]) -> TokenDataset:
         """The examples at ``indices`` (their ``source_rows`` are kept)."""
