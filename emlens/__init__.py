@@ -6,7 +6,19 @@ Reproduces and extends "Emergent Misalignment is Easy, Narrow Misalignment is Ha
 
 from emlens.data import ChatBatch, TokenDataset, builtin_datasets, read_conversations, read_texts
 from emlens.geometry import cosine_similarity, cosine_similarity_matrix, mean_difference_direction, orthogonal_noise, pca
-from emlens.interventions import Intervention, RankOneAdapter, SteeringVector, load_intervention, perturb, random_direction_like
+from emlens.interventions import (
+    Composed,
+    DirectionAblation,
+    Intervention,
+    LoRAAdapter,
+    MultiLayerSteering,
+    RankOneAdapter,
+    SteeringVector,
+    load_intervention,
+    perturb,
+    project_out_of_adapter,
+    random_direction_like,
+)
 from emlens.models import default_layer, load_model, tiny_model
 from emlens.runner import Plan, runner_for
 from emlens.runner.activations import collect_activations
@@ -27,6 +39,11 @@ __all__ = [
     "Intervention",
     "RankOneAdapter",
     "SteeringVector",
+    "LoRAAdapter",
+    "MultiLayerSteering",
+    "DirectionAblation",
+    "Composed",
+    "project_out_of_adapter",
     "load_intervention",
     "random_direction_like",
     "Plan",

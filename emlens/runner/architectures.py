@@ -26,9 +26,22 @@ _SITES = {
     "hook_resid_pre": ("", "input"),
     "hook_resid_post": ("", "output"),
     "hook_mlp_out": ("{mlp_out}", "output"),
-    "mlp.out.hook_in": ("mlp.down_proj", "input"),
-    "mlp.out.hook_out": ("mlp.down_proj", "output"),
 }
+# The seven projections: TransformerLens component → transformers module. Their hook_in / hook_out
+# are the projection's input and output (TransformerLens shows q/k/v's output and o's input split
+# into heads, [..., n_heads, d_head]; the plain module sees them flat; a hook must accept both).
+PROJECTION_MODULES = {
+    "attn.q": "self_attn.q_proj",
+    "attn.k": "self_attn.k_proj",
+    "attn.v": "self_attn.v_proj",
+    "attn.o": "self_attn.o_proj",
+    "mlp.gate": "mlp.gate_proj",
+    "mlp.in": "mlp.up_proj",
+    "mlp.out": "mlp.down_proj",
+}
+for _component, _module in PROJECTION_MODULES.items():
+    _SITES[f"{_component}.hook_in"] = (_module, "input")
+    _SITES[f"{_component}.hook_out"] = (_module, "output")
 _HOOK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
@@ -78,6 +91,13 @@ class Architecture:
         found = _SITES.get(rest)
         if found is None or not 0 <= layer < self.n_layers:
             return None
+        if rest == "hook_resid_pre":
+            if layer > 0:  # the same tensor as block L-1's output, where an edit survives on every path
+                return Site(layer - 1, "", "output")
+            if not self.packable:
+                # block 0's input: the padded upper pass (Runner.hidden) feeds the cached residual to the
+                # first block by a pre-hook registered after the site's, which would overwrite the edit
+                return None
         return Site(layer, found[0].format(mlp_out=self.mlp_out_module), found[1])
 
     def residual_layer(self, hook_name: str) -> int | None:

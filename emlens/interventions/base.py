@@ -1,11 +1,15 @@
-"""Trainable interventions applied through TransformerLens hook points.
+"""The intervention contract, and the paper's two original interventions.
 
+* :class:`Intervention`: the base class every kind derives from. It says how it acts
+  (:meth:`~Intervention.fwd_hooks`, :meth:`~Intervention.residual_offset`), knows its geometry
+  (``flatten``, ``inner``, ``perturbed``, ``random_like``, ``scaled_to``, ``norm``) and saves
+  to safetensors with JSON metadata; :func:`register_intervention` makes a kind loadable.
 * :class:`SteeringVector` adds ``alpha * v`` to one hook point (by default the residual
   stream after layer L's MLP) at every position of every batch element.
 * :class:`RankOneAdapter` adds a rank-1 update ``scale * b aᵀ`` to layer L's MLP
   down-projection, applied by hooks (the model's weights are never touched).
 
-Both are ``torch.nn.Module``s holding only their own parameters; the model stays frozen.
+All are ``torch.nn.Module``s holding only their own parameters; the model stays frozen.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -96,6 +101,16 @@ def check_hook_name(model: Any, name: str) -> None:
         raise InterventionError(f"model has no hook point {name!r}{hint}")
 
 
+def _check_hook_layer(hook: str, layer: int, what: str) -> None:
+    """Refuse a hook name whose ``blocks.N.`` contradicts the intervention's layer (e.g. a hand-edited file)."""
+    found = re.match(r"blocks\.(\d+)\.", hook)
+    if found is not None and int(found.group(1)) != layer:
+        raise InterventionError(
+            f"{what} {hook!r} is at layer {found.group(1)}, but the intervention says layer {layer}; "
+            "the two must agree (fix the layer or the hook name)"
+        )
+
+
 def _check_width(tensor: Tensor, expected: int, what: str, hook_name: str) -> None:
     if tensor.shape[-1] != expected:
         raise InterventionError(f"{what} has width {expected} but the activation at {hook_name} has width {tensor.shape[-1]}")
@@ -113,6 +128,7 @@ class Intervention(nn.Module, ABC):
         self.layer = int(layer)
         self.model_name = model_name
         self.enabled = True
+        self._applied_to: set[int] = set()  # ids of the models this intervention is applied to by applied()
 
     # --- how it acts ----------------------------------------------------------------------
     def residual_offset(self) -> ResidualOffset | None:
@@ -196,10 +212,39 @@ class Intervention(nn.Module, ABC):
     # --- shared behaviour ---------------------------------------------------------
     @contextmanager
     def applied(self, model: Any) -> Iterator[Any]:
-        """Context manager: the model runs with this intervention while inside it."""
+        """Context manager: the model runs with this intervention while inside it.
+
+        Applying it again to the same model inside the block (nested ``applied``, or an emlens
+        function that applies it itself) would add it twice, and raises :class:`InterventionError`.
+        """
         self.check_model(model)
-        with model.hooks(fwd_hooks=self.fwd_hooks()):
-            yield model
+        self.refuse_if_applied(model)
+        self._applied_to.add(id(model))
+        try:
+            with model.hooks(fwd_hooks=self.fwd_hooks()):
+                yield model
+        finally:
+            self._applied_to.discard(id(model))
+
+    def refuse_if_applied(self, model: Any) -> None:
+        """Raise when this intervention is already applied to ``model`` by :meth:`applied` (it would act twice)."""
+        if id(model) in self._applied_to:
+            raise InterventionError(
+                f"this {self.kind} is already applied to the model (inside `with ….applied(model)`); applying it again "
+                "would add it twice. Nest no second applied(), and call emlens' functions (which apply it themselves) outside the block"
+            )
+
+    def __add__(self, other: Intervention) -> Intervention:
+        """``a + b``: both interventions applied together (a :class:`~emlens.interventions.Composed`)."""
+        if not isinstance(other, Intervention):
+            return NotImplemented
+        # the composed kind from the registry (emlens.interventions registers it): base needs no import of it
+        return INTERVENTION_TYPES["composed"]([self, other])  # type: ignore[call-arg, arg-type]
+
+    def __radd__(self, other: Any) -> Intervention:
+        if isinstance(other, int) and other == 0:  # sum([a, b, c]) starts from 0
+            return self
+        return NotImplemented
 
     @contextmanager
     def disabled(self) -> Iterator[Intervention]:
@@ -259,6 +304,10 @@ class Intervention(nn.Module, ABC):
             raise InterventionError(f"{path}: not a valid {cls.kind}: {err}") from err
         for name, tensor in intervention.state_dict().items():
             _check_finite(tensor, f"{path}: {name!r}")
+        if not math.isfinite(intervention.norm):
+            raise InterventionError(
+                f"{path}: the {cls.kind}'s norm overflows float32 (its values are too large to use); is the file corrupt?"
+            )
         return intervention
 
     @classmethod
@@ -300,6 +349,7 @@ class SteeringVector(Intervention):
         super().__init__(layer, model_name)
         self.d_model = int(d_model)
         self.hook = _resolve_hook(hook, self.layer)
+        _check_hook_layer(self.hook, self.layer, "hook")
         if positions != "all":
             positions = [int(p) for p in positions]
         self.positions = positions
@@ -464,6 +514,8 @@ class RankOneAdapter(Intervention):
         self.alpha = _check_finite_number(alpha, "alpha")
         self.in_hook = (in_hook or self.IN_HOOKS[0]).format(layer=self.layer)
         self.out_hook = (out_hook or self.OUT_HOOKS[0]).format(layer=self.layer)
+        _check_hook_layer(self.in_hook, self.layer, "in_hook")
+        _check_hook_layer(self.out_hook, self.layer, "out_hook")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         bound = 1.0 / math.sqrt(self.d_mlp)  # LoRA's default kaiming-uniform bound for A
         self.a = nn.Parameter((torch.rand(self.d_mlp, generator=gen) * 2 - 1) * bound)
@@ -597,7 +649,7 @@ class RankOneAdapter(Intervention):
 
 
 def load_intervention(path: str | Path, device: str | torch.device = "cpu") -> Intervention:
-    """Load a saved :class:`SteeringVector` or :class:`RankOneAdapter`."""
+    """Load any saved intervention (:class:`SteeringVector`, :class:`RankOneAdapter`, ``LoRAAdapter``, ...)."""
     return Intervention.load(path, device)
 
 

@@ -1,0 +1,313 @@
+"""DirectionAblation, Composed interventions and projecting a direction out of an adapter's B.
+
+float32 on CPU, every proved architecture. References: plain transformers with the same edits
+made by PyTorch forward hooks (ablation ``x − s(x·u)u`` at decoder layer outputs / layer 0's
+input, vectors added there) and the real peft LoRA for adapters; for projecting ``u`` out of an
+adapter's ``B``, the dense update ``(I − u uᵀ) ΔW`` applied by weight surgery.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emlens import (
+    Composed,
+    DirectionAblation,
+    Intervention,
+    LoRAAdapter,
+    MultiLayerSteering,
+    RankOneAdapter,
+    SteeringVector,
+    TokenDataset,
+    TrainConfig,
+    cosine_similarity,
+    evaluate_loss,
+    project_out_of_adapter,
+    train,
+)
+from emlens.interventions import InterventionError
+from emlens.runner import runner_for
+from emlens.runner.sampling import SamplingSettings, generate_batch
+from tests.conftest import CONVERSATIONS
+from tests.tiny_archs import PROVED, tiny_pair
+
+TOL = dict(rel=1e-4, abs=1e-5)
+
+
+@pytest.fixture(scope="module", params=PROVED)
+def pair(request: Any) -> tuple[str, Any, Any]:
+    reference, bridge = tiny_pair(request.param)
+    return request.param, reference, bridge
+
+
+@pytest.fixture(scope="module")
+def data(pair: Any) -> TokenDataset:
+    return TokenDataset.from_conversations(pair[2].tokenizer, CONVERSATIONS, max_length=128)
+
+
+def direction(d_model: int, seed: int = 5) -> torch.Tensor:
+    return torch.randn(d_model, generator=torch.Generator().manual_seed(seed))
+
+
+@contextmanager
+def hooks_on(reference: Any, edits: list[tuple[str, int, Any]]) -> Iterator[None]:
+    """``(where, layer, fn)`` edits in order: ``"out"`` a decoder layer's output, ``"in"`` its input (fn: tensor → tensor)."""
+    handles = []
+    try:
+        for where, layer, fn in edits:
+            block = reference.model.layers[layer]
+            if where == "out":
+                handles.append(block.register_forward_hook(lambda m, a, out, fn=fn: fn(out)))
+            else:
+
+                def pre(m: Any, args: tuple, kwargs: dict, fn: Any = fn) -> Any:
+                    if args:
+                        return (fn(args[0]), *args[1:]), kwargs
+                    return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+                handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def ablate(u: torch.Tensor, strength: float = 1.0) -> Any:
+    unit = u / u.norm()
+    return lambda x: x - strength * (x @ unit).unsqueeze(-1) * unit
+
+
+def add(vec: torch.Tensor) -> Any:
+    return lambda x: x + vec
+
+
+def reference_loss(model: Any, data: TokenDataset) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in data.batches(2):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            scored = batch.scored
+            total += float(F.cross_entropy(logits[:, :-1][scored], batch.input_ids[:, 1:][scored], reduction="sum"))
+            count += int(scored.sum())
+    return total / count
+
+
+# --- ablation ----------------------------------------------------------------------------------------
+
+
+def test_ablation_at_one_layer_and_everywhere_equals_reference(pair: Any, data: TokenDataset) -> None:
+    arch, reference, bridge = pair
+    u = direction(bridge.cfg.d_model)
+    one = DirectionAblation.at_layer(u, 1)
+    everywhere = DirectionAblation.everywhere(bridge, u)
+    half = DirectionAblation.at_layers(u, [1, 2], strength=0.5)
+    n = bridge.cfg.n_layers
+    cases = [
+        (one, [("out", 1, ablate(u))]),
+        (everywhere, [("in", 0, ablate(u))] + [("out", x, ablate(u)) for x in range(n)]),
+        (half, [("out", 1, ablate(u, 0.5)), ("out", 2, ablate(u, 0.5))]),
+    ]
+    for ablation, edits in cases:
+        with hooks_on(reference, edits):
+            expected = reference_loss(reference, data)
+        fast = evaluate_loss(bridge, data, ablation)
+        plan = runner_for(bridge).last_plan
+        if ablation is everywhere and not runner_for(bridge).arch.packable:
+            # block 0's input has no plain site where blocks run padded (Gemma): the hooked path, and it says why
+            assert plan.path == "hooked" and "blocks.0.hook_resid_pre" in plan.reason, plan
+        else:
+            assert plan.path == "prefix" and plan.cut == ablation.layer, plan
+        assert fast == pytest.approx(expected, **TOL)
+        assert evaluate_loss(bridge, data, ablation, cache_prefix=False) == pytest.approx(expected, **TOL)
+    assert abs(evaluate_loss(bridge, data, everywhere) - reference_loss(reference, data)) > 1e-4  # it acts
+
+
+def test_ablation_removes_the_direction(pair: Any) -> None:
+    """After every ablated hook the residual has no component along u (and sampling sees the same edit)."""
+    arch, reference, bridge = pair
+    u = direction(bridge.cfg.d_model)
+    ablation = DirectionAblation.everywhere(bridge, u)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 61]])
+    seen = []
+    with ablation.applied(bridge), bridge.hooks(fwd_hooks=[(h, lambda act, hook: seen.append(act.detach())) for h in ablation.hooks]):
+        bridge(ids)
+    unit = u / u.norm()
+    assert len(seen) == len(ablation.hooks) and all(float((act @ unit).abs().max()) < 1e-4 for act in seen)
+    tokens, logits = generate_batch(bridge, ids, torch.ones_like(ids), ablation, SamplingSettings(6, 0.0), seed=0, return_logits=True)
+    edits = [("in", 0, ablate(u))] + [("out", x, ablate(u)) for x in range(bridge.cfg.n_layers)]
+    with torch.no_grad(), hooks_on(reference, edits):
+        expected = reference(input_ids=torch.cat([ids, tokens], dim=1)).logits[0, ids.shape[1] - 1 : -1]
+    torch.testing.assert_close(logits[: tokens.shape[1], 0], expected[: tokens.shape[1]], rtol=1e-4, atol=1e-4)
+
+
+def test_ablation_geometry_and_saving(tmp_path: Any) -> None:
+    u = direction(64)
+    ablation = DirectionAblation.at_layers(u, [1, 3], strength=1.0, model_name="m")
+    assert ablation.norm == pytest.approx(1.0) and float(ablation.direction.norm()) == pytest.approx(1.0)
+    assert ablation.scaled_to(0.25).strength == 0.25 and ablation.scaled_to(0.25).norm == pytest.approx(0.25)
+    noisy = ablation.perturbed(0.6, torch.Generator().manual_seed(1))
+    assert float(noisy.direction.norm()) == pytest.approx(1.0, abs=1e-6)
+    assert cosine_similarity(noisy, ablation) == pytest.approx(0.8, abs=1e-5)
+    rand = ablation.random_like(2)
+    assert rand.norm == pytest.approx(1.0) and rand.hooks == ablation.hooks
+    assert ablation.inner(ablation.scaled_to(2.0)) == pytest.approx(2.0)
+    loaded = Intervention.load(ablation.save(tmp_path / "abl.safetensors"))
+    assert isinstance(loaded, DirectionAblation) and loaded.metadata() == ablation.metadata()
+    torch.testing.assert_close(loaded.direction, ablation.direction)
+    with pytest.raises(InterventionError, match="zero"):
+        DirectionAblation.at_layer(torch.zeros(64), 1)
+    with pytest.raises(InterventionError, match="per-layer"):
+        DirectionAblation(u, ["hook_embed"])
+
+
+# --- composition -----------------------------------------------------------------------------------
+
+
+def test_composed_ablation_then_steering_equals_reference(pair: Any, data: TokenDataset) -> None:
+    """Ablate u at every block's output and add a vector at layer 2's (after that layer's ablation): a + b, trained jointly."""
+    arch, reference, bridge = pair
+    u = direction(bridge.cfg.d_model)
+    d = bridge.cfg.d_model
+    vector = SteeringVector(2, d, alpha=2.0, init=0.3 * torch.randn(d, generator=torch.Generator().manual_seed(8)))
+    ablation = DirectionAblation.at_layers(u, range(bridge.cfg.n_layers))
+    both = ablation + vector
+    assert isinstance(both, Composed) and both.members() == [ablation, vector]
+    edits = [("out", x, ablate(u)) for x in range(bridge.cfg.n_layers)] + [("out", 2, add(vector.effective.detach()))]
+    with hooks_on(reference, edits):
+        expected = reference_loss(reference, data)
+    assert evaluate_loss(bridge, data, both) == pytest.approx(expected, **TOL)
+    assert runner_for(bridge).last_plan.path == "prefix"
+    assert evaluate_loss(bridge, data, both, cache_prefix=False) == pytest.approx(expected, **TOL)
+    config = TrainConfig(lr=1e-2, max_steps=2, batch_size=len(data), grad_accum=1, warmup_steps=0, progress=False)
+    start = vector.vector.detach().clone()
+    result = train(bridge, both, data, config)
+    assert result.losses[0]["sft"] == pytest.approx(expected, **TOL)
+    assert not torch.equal(start, vector.vector.detach())  # the steering part trained; the ablation has no parameters
+    assert torch.equal(ablation.direction, u / u.norm())
+
+
+def test_composed_adapter_and_multilayer_steering_equal_peft_plus_hooks(pair: Any, data: TokenDataset) -> None:
+    from tests.test_lora import load_factors, make_lora, require
+
+    peft = require("peft")
+
+    arch, reference, bridge = pair
+    lora = make_lora(bridge, "qv-r2-plain")
+    steering = MultiLayerSteering([0, 3], bridge.cfg.d_model, alpha=1.0, init=0.4 * torch.randn(2, bridge.cfg.d_model))
+    both = sum([lora, steering])
+    assert isinstance(both, Composed) and runner_for(bridge).plan(both).cut == 0
+    twin = peft.get_peft_model(
+        copy.deepcopy(reference),
+        peft.LoraConfig(r=2, lora_alpha=lora.alpha, target_modules=["q_proj", "v_proj"], layers_to_transform=[2], lora_dropout=0.0),
+    )
+    load_factors(twin, lora)
+    edits = [("out", 0, add(steering.vector_at(0))), ("out", 3, add(steering.vector_at(3)))]
+    with hooks_on(twin.base_model.model, edits):
+        expected = reference_loss(twin, data)
+    assert evaluate_loss(bridge, data, both) == pytest.approx(expected, **TOL)
+    assert evaluate_loss(bridge, data, both, cache_prefix=False) == pytest.approx(expected, **TOL)
+
+
+def test_composed_offsets_take_the_offset_path(pair: Any, data: TokenDataset) -> None:
+    arch, reference, bridge = pair
+    d = bridge.cfg.d_model
+    a = SteeringVector(1, d, alpha=1.0, init=0.3 * torch.randn(d))
+    b = SteeringVector(1, d, hook="mlp_out", alpha=1.0, init=0.3 * torch.randn(d))  # another hook: no single offset
+    c = SteeringVector(1, d, alpha=1.0, init=0.3 * torch.randn(d))
+    assert runner_for(bridge).plan(a + c).path == "offset"
+    assert runner_for(bridge).plan(a + b).path == "prefix"
+    summed = SteeringVector.from_vector((a.effective + c.effective).detach(), 1)
+    assert evaluate_loss(bridge, data, a + c) == pytest.approx(evaluate_loss(bridge, data, summed), **TOL)
+
+
+def test_composed_geometry_saving_and_disabling(tmp_path: Any) -> None:
+    _, bridge = tiny_pair("llama")
+    d = bridge.cfg.d_model
+    vector = SteeringVector(1, d, alpha=2.0, init=torch.randn(d))
+    multi = MultiLayerSteering([0, 2], d, alpha=1.0, init=torch.randn(2, d))
+    ablation = DirectionAblation.at_layer(direction(d), 3, strength=1.0)
+    x = Composed([vector, multi, ablation])
+    assert x.norm == pytest.approx(math.sqrt(vector.norm**2 + multi.norm**2 + 1.0), rel=1e-6)
+    assert x.inner(x) == pytest.approx(float(x.flatten() @ x.flatten()), rel=1e-5)
+    y = x.random_like(4)
+    assert x.inner(y) == pytest.approx(vector.inner(y.members()[0]) + multi.inner(y.members()[1]) + ablation.inner(y.members()[2]), rel=1e-6)
+    scaled = x.scaled_to(2 * x.norm)
+    assert scaled.norm == pytest.approx(2 * x.norm, rel=1e-5) and cosine_similarity(scaled, x) == pytest.approx(1.0, abs=1e-6)
+    noisy = x.perturbed(0.5, torch.Generator().manual_seed(2))
+    assert [p.kind for p in noisy] == [p.kind for p in x]
+    loaded = Intervention.load(x.save(tmp_path / "composed.safetensors"))
+    assert isinstance(loaded, Composed) and loaded.metadata() == x.metadata()
+    torch.testing.assert_close(loaded.flatten(), x.flatten())
+    ids = torch.tensor([[3, 4, 5, 6]])
+    base = bridge(ids)
+    with x.applied(bridge):
+        assert not torch.allclose(bridge(ids), base)
+        with x.disabled():
+            torch.testing.assert_close(bridge(ids), base, rtol=0, atol=0)
+        with pytest.raises(InterventionError, match="already applied"):
+            with vector.applied(bridge):
+                pass
+    with pytest.raises(InterventionError, match="twice"):
+        Composed([vector, vector])
+    nested = Composed([Composed([vector, multi]), ablation])
+    assert nested.members() == [vector, multi, ablation]
+
+
+# --- a direction projected out of an adapter's B -------------------------------------------------------
+
+
+@pytest.mark.parametrize("renormalize", (False, True))
+def test_projecting_out_of_a_rank_one_adapter(pair: Any, data: TokenDataset, renormalize: bool) -> None:
+    arch, reference, bridge = pair
+    adapter = RankOneAdapter.for_model(bridge, 1, alpha=4.0, seed=1)
+    with torch.no_grad():
+        adapter.b.copy_(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(2)))
+    u = direction(bridge.cfg.d_model)
+    unit = u / u.norm()
+    projected = project_out_of_adapter(adapter, u, renormalize=renormalize)
+    dense = adapter.delta_weight() - torch.outer(unit, unit @ adapter.delta_weight())
+    if renormalize:
+        dense = dense * (adapter.norm / float(dense.norm()))
+        assert projected.norm == pytest.approx(adapter.norm, rel=1e-5)
+    torch.testing.assert_close(projected.delta_weight(), dense, rtol=1e-5, atol=1e-6)
+    assert float((unit @ projected.delta_weight()).abs().max()) < 1e-5
+    surgery = copy.deepcopy(reference)
+    with torch.no_grad():
+        surgery.model.layers[1].mlp.down_proj.weight += dense
+    assert evaluate_loss(bridge, data, projected) == pytest.approx(reference_loss(surgery, data), **TOL)
+
+
+def test_projecting_out_of_a_lora_adapter() -> None:
+    from tests.test_lora import make_lora
+
+    _, bridge = tiny_pair("qwen2")
+    lora = make_lora(bridge, "all7-r3")
+    u = direction(bridge.cfg.d_model)
+    unit = u / u.norm()
+    for renormalize in (False, True):
+        projected = project_out_of_adapter(lora, u, renormalize=renormalize)
+        for layer, proj in lora.sites():
+            before, after = lora.delta_weight(layer, proj), projected.delta_weight(layer, proj)
+            if proj in ("o", "down"):
+                expected = before - torch.outer(unit, unit @ before)
+                if renormalize:
+                    expected = expected * (float(before.norm()) / float(expected.norm()))
+                torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-6)
+                assert float((unit @ after).abs().max()) < 1e-5
+            else:
+                torch.testing.assert_close(after, before)  # q k v gate up do not write to the residual: untouched
+    only_o = project_out_of_adapter(lora, u, modules=["o"])
+    torch.testing.assert_close(only_o.delta_weight(1, "down"), lora.delta_weight(1, "down"))
+    with pytest.raises(InterventionError, match="writes width"):
+        project_out_of_adapter(lora, torch.randn(2 * bridge.cfg.d_model), modules=["o"])
+    with pytest.raises(InterventionError, match="only adapters"):
+        project_out_of_adapter(SteeringVector(1, bridge.cfg.d_model), u)
+    assert isinstance(project_out_of_adapter(LoRAAdapter.from_rank_one(RankOneAdapter.for_model(bridge, 1)), u), LoRAAdapter)

@@ -1,0 +1,321 @@
+"""Interventions in the ecosystem's formats, checked against the tools that read them.
+
+* Reference-repository steering vectors (``steering_vector.pt``): imported vectors equal plain
+  transformers with the reference's own hook on ``down_proj`` (every proved architecture).
+* PEFT folders: exported adapters load in the real ``peft`` and give emlens' logits; folders that
+  peft saved import into emlens and give peft's logits (every proved architecture).
+* llama.cpp control vectors (GGUF): read back with the ``gguf`` library, and run by llama.cpp
+  (llama-cpp-python) on the default model's GGUF, whose next-token logits match emlens' steered
+  logits within the quantisation error (and miss them when the vector is put one block off).
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emlens import (
+    Composed,
+    Intervention,
+    LoRAAdapter,
+    MultiLayerSteering,
+    RankOneAdapter,
+    SteeringVector,
+    TokenDataset,
+    evaluate_loss,
+)
+from emlens.formats import (
+    export_control_vector,
+    export_peft_adapter,
+    export_reference_steering_vector,
+    import_control_vector,
+    import_peft_adapter,
+    import_reference_steering_vector,
+    llama_cpp_layer,
+)
+from emlens.formats.llamacpp import read_control_vector
+from emlens.interventions import InterventionError
+from emlens.runner import runner_for
+from tests.conftest import CONVERSATIONS
+from tests.tiny_archs import PROVED, tiny_pair
+
+TOL = dict(rel=1e-4, abs=1e-5)
+IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 61, 33, 12], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]])
+
+
+@pytest.fixture(scope="module", params=PROVED)
+def pair(request: Any) -> tuple[str, Any, Any]:
+    reference, bridge = tiny_pair(request.param)
+    return request.param, reference, bridge
+
+
+@pytest.fixture(scope="module")
+def data(pair: Any) -> TokenDataset:
+    return TokenDataset.from_conversations(pair[2].tokenizer, CONVERSATIONS, max_length=128)
+
+
+def emlens_logits(bridge: Any, intervention: Intervention, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad(), intervention.applied(bridge):
+        return bridge(ids)
+
+
+# --- the reference repository's steering vectors ----------------------------------------------------
+
+
+def save_reference(path: Path, vector: torch.Tensor, layer: int, alpha: float, d_model: bool = True) -> Path:
+    """What the reference's SteeringVectorToggleTrainer.save_steering_vector writes."""
+    path.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {"steering_vector": vector, "layer_idx": layer, "alpha": alpha, "approach": "toggle_based"}
+    if d_model:
+        payload["d_model"] = vector.numel()
+    torch.save(payload, path / "steering_vector.pt")
+    return path
+
+
+@contextmanager
+def reference_down_proj_hook(reference: Any, vector: torch.Tensor, layer: int, alpha: float, first_only: bool = False) -> Iterator[None]:
+    """The reference's hook on down_proj: ``output + alpha·v`` (its own code edits ``output[0]``, the first batch element, in place)."""
+
+    def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if first_only:
+            output[0] = output[0] + alpha * vector.unsqueeze(0)
+            return output
+        return output + alpha * vector
+
+    handle = reference.model.layers[layer].mlp.down_proj.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_reference_vector_imports_to_the_down_proj_output(pair: Any, data: TokenDataset, tmp_path: Path) -> None:
+    arch, reference, bridge = pair
+    v = 0.02 * torch.randn(bridge.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    folder = save_reference(tmp_path / "ref", v, 2, 256.0)
+    vector = import_reference_steering_vector(folder, bridge)
+    assert vector.layer == 2 and vector.alpha == 256.0 and torch.equal(vector.vector.detach(), v)
+    post_norm = arch.startswith("gemma")
+    assert vector.hook == ("blocks.2.mlp.out.hook_out" if post_norm else "blocks.2.hook_mlp_out")
+    assert runner_for(bridge).plan(vector).path == ("prefix" if post_norm else "offset")
+    with reference_down_proj_hook(reference, v, 2, 256.0):
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in data.batches(2):
+                logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                total += float(F.cross_entropy(logits[:, :-1][batch.scored], batch.input_ids[:, 1:][batch.scored], reduction="sum"))
+                count += int(batch.scored.sum())
+        single = reference(input_ids=IDS[:1]).logits
+    assert evaluate_loss(bridge, data, vector) == pytest.approx(total / count, **TOL)
+    with torch.no_grad(), reference_down_proj_hook(reference, v, 2, 256.0, first_only=True):  # the reference's exact code, batch of one
+        torch.testing.assert_close(reference(input_ids=IDS[:1]).logits, single)
+    torch.testing.assert_close(emlens_logits(bridge, vector, IDS[:1]), single, rtol=1e-4, atol=1e-4)
+
+
+def test_reference_format_round_trip_and_errors(tmp_path: Path) -> None:
+    _, llama = tiny_pair("llama")
+    _, gemma = tiny_pair("gemma2")
+    v = torch.randn(64)
+    file = save_reference(tmp_path / "a", v, 1, 8.0, d_model=False) / "steering_vector.pt"
+    vector = import_reference_steering_vector(file)  # no model: hook_mlp_out assumed; d_model from the vector
+    assert vector.hook == "blocks.1.hook_mlp_out" and vector.d_model == 64
+    written = export_reference_steering_vector(vector, tmp_path / "b")
+    assert written.name == "steering_vector.pt"
+    back = import_reference_steering_vector(written)
+    assert back.metadata() == vector.metadata() and torch.equal(back.vector, vector.vector)
+    saved = torch.load(written, weights_only=True)
+    assert set(saved) >= {"steering_vector", "layer_idx", "d_model", "alpha"} and saved["alpha"] == 8.0
+    resid = SteeringVector(1, 64, hook="resid_post", alpha=2.0, init=v)
+    export_reference_steering_vector(resid, tmp_path / "c.pt", llama)  # the same edit on Llama
+    with pytest.raises(InterventionError, match="down_proj"):
+        export_reference_steering_vector(resid, tmp_path / "d.pt", gemma)  # not on Gemma (post-MLP norm)
+    exact = import_reference_steering_vector(tmp_path / "a", gemma)
+    export_reference_steering_vector(exact, tmp_path / "e.pt", gemma)
+    torch.save({"vector": v}, tmp_path / "bad.pt")
+    with pytest.raises(InterventionError, match="layer_idx"):
+        import_reference_steering_vector(tmp_path / "bad.pt")
+    torch.save({"steering_vector": v, "layer_idx": 1, "d_model": 65}, tmp_path / "wide.pt")
+    with pytest.raises(InterventionError, match="d_model"):
+        import_reference_steering_vector(tmp_path / "wide.pt")
+
+
+# --- PEFT adapter folders ---------------------------------------------------------------------------
+
+
+def test_exported_adapters_load_in_peft(pair: Any, tmp_path: Path) -> None:
+    from tests.test_lora import make_lora, require
+
+    peft = require("peft")
+
+    arch, reference, bridge = pair
+    lora = make_lora(bridge, "all7-r3")
+    folder = export_peft_adapter(lora, tmp_path / "lora", base_model="tiny")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == 3 and config["use_rslora"] and config["layers_to_transform"] == [1, 2]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(reference), folder)
+    with torch.no_grad():
+        expected = loaded(input_ids=IDS).logits
+    torch.testing.assert_close(emlens_logits(bridge, lora), expected, rtol=1e-4, atol=1e-5)
+    back = import_peft_adapter(folder, bridge)
+    assert isinstance(back, LoRAAdapter) and back.sites() == lora.sites() and back.scale == pytest.approx(lora.scale)
+    torch.testing.assert_close(back.flatten(), lora.flatten())
+    # the paper's rank-1 adapter
+    r1 = RankOneAdapter.for_model(bridge, 3, alpha=4.0, seed=2)
+    with torch.no_grad():
+        r1.b.copy_(torch.randn(r1.d_model, generator=torch.Generator().manual_seed(3)))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(reference), export_peft_adapter(r1, tmp_path / "r1"))
+    with torch.no_grad():
+        torch.testing.assert_close(emlens_logits(bridge, r1), loaded(input_ids=IDS).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_adapters_saved_by_peft_import(pair: Any, tmp_path: Path) -> None:
+    """peft's own save_pretrained folders (random A and B; plain and rsLoRA; uniform and per-module ranks) give peft's logits."""
+    from tests.test_lora import require
+
+    peft = require("peft")
+    arch, reference, bridge = pair
+    configs = {
+        "plain": peft.LoraConfig(r=2, lora_alpha=3.0, target_modules=["k_proj", "o_proj", "up_proj"], layers_to_transform=[0, 3],
+                                 init_lora_weights=False),
+        "rslora-patterns": peft.LoraConfig(r=4, lora_alpha=8.0, use_rslora=True, target_modules=["q_proj", "down_proj"],
+                                           rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 2.0}, init_lora_weights=False),
+    }  # fmt: skip
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        model = peft.get_peft_model(copy.deepcopy(reference), config)
+        model.save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            expected = model(input_ids=IDS).logits
+        imported = import_peft_adapter(tmp_path / name, bridge)
+        assert isinstance(imported, LoRAAdapter if name == "plain" else Composed), name
+        torch.testing.assert_close(emlens_logits(bridge, imported), expected, rtol=1e-4, atol=1e-5, msg=name)
+        assert runner_for(bridge).plan(imported).fast
+
+
+def test_peft_import_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        import_peft_adapter(tmp_path)
+    lora = LoRAAdapter({"down": (128, 64)}, [1])
+    folder = export_peft_adapter(lora, tmp_path / "x")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(InterventionError, match="use_dora"):
+        import_peft_adapter(folder)
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))
+    with pytest.raises(InterventionError, match="rank"):
+        import_peft_adapter(folder)
+    with pytest.raises(InterventionError, match="PEFT form"):
+        export_peft_adapter(SteeringVector(1, 64), tmp_path / "y")
+
+
+# --- llama.cpp control vectors -------------------------------------------------------------------------
+
+
+def test_control_vector_gguf_reads_back(tmp_path: Path) -> None:
+    import gguf
+
+    d = 16
+    vector = SteeringVector(3, d, alpha=2.0, init=torch.randn(d))
+    multi = MultiLayerSteering([1, 2], d, hook="mlp_out", alpha=1.0, init=torch.randn(2, d))
+    pre = SteeringVector(3, d, hook="resid_pre", alpha=1.0, init=torch.randn(d))  # = block 2's output
+    path = export_control_vector(vector + multi + pre, tmp_path / "cv", model_hint="tiny", n_layers=4)
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.architecture"].contents() == "controlvector"
+    assert reader.fields["controlvector.model_hint"].contents() == "tiny"
+    assert reader.fields["controlvector.layer_count"].contents() == 4
+    tensors = {t.name: t for t in reader.tensors}
+    assert sorted(tensors) == ["direction.1", "direction.2", "direction.3"]
+    assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 and list(t.shape) == [d] for t in tensors.values())
+    expected = {1: multi.vector_at(1), 2: multi.vector_at(2) + pre.effective.detach(), 3: vector.effective.detach()}
+    for k, value in expected.items():
+        np.testing.assert_allclose(np.array(tensors[f"direction.{k}"].data), value.numpy(), rtol=1e-6, atol=1e-7)
+    back = import_control_vector(path, strength=2.0)
+    assert back.layers == [1, 2, 3] and back.hook_names()[0] == "blocks.1.hook_resid_post"
+    torch.testing.assert_close(back.vector_at(2), 2 * expected[2])
+    assert read_control_vector(path)[1]["controlvector.layer_count"] == 4
+    assert [llama_cpp_layer(h) for h in ("blocks.5.hook_resid_post", "blocks.5.hook_mlp_out", "blocks.5.hook_resid_pre")] == [5, 5, 4]
+    for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.2.attn.hook_z"):
+        with pytest.raises(InterventionError):
+            llama_cpp_layer(hook)
+    with pytest.raises(InterventionError, match="control-vector form"):
+        export_control_vector(LoRAAdapter({"down": (8, 4)}, [1]), path)
+
+
+def _llama_cpp_buffer(path: Path, n_embd: int, n_layer: int) -> np.ndarray:
+    """llama.cpp's loader (common_control_vector_load) on our file: direction.k lands at offset (k-1)·n_embd.
+
+    llama-cpp-python does not ship that loader (it lives in llama.cpp's common library), so the test reads the
+    GGUF with the gguf library and hands llama.cpp the same buffer. The buffer covers every block, so that no
+    block keeps a value from an earlier call.
+    """
+    import gguf
+
+    data = np.zeros(n_embd * n_layer, dtype=np.float32)
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        k = int(tensor.name.split(".")[1])
+        assert k >= 1 and tensor.tensor_type == gguf.GGMLQuantizationType.F32
+        data[(k - 1) * n_embd : k * n_embd] += np.array(tensor.data, dtype=np.float32)
+    return data
+
+
+@pytest.mark.integration
+def test_llama_cpp_runs_the_exported_vector_like_emlens(tmp_path: Path) -> None:
+    from tests.test_lora import require
+
+    llama_cpp = require("llama_cpp")
+    from emlens import load_model
+    from tests.llama_server import default_gguf
+
+    model = load_model("smollm2")
+    ids = model.tokenizer("The capital of France is Paris, and the capital of Germany is", return_tensors="pt").input_ids
+    n_layers, d = model.cfg.n_layers, model.cfg.d_model
+    gen = torch.Generator().manual_seed(0)
+    direction = torch.randn(d, generator=gen)
+    cases = {
+        "resid_post 15": SteeringVector.from_vector(direction / direction.norm() * 80, 15),
+        "two layers": MultiLayerSteering.from_vectors({8: 40 * torch.randn(d, generator=gen) / d**0.5, 20: 60 * torch.randn(d, generator=gen) / d**0.5}),
+    }
+    llm = llama_cpp.Llama(model_path=str(default_gguf()), n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2)
+    try:
+        n_embd = llm.n_embd()
+        assert n_embd == d
+
+        def run(buffer: np.ndarray | None) -> np.ndarray:
+            llm.reset()
+            if buffer is None:
+                llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, None, 0, n_embd, -1, -1)
+            else:
+                ptr = buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+                assert llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, ptr, buffer.size, n_embd, 1, n_layers) == 0
+            llm.eval(ids[0].tolist())
+            return np.array(llm.scores[: ids.shape[1]], dtype=np.float64)
+
+        def rms(x: np.ndarray) -> float:
+            return float(np.sqrt((x**2).mean()))
+
+        with torch.no_grad():
+            base = model(ids)[0].double().numpy()
+        quantisation = rms(run(None) - base)  # llama.cpp runs the Q4_1 weights with 8-bit activations
+        for name, steering in cases.items():
+            path = export_control_vector(steering, tmp_path / name.replace(" ", "_"), n_layers=n_layers)
+            buffer = _llama_cpp_buffer(path, n_embd, n_layers)
+            with torch.no_grad(), steering.applied(model):
+                steered = model(ids)[0].double().numpy()
+            error = rms(run(buffer) - steered)
+            assert error < 1.5 * quantisation, (name, error, quantisation)
+            assert rms(steered - base) > 5 * error, name  # the vector matters far more than the rounding
+            for shift in (-1, 1):  # one block off: clearly worse, so the block mapping is what makes them agree
+                off = np.roll(buffer, shift * n_embd)
+                assert rms(run(off) - steered) > 3 * error, (name, shift)
+    finally:
+        llm.close()
