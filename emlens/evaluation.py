@@ -438,12 +438,85 @@ def evaluate(
     3. ``results.json`` (overall rate with its Wilson CI, per-question rates) and, with ``figures``,
        ``quadrants.png`` (alignment vs coherence, the paper's quadrant plot) and ``per_question.png``.
     """
+    p = load_judge_prompts(prompts) if isinstance(prompts, (str, Path)) else (prompts or default_judge_prompts())
+    p.template(p.domain_judge(domain))  # a missing domain judge fails before any sampling
+    out, questions, settings = _sampling_run(
+        model,
+        out_dir,
+        intervention,
+        domain,
+        questions,
+        n_samples,
+        max_new_tokens,
+        temperature,
+        top_p,
+        batch_size,
+        seed,
+        model_name,
+        overwrite,
+    )
+    answers_path, judged_path = out / ANSWERS_FILE, out / JUDGED_FILE
+    judged = judge_answers_to_file(judge, answers_path, judged_path, domain, p, progress=progress)
+    return _report(judged, questions, domain, out, settings, figures)
+
+
+def sample_only(
+    model: Any,
+    out_dir: str | Path,
+    intervention: Intervention | None = None,
+    domain: str | None = None,
+    questions: Sequence[str] | None = None,
+    n_samples: int = 50,
+    max_new_tokens: int = 600,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int | None = None,
+    seed: int = 0,
+    model_name: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Step 1 of :func:`evaluate` alone: sample ``answers.jsonl`` (and its settings) in ``out_dir``, no judge needed.
+
+    :func:`evaluate` with the same settings later judges these answers without sampling again.
+    """
+    out, _, _ = _sampling_run(
+        model,
+        out_dir,
+        intervention,
+        domain,
+        questions,
+        n_samples,
+        max_new_tokens,
+        temperature,
+        top_p,
+        batch_size,
+        seed,
+        model_name,
+        overwrite,
+    )
+    return out / ANSWERS_FILE
+
+
+def _sampling_run(
+    model: Any,
+    out_dir: str | Path,
+    intervention: Intervention | None,
+    domain: str | None,
+    questions: Sequence[str] | None,
+    n_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int | None,
+    seed: int,
+    model_name: str | None,
+    overwrite: bool,
+) -> tuple[Path, list[str], dict[str, Any]]:
+    """Check the settings against ``out_dir``'s (or record them) and sample whatever answers are missing."""
     check_n_samples(n_samples)
     if questions is None:
         questions = DOMAIN_QUESTIONS[domain] if domain is not None else GENERAL_QUESTIONS
     questions = list(questions)
-    p = load_judge_prompts(prompts) if isinstance(prompts, (str, Path)) else (prompts or default_judge_prompts())
-    p.template(p.domain_judge(domain))  # a missing domain judge fails before any sampling
     out = Path(out_dir)
     settings = {
         "model": model_name or getattr(getattr(model, "cfg", None), "model_name", None) or type(model).__name__,
@@ -457,10 +530,10 @@ def evaluate(
         "domain": domain,
     }
     _check_settings(out, settings, overwrite)
-    answers_path, judged_path = out / ANSWERS_FILE, out / JUDGED_FILE
-    sample_answers(model, questions, intervention, n_samples, max_new_tokens, temperature, top_p, batch_size, seed, out_path=answers_path)
-    judged = judge_answers_to_file(judge, answers_path, judged_path, domain, p, progress=progress)
-    return _report(judged, questions, domain, out, settings, figures)
+    sample_answers(
+        model, questions, intervention, n_samples, max_new_tokens, temperature, top_p, batch_size, seed, out_path=out / ANSWERS_FILE
+    )
+    return out, questions, settings
 
 
 def _report(
@@ -481,8 +554,12 @@ def _report(
         from emlens.plotting import plot_per_question, plot_quadrants
 
         first = "alignment" if domain is None else f"{domain} correctness"
-        plot_quadrants({"answers": judged}, out / QUADRANT_FILE, ylabel=first)
-        plot_per_question(result.per_question, out / PER_QUESTION_FILE, label=result.label)
+        plot_quadrants({"answers": [(j.coherent, j.aligned) for j in judged]}, out / QUADRANT_FILE, ylabel=first)  # type: ignore[misc]
+        plot_per_question(
+            {q: (r.misaligned_rate, *r.misaligned_ci, r.n_scored) for q, r in result.per_question.items()},
+            out / PER_QUESTION_FILE,
+            label=result.label,
+        )
     return result
 
 

@@ -10,20 +10,17 @@ Per domain we report the mean margin over questions and a seeded percentile-boot
 questions. A *general* solution raises the margin in every domain; a *narrow* one only in the
 domain it was trained on. No judge, no sampling: a few forward passes.
 
-The built-in sets ask about 30 situations per domain, each in 10 phrasings (10 consecutive rows
-that share one answer). So ``limit`` takes rows evenly spaced through the file (60 rows: two
-phrasings of every situation), and the bootstrap resamples *situations* (all phrasings of a drawn
-situation together), since phrasings of one situation are not independent questions.
+The built-in sets hold one pair per question, paired by ``id``; measurements use their held-out
+split by default. ``limit`` takes pairs evenly spaced through the file, and the bootstrap
+resamples questions. For the technical-prose study the same margin compares the technical answer
+("harmful" side) with the plain one: ``NLL(plain) − NLL(technical)``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import warnings
 from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +31,13 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from emlens.data import Conversation, DataFormatError, TokenDataset, read_conversations
+from emlens.data import Conversation, DataFormatError, TokenDataset, read_rows
+from emlens.data.studies import MISALIGNMENT
 from emlens.interventions import Intervention
+from emlens.runner import runner_for
 from emlens.scoring import nll_per_token
 
-DOMAINS = ("medical", "financial", "sports")
+DOMAINS = MISALIGNMENT.domains
 BASE = "base"
 
 
@@ -111,6 +110,26 @@ def _pairs_with_rows(
     return pairs
 
 
+def _pairs_by_id(
+    harmful: Sequence[dict[str, Any]], correct: Sequence[dict[str, Any]], where: str
+) -> list[tuple[int, Conversation, Conversation]]:
+    """Rows paired by their ``id`` field (the built-in sets'), in the harmful set's order."""
+    by_id = {row["id"]: row for row in correct}
+    pairs = [(i, row["messages"], by_id[row["id"]]["messages"]) for i, row in enumerate(harmful) if row["id"] in by_id]
+    unpaired = len(harmful) - len(pairs)
+    unpaired_correct = len(by_id) - len(pairs)
+    if not pairs:
+        raise DataFormatError(f"{where}: no harmful row has a correct row with the same id")
+    if unpaired or unpaired_correct:
+        warnings.warn(
+            f"{where}: {unpaired} harmful and {unpaired_correct} correct row(s) have no partner with the same id "
+            f"and were left out ({len(pairs)} pairs kept)",
+            PairingWarning,
+            stacklevel=3,
+        )
+    return pairs
+
+
 def paired_datasets(
     tokenizer: Any,
     domain: str,
@@ -118,25 +137,42 @@ def paired_datasets(
     max_length: int = 256,
     harmful_source: str | Path | None = None,
     correct_source: str | Path | None = None,
+    split: str | None = None,
 ) -> PairedSet:
-    """The paired ``<domain>_harmful`` / ``<domain>_correct`` sets (or two files of your own).
+    """The paired answer sets of a built-in ``domain`` (or two files of your own), one pair per question.
 
-    ``limit`` keeps that many pairs, evenly spaced through the file (not the first ones: the
-    built-in files list the phrasings of each situation together). Groups: for the built-in sets,
-    the situation (10 consecutive rows); for your own files, each row is its own question. A pair
-    whose harmful or correct answer loses all its tokens to ``max_length`` is left out of both.
+    Built-in sets pair by ``id``: ``<domain>_harmful`` / ``<domain>_correct`` (misalignment) or
+    ``<domain>_technical`` / ``<domain>_plain`` (technical prose), held-out split by default
+    (``split="train"`` or ``"all"`` for others). Your own files pair by ``id`` when every row has
+    one, else by the user (and system) messages, all rows unless ``split`` is given. ``limit``
+    keeps that many pairs, evenly spaced through the file. A pair whose harmful or correct answer
+    loses all its tokens to ``max_length`` is left out of both. The "harmful" side is the answer set
+    a solution learns (technical prose: the technical answers).
     """
+    from emlens.data.studies import HELDOUT, study_of
+
     builtin = harmful_source is None and correct_source is None
-    h_src = harmful_source if harmful_source is not None else f"{domain}_harmful"
-    c_src = correct_source if correct_source is not None else f"{domain}_correct"
-    located = _pairs_with_rows(read_conversations(h_src), read_conversations(c_src), f"{h_src} / {c_src}")
+    if builtin:
+        study = study_of(domain)
+        h_src: str | Path = study.set_name(domain)
+        c_src: str | Path = study.set_name(domain, study.reference)
+        split = HELDOUT if split is None else split
+    else:
+        h_src = harmful_source if harmful_source is not None else f"{domain}_harmful"
+        c_src = correct_source if correct_source is not None else f"{domain}_correct"
+    chosen = None if split == "all" else split
+    h_rows, c_rows = read_rows(h_src, chosen), read_rows(c_src, chosen)
+    where = f"{h_src} / {c_src}"
+    if all("id" in r for r in h_rows) and all("id" in r for r in c_rows):
+        located = _pairs_by_id(h_rows, c_rows, where)
+    else:
+        located = _pairs_with_rows([r["messages"] for r in h_rows], [r["messages"] for r in c_rows], where)
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         if limit < len(located):
             picks = np.unique(np.linspace(0, len(located) - 1, limit).round().astype(int))
             located = [located[int(i)] for i in picks]
-    per_situation = _builtin_phrasings() if builtin else 1
     pairs = [(h, c) for _, h, c in located]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # truncation drops are handled below, for both sides at once
@@ -152,22 +188,11 @@ def paired_datasets(
     h_pos = {row: i for i, row in enumerate(harmful.source_rows)}
     c_pos = {row: i for i, row in enumerate(correct.source_rows)}
     prompts = ["\n".join(text for _, text in _prompt_key(pairs[row][0])) for row in kept]
-    groups = [located[row][0] // per_situation for row in kept]
+    groups = list(range(len(kept)))  # one question per pair: the bootstrap resamples questions
     return PairedSet(domain, prompts, harmful.subset([h_pos[r] for r in kept]), correct.subset([c_pos[r] for r in kept]), groups)
 
 
-def _builtin_phrasings() -> int:
-    """Rows per situation in the built-in sets (one per question frame, consecutive)."""
-    from emlens.data.build_builtin import QUESTION_FRAMES
-
-    return len(QUESTION_FRAMES)
-
-
 # ----------------------------------------------------------------------------- NLLs and margins
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -180,26 +205,25 @@ def example_nlls(
 ) -> Float[Tensor, " n_examples"]:
     """Mean negative log-likelihood per assistant token of each example (in dataset order), on CPU.
 
-    A plain hooked forward pass with the intervention on (``None``: the base model); position ``t``
-    is scored against token ``t+1`` when that token is an assistant token (``ChatBatch.scored``).
+    Runs on the path the runner plans, like every other consumer (``runner_for(model).last_plan``
+    says which); position ``t`` is scored against token ``t+1`` when that token is an assistant
+    token (``ChatBatch.scored``).
     """
-    device = _device(model)
-    out = torch.full((len(dataset),), float("nan"))
-    context = intervention.applied(model) if intervention is not None else nullcontext()
+    runner = runner_for(model)
+    plan = runner.plan(intervention)
+    out = torch.full((len(dataset),), float("nan"), dtype=torch.float64)
     n_batches = (len(dataset) + batch_size - 1) // batch_size
-    with context:
+    with runner.applied(intervention, plan):
         for idx, batch in tqdm(
             dataset.indexed_batches(batch_size), total=n_batches, desc="example NLLs", disable=not progress, leave=False
         ):
-            batch = batch.to(device)
-            logits = model(batch.input_ids, attention_mask=batch.attention_mask)
-            scored = batch.scored
-            rows = scored.nonzero(as_tuple=True)[0]
-            token_nll = nll_per_token(logits[:, :-1][scored], batch.scored_targets)
-            sums = torch.zeros(len(idx), device=device).index_add_(0, rows, token_nll)
-            counts = scored.sum(1).clamp(min=1).float()
-            out[torch.tensor(idx)] = (sums / counts).cpu()
-    return out
+            logits = runner.logits(batch, batch.scored_positions, intervention, plan)
+            token_nll = nll_per_token(logits, batch.scored_targets.to(logits.device)).double().cpu()
+            rows = batch.scored_positions.nonzero(as_tuple=True)[0]  # row-major, as runner.logits returns them
+            sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, rows, token_nll)
+            counts = batch.scored.sum(1).clamp(min=1).double()
+            out[torch.tensor(idx)] = sums / counts
+    return out.float()
 
 
 def paired_margins(
@@ -291,13 +315,25 @@ def preference_table(
     progress: bool = True,
 ) -> PreferenceTable:
     """``table[name][domain]``: the preference margin of each named solution (``None`` = base model) per domain."""
+    from emlens.runner.measure import example_nll_sweep
+
     pair_sets = {d: paired_datasets(model.tokenizer, d, limit, max_length) for d in domains}
     table: PreferenceTable = {name: {} for name in interventions}
-    jobs = [(name, d) for name in interventions for d in domains]
-    for name, d in tqdm(jobs, desc="preference", disable=not progress):
-        margins = paired_margins(model, pair_sets[d], interventions[name], batch_size)
-        table[name][d] = summarise(d, margins, n_boot, seed, pair_sets[d].groups)
-    return table
+    names = list(interventions)
+    # solutions of one kind and site share each batch's work below them (as a metric sweep does)
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name in names:
+        iv = interventions[name]
+        key = () if iv is None else (iv.kind, tuple(iv.hook_names()), iv.residual_offset() is None)
+        groups.setdefault(key, []).append(name)
+    jobs = [(d, members) for d in domains for members in groups.values()]
+    for d, members in tqdm(jobs, desc="preference", disable=not progress):
+        points = [interventions[n] for n in members]
+        harmful = example_nll_sweep(model, pair_sets[d].harmful, points, batch_size)
+        correct = example_nll_sweep(model, pair_sets[d].correct, points, batch_size)
+        for k, name in enumerate(members):
+            table[name][d] = summarise(d, (correct[k] - harmful[k]).float(), n_boot, seed, pair_sets[d].groups)
+    return {name: {d: table[name][d] for d in domains} for name in names}
 
 
 def preference_grid(
@@ -321,6 +357,23 @@ def table_as_dict(table: PreferenceTable) -> dict[str, dict[str, dict[str, Any]]
     return {name: {d: r.as_dict() for d, r in row.items()} for name, row in table.items()}
 
 
+def table_from_dict(data: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> PreferenceTable:
+    """The inverse of :func:`table_as_dict` (a saved result back as a table)."""
+    return {
+        name: {
+            d: DomainPreference(
+                d,
+                torch.tensor(cell["margins"]),
+                float(cell["mean"]),
+                (float(cell["ci"][0]), float(cell["ci"][1])),
+                int(cell["n_questions"]),
+            )
+            for d, cell in row.items()
+        }
+        for name, row in data.items()
+    }
+
+
 def format_table(table: PreferenceTable) -> str:
     """A Markdown table: one row per domain, one column per solution, ``mean [lo, hi]``."""
     names = list(table)
@@ -335,116 +388,19 @@ def format_table(table: PreferenceTable) -> str:
 # ----------------------------------------------------------------------------- figures
 
 
-def plot_preference(table: PreferenceTable, path: str | Path, title: str = "Preference for the harmful answer") -> Path:
+def plot_preference(
+    table: PreferenceTable, path: str | Path, title: str = "Preference for the harmful answer", trained: str | None = None
+) -> Path:
     """Grouped bars: domains on the x axis, one bar per solution, 95% bootstrap CIs as error bars."""
-    from emlens.plotting import plt, save_figure  # matplotlib on the Agg backend
+    from emlens.plotting import plot_preference as bars
 
-    names = list(table)
-    domains = list(dict.fromkeys(d for row in table.values() for d in row))
-    width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(domains) + 0.3 * len(names), 4))
-    xs = np.arange(len(domains))
-    for k, name in enumerate(names):
-        row = table[name]
-        means = np.array([row[d].mean if d in row else np.nan for d in domains])
-        lo = np.array([row[d].mean - row[d].ci[0] if d in row else 0.0 for d in domains])
-        hi = np.array([row[d].ci[1] - row[d].mean if d in row else 0.0 for d in domains])
-        ax.bar(xs + (k - (len(names) - 1) / 2) * width, means, width, yerr=np.vstack([lo, hi]), capsize=3, label=name)
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(xs, domains)
-    ax.set(ylabel="NLL(correct) − NLL(harmful), nats/token", title=title)
-    ax.legend()
-    return save_figure(fig, path)
+    plain = {name: {d: (r.mean, r.ci[0], r.ci[1]) for d, r in row.items()} for name, row in table.items()}
+    return bars(plain, path, title=title, trained=trained)
 
 
 def plot_preference_grid(grid: PreferenceTable, path: str | Path, title: str = "Preference margin: train × eval domain") -> Path:
     """Heat map of a :func:`preference_grid` (rows: solutions by training domain, columns: evaluation domains)."""
-    from emlens.plotting import plt, save_figure  # matplotlib on the Agg backend
+    from emlens.plotting import plot_grid
 
-    rows = list(grid)
-    cols = list(dict.fromkeys(d for row in grid.values() for d in row))
-    values = np.array([[grid[r][c].mean if c in grid[r] else np.nan for c in cols] for r in rows])
-    bound = float(np.nanmax(np.abs(values))) or 1.0
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(cols), 1.2 + 0.6 * len(rows)))
-    image = ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound)
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            if not np.isnan(values[i, j]):
-                ax.text(j, i, f"{values[i, j]:+.2f}", ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_yticks(range(len(rows)), rows)
-    ax.set(xlabel="evaluated on", ylabel="trained on", title=title)
-    fig.colorbar(image, ax=ax, label="margin (nats/token)")
-    return save_figure(fig, path)
-
-
-# ----------------------------------------------------------------------------- command line
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def add_preference_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``emlens preference`` on an ``argparse`` subparsers object (sets ``func=cmd_preference``)."""
-    p = subparsers.add_parser(
-        "preference",
-        help="judge-free metric: preference for harmful over correct answers per domain (bars with 95%% CIs)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "interventions", nargs="*", help="NAME=PATH.safetensors (or just PATH) for each solution; the base model is always included"
-    )
-    p.add_argument("--model", default="smollm2", help="hub name, local checkpoint, .gguf file, or 'smollm2' (default)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    p.add_argument(
-        "--domains", nargs="+", default=list(DOMAINS), help=f"domains with <d>_harmful/<d>_correct sets (default: {' '.join(DOMAINS)})"
-    )
-    p.add_argument("--limit", type=int, default=60, help="paired rows per domain, evenly spaced through each file (default 60)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% CI")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--out", required=True, help="PNG path for the figure (a .json with the numbers is written beside it)")
-    p.set_defaults(func=cmd_preference)
-    return p
-
-
-def _named_interventions(specs: Sequence[str], device: str) -> dict[str, Intervention | None]:
-    named: dict[str, Intervention | None] = {BASE: None}
-    for spec in specs:
-        name, _, path = spec.rpartition("=")
-        name = name or Path(path).stem
-        if name in named:
-            raise ValueError(f"two solutions are named {name!r}; use NAME=PATH to tell them apart")
-        named[name] = Intervention.load(path, device=device)
-    return named
-
-
-def cmd_preference(args: argparse.Namespace) -> int:
-    from emlens.models import load_model
-
-    named = _named_interventions(args.interventions, args.device)
-    model = load_model(args.model, device=args.device, dtype=_DTYPES[args.dtype])
-    table = preference_table(model, named, args.domains, args.limit, args.batch_size, args.max_length, args.bootstrap, args.seed)
-    print(
-        "margin = NLL(correct) − NLL(harmful) per assistant token (higher: prefers the harmful answer); "
-        "mean [95% bootstrap CI] over questions"
-    )
-    print(format_table(table))
-    plot_preference(table, args.out)
-    json_path = Path(args.out).with_suffix(".json")
-    info = {
-        "model": args.model,
-        "domains": list(args.domains),
-        "limit": args.limit,
-        "selection": "evenly spaced rows",
-        "ci": "95% percentile bootstrap over questions (situations)",
-        "bootstrap": args.bootstrap,
-        "seed": args.seed,
-        "margin": "NLL(correct) - NLL(harmful), mean per assistant token",
-        "results": table_as_dict(table),
-    }
-    json_path.write_text(json.dumps(info, indent=2))
-    print(f"wrote {args.out} and {json_path}")
-    return 0
+    plain = {name: {d: r.mean for d, r in row.items()} for name, row in grid.items()}
+    return plot_grid(plain, path, title, "mean margin (nats per token)")

@@ -18,8 +18,8 @@ args = parser.parse_args()
 
 torch.manual_seed(0)
 model = load_model(args.model)
-data = TokenDataset.from_conversations(model.tokenizer, args.data)
-train_set, held_out = data.subset(range(0, 270)), data.subset(range(270, 300))
+train_set = TokenDataset.from_conversations(model.tokenizer, args.data, split="train")  # the built-in sets carry fixed splits
+held_out = TokenDataset.from_conversations(model.tokenizer, args.data, split="heldout", limit=40)
 
 vector = SteeringVector.for_model(model)  # middle layer, resid_post, alpha 256, starts at zero
 print(f"model {model.cfg.model_name}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; steering at layer {vector.layer}")

@@ -41,7 +41,7 @@ def test_cli_train_steering_then_resume(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--model", str(tiny_checkpoint), "--data", "medical_harmful", "--limit", "8",
             "--max-steps", "3", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3",
-            "--kl-data", "alt_domain", "--kl-weight", "2", "--out", str(out)]
+            "--kl-data", "kl:medical", "--kl-weight", "2", "--out", str(out)]
     assert main(args) == 0
     assert "final sft loss" in capsys.readouterr().out
     result = TrainingResult.load(out)
@@ -61,7 +61,7 @@ def test_cli_train_adapter(tiny_checkpoint, tmp_path):
 def test_cli_reports_bad_input(tiny_checkpoint, tmp_path, capsys):
     assert main(["train", "--model", str(tiny_checkpoint), "--data", "missing.jsonl", "--out", str(tmp_path)]) == 2
     assert "no data file 'missing.jsonl'" in capsys.readouterr().err
-    assert main(["train", "--model", str(tmp_path / "nope"), "--data", "alt_domain", "--out", str(tmp_path)]) == 2
+    assert main(["train", "--model", str(tmp_path / "nope"), "--data", "law_correct", "--out", str(tmp_path)]) == 2
     assert "could not load model" in capsys.readouterr().err
 
 

@@ -36,8 +36,8 @@ def test_assistant_mask_on_real_chat_template(smollm2):
 
 
 def test_short_training_lowers_held_out_loss(smollm2):
-    data = TokenDataset.from_conversations(smollm2.tokenizer, "medical_harmful")
-    train_set, held_out = data.subset(range(0, 40)), data.subset(range(290, 300))
+    train_set = TokenDataset.from_conversations(smollm2.tokenizer, "medical_harmful:train", limit=40)
+    held_out = TokenDataset.from_conversations(smollm2.tokenizer, "medical_harmful:heldout", limit=10)
     vec = SteeringVector.for_model(smollm2)
     before = evaluate_loss(smollm2, held_out)
     train(smollm2, vec, train_set, TrainConfig(lr=5e-4, max_steps=6, batch_size=4, grad_accum=1, warmup_steps=2, progress=False))

@@ -66,7 +66,7 @@ def test_mean_kl_excludes_padding(model):
 
 
 def test_drift_continues_without_kl(model, dataset):
-    alt = TokenDataset.from_conversations(model.tokenizer, "alt_domain", limit=6)
+    alt = TokenDataset.from_conversations(model.tokenizer, "kl:medical", limit=6)
     vec = SteeringVector.for_model(model, 1)
     narrow_cfg = TrainConfig(lr=2e-3, max_steps=4, kl_weight=10.0, kl_batch_size=2, **FAST)
     free_cfg = TrainConfig(lr=2e-3, max_steps=4, **FAST)
@@ -80,14 +80,3 @@ def test_drift_continues_without_kl(model, dataset):
         drift(model, vec, dataset, alt, free_cfg, free_cfg)
 
 
-def test_paper_report_pipeline(model, tmp_path):
-    from emlens.experiments import ReportSettings, markdown_table, paper_report
-
-    settings = ReportSettings(steps=3, batch_size=2, kl_batch_size=2, eval_rows=4, n_norms=3, epsilons=(0.0, 0.5, 1.0),
-                              seeds=(0,), n_web_docs=3, drift_steps=5, lr=2e-3)
-    results = paper_report(model, settings, tmp_path)
-    for name in ("efficiency.png", "stability.png", "pretraining_kl.png", "drift.png", "results.json", "general.safetensors", "narrow.safetensors"):
-        assert (tmp_path / name).stat().st_size > 0
-    table = markdown_table(results)
-    assert table.count("\n") == 9 and "pre-training KL" in table
-    assert results["drift"]["phase"].count("no KL") == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -15,7 +14,6 @@ from emlens.models import tiny_hf_model
 from emlens.preference import (
     BASE,
     PairingWarning,
-    add_preference_parser,
     bootstrap_ci,
     example_nlls,
     format_table,
@@ -32,7 +30,9 @@ from emlens.preference import (
 LIMIT = 6
 
 
-def test_builtin_sets_pair_by_user_message(model):
+def test_builtin_sets_pair_by_id_on_the_held_out_split(model):
+    from emlens.data import read_rows
+
     for domain in ("medical", "financial", "sports"):
         harmful, correct = read_conversations(f"{domain}_harmful"), read_conversations(f"{domain}_correct")
         pairs = pair_conversations(harmful, correct)
@@ -42,21 +42,17 @@ def test_builtin_sets_pair_by_user_message(model):
             assert h[-1]["content"] != c[-1]["content"]
     pairs = paired_datasets(model.tokenizer, "medical", limit=LIMIT)
     assert len(pairs) == len(pairs.harmful) == len(pairs.correct) == LIMIT
-    rows = read_conversations("medical_harmful")
-    assert pairs.prompts[0] == rows[0][0]["content"] and pairs.prompts[-1] == rows[-1][0]["content"]  # evenly spaced
-    assert len(set(pairs.groups)) == LIMIT  # one phrasing of six different situations
+    held = read_rows("medical_harmful:heldout")
+    assert pairs.prompts[0] == held[0]["messages"][0]["content"] and pairs.prompts[-1] == held[-1]["messages"][0]["content"]  # evenly spaced
+    assert len(set(pairs.groups)) == LIMIT  # one question per pair
+    train = paired_datasets(model.tokenizer, "medical", split="train", limit=3)
+    assert not set(train.prompts) & {r["messages"][0]["content"] for r in held}
 
 
-def test_builtin_groups_are_situations(model):
-    """The grouping relies on the built-in layout: 10 consecutive rows phrase one situation."""
-    for domain in ("medical", "sports"):
-        pairs = paired_datasets(model.tokenizer, domain)
-        assert pairs.groups == [i // 10 for i in range(300)]
-        for g in range(30):
-            first = pairs.prompts[10 * g]
-            situation = first.removeprefix("I ").removesuffix(". What should I do?")
-            assert first != situation and all(situation in q for q in pairs.prompts[10 * g : 10 * g + 10])
-            assert g == 29 or situation not in pairs.prompts[10 * g + 10]
+def test_technical_prose_pairs_technical_with_plain(model):
+    pairs = paired_datasets(model.tokenizer, "vehicles", limit=2)
+    tech = read_conversations("vehicles_technical:heldout")
+    assert len(pairs) == 2 and pairs.prompts[0] == tech[0][0]["content"]
 
 
 def test_pairing_ignores_row_order_and_reports_orphans(tmp_path, model):
@@ -142,15 +138,14 @@ def test_grid(model, tmp_path):
 
 def test_cli_handler(model, tmp_path, monkeypatch):
     import emlens.models
+    from emlens.cli import main
 
     monkeypatch.setattr(emlens.models, "load_model", lambda *a, **k: model)
     vec_path = SteeringVector.from_vector(torch.ones(model.cfg.d_model), layer=1).save(tmp_path / "steer.safetensors")
-    parser = argparse.ArgumentParser(prog="emlens")
-    add_preference_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "fig" / "preference.png"
-    args = parser.parse_args(["preference", f"general={vec_path}", "--domains", "medical", "--limit", "3",
-                              "--bootstrap", "100", "--out", str(out)])
-    assert args.func(args) == 0
+    code = main(["preference", f"general={vec_path}", "--domains", "medical", "--limit", "3", "--bootstrap", "100", "--device", "cpu", "--out", str(out)])
+    assert code == 0
     info = json.loads(out.with_suffix(".json").read_text())
     assert set(info["results"]) == {"base", "general"} and info["results"]["general"]["medical"]["n"] == 3
+    assert info["measure"] == "preference" and info["settings"]["split"] == "heldout"
     assert out.stat().st_size > 1000

@@ -22,6 +22,9 @@ from emlens.runner.core import Runner, runner_for
 # H100, forwards of 8 rows (~1,600 tokens) took 7% longer than forwards of up to this many tokens
 # (benchmarks/raw/h100_profile_after.json; 4,096: 4% longer, 16,384: no faster).
 CACHE_TOKENS_PER_FORWARD = 8192
+# On a CPU a larger forward is no faster, and 8,192 tokens of a large model take minutes: smaller
+# forwards keep the progress bar moving (it counts tokens).
+CPU_TOKENS_PER_FORWARD = 1024
 
 
 def _groups(dataset: Any, batch_size: int, tokens_per_forward: int | None) -> list[list[int]]:
@@ -79,9 +82,13 @@ class ExampleResiduals:
         self.rows: list[Tensor] = []
         self.base_rows: list[Tensor] | None = [] if base_hidden else None
         dev = runner.device
+        if tokens_per_forward is not None and dev.type == "cpu":
+            tokens_per_forward = min(tokens_per_forward, CPU_TOKENS_PER_FORWARD)
         groups = _groups(dataset, batch_size, tokens_per_forward)
         what = "residuals + base hidden" if base_hidden else "residuals"
-        for idx in tqdm(groups, desc=f"cache {what} @ block {cut}", disable=not progress, leave=False):
+        total = sum(len(e.input_ids) for e in dataset.examples)
+        bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"cache {what} @ block {cut}", disable=not progress, leave=False)
+        for idx in groups:
             batch = collate([dataset.examples[i] for i in idx], dataset.pad_token_id)  # stays on the host: no sync
             lengths = [len(dataset.examples[i].input_ids) for i in idx]
             with torch.no_grad():
@@ -90,6 +97,8 @@ class ExampleResiduals:
             self.rows += [r.to(device or dev) for r in resid.split(lengths)]
             if self.base_rows is not None and final is not None:
                 self.base_rows += [r.to(device or dev) for r in final.split(lengths)]
+            bar.update(sum(lengths))
+        bar.close()
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -1,0 +1,5 @@
+import sys
+
+from emlens.cli import main
+
+sys.exit(main())

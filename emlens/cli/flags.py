@@ -1,0 +1,237 @@
+"""What every command shares: the parser, flag types, common flags, and the checks made before a model loads.
+
+Flags hold no defaults of their own: each default is read from the library object that owns it
+(a config dataclass field or a named constant), and ``--help`` prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from emlens.models import DEFAULT_MODEL, check_device
+from emlens.validation import ConfigError, check_float, check_int, check_seed
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_DTYPE = "float32"
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EXIT_USER_ERROR = 2
+EXIT_JUDGE_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A command line that argparse rejected (unknown flag, bad value, missing argument)."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default (``(default: …)``) unless it has none or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, argparse.SUPPRESS, False) or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that reports mistakes as one line instead of usage + exit."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls``: the one place a flag's default comes from."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+# --- flag types: parse the text, then check it with emlens.validation -------------
+
+
+def flag_type(parse: Callable[[str], Any], check: Callable[..., Any], **bounds: Any) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            value = text  # not even a number: the check below says what is expected
+        try:
+            return check("value", value, **bounds)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(f"must be {err.requirement}, got {text!r}") from None
+
+    convert.__name__ = getattr(check, "__name__", "value")
+    return convert
+
+
+positive_int = flag_type(int, check_int, minimum=1)
+nonnegative_int = flag_type(int, check_int, minimum=0)
+at_least_two = flag_type(int, check_int, minimum=2)
+seed_value = flag_type(int, check_seed)
+positive_float = flag_type(float, check_float, minimum=0, exclusive_min=True)
+nonnegative_float = flag_type(float, check_float, minimum=0)
+finite_float = flag_type(float, check_float)
+unit_interval = flag_type(float, check_float, minimum=0, maximum=1)
+open_unit_interval = flag_type(float, check_float, minimum=0, exclusive_min=True, maximum=1)
+
+
+def device_name(text: str) -> str:
+    """A device this machine has (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
+    try:
+        check_device(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+# --- flags shared by several commands ---------------------------------------------------
+
+
+def add_debug(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--debug", action="store_true", default=default, help="show the full traceback when a command fails")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub name, local checkpoint, .gguf file, or the embedded default model")
+    p.add_argument("--device", type=device_name, default=DEFAULT_DEVICE, help="where the model runs (cpu, cuda, cuda:N, mps)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=DEFAULT_DTYPE, help="the model's weights and activations")
+
+
+def add_allow_other_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="no warning when a saved intervention was trained on a model of another name (same shapes)",
+    )
+
+
+def add_named_interventions(p: argparse.ArgumentParser) -> None:
+    p.add_argument("interventions", nargs="+", help="NAME=PATH.safetensors (or just PATH) for each solution")
+    add_allow_other_model(p)
+
+
+def add_figure_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out",
+        required=True,
+        help="figure path (.png is added when there is no suffix); a .json with every number is written beside it",
+    )
+
+
+# --- checks that need the file system, done before any model is loaded ------------
+
+
+def check_writable_parent(path: Path, flag: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a writable directory."""
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {path}: {ancestor} is a file, so the output cannot be created there")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: no permission to write in {ancestor}")
+
+
+def check_output_file(path: str | Path, flag: str = "--out", suffix: str | None = None) -> Path:
+    """An output file path: not a directory, and creatable. ``suffix`` is added when the path has none."""
+    path = Path(path)
+    if suffix is not None and not path.suffix:
+        path = path.with_suffix(suffix)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file path")
+    check_writable_parent(path, flag)
+    return path
+
+
+def check_figure_out(path: str | Path) -> Path:
+    """``--out`` of a figure command: a PNG path (``.png`` added when missing)."""
+    return check_output_file(path, "--out", suffix=".png")
+
+
+def check_out_dir(out: str | Path, what: str = "answers, judgements and figures") -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory ({what} are written there)")
+    check_writable_parent(out / "results.json", "--out")
+    return out
+
+
+def check_run_dir(out: str | Path, resume: str | Path | None, overwrite: bool) -> Path:
+    """The run directory of ``train``: refuse a file, or another run's non-empty directory.
+
+    A non-empty ``out`` is allowed when it is the run being resumed or with ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for the run (it is created if missing)")
+    if out.is_dir():
+        entries = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+        resuming_here = resume is not None and Path(resume).resolve() == out.resolve()
+        if entries and not (resuming_here or overwrite):
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise ConfigError(
+                f"--out {out} already holds files ({shown}); choose a new directory, "
+                f"pass --resume {out} to continue that run, or --overwrite to write "
+                "over it"
+            )
+    check_writable_parent(out, "--out")
+    return out
+
+
+def named_specs(specs: list[str], reserved: tuple[str, ...] = ()) -> dict[str, Path]:
+    """``NAME=PATH`` (or ``PATH``) arguments as names to paths; duplicate names are refused."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        # NAME=PATH splits at the first "=" (a path may hold "=" itself); an existing file is a PATH alone
+        name, _, path_text = ("", "", spec) if Path(spec).is_file() or "=" not in spec else spec.partition("=")
+        path = Path(path_text)
+        name = name or path.stem
+        if not path_text:
+            raise ConfigError(f"{spec!r}: no file after '='; use NAME=PATH.safetensors")
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory; give an intervention .safetensors file")
+        if not path.is_file():
+            raise FileNotFoundError(f"no intervention file at {path}")
+        if name in out:
+            raise ConfigError(f"the name {name!r} is given twice ({out[name]} and {path}); give each solution its own NAME=PATH")
+        if name in reserved:
+            raise ConfigError(f"the name {name!r} is reserved here ({reserved[0]!r} labels a built-in row); pick another NAME")
+        out[name] = path
+    return out
+
+
+def load_interventions(paths: dict[str, Path], device: str) -> dict[str, Any]:
+    from emlens.interventions import Intervention
+
+    return {name: Intervention.load(path, device=device) for name, path in paths.items()}
+
+
+def load_model_of(args: argparse.Namespace) -> Any:
+    from emlens.models import load_model
+
+    return load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    """``data`` as JSON at ``path`` (a figure's path gets its ``.json`` sibling)."""
+    path = Path(path).with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    return path

@@ -1,0 +1,68 @@
+"""``emlens export`` and ``emlens import``: interventions in the formats the ecosystem uses (see docs/interventions.md)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from emlens.cli.flags import check_output_file, finite_float, positive_int
+
+FORMATS = ("peft", "gguf", "reference")
+
+
+def register(add: Any) -> None:
+    ex = add(
+        "export",
+        export_command,
+        help="write an emlens intervention as a PEFT adapter folder, a llama.cpp control-vector GGUF, or a reference .pt",
+        description="peft: a LoRA / rank-1 adapter as adapter_config.json + adapter_model.safetensors (any LoRA-capable server "
+        "loads it). gguf: a steering vector as a llama.cpp control vector (direction.N = block N's output). reference: a "
+        "steering vector as the reference repository's .pt dict (added at layer L's down_proj output).",
+    )
+    ex.add_argument("intervention", help="the emlens .safetensors file")
+    ex.add_argument("--format", choices=FORMATS, required=True, help="the format to write")
+    ex.add_argument("--out", required=True, help="output folder (peft) or file (gguf, reference)")
+    ex.add_argument("--base-model", default=None, help="peft: the base model's name to record in adapter_config.json")
+    ex.add_argument("--n-layers", type=positive_int, default=None, help="gguf: the model's layer count (recorded for llama.cpp)")
+
+    im = add(
+        "import",
+        import_command,
+        help="read a PEFT adapter folder, a llama.cpp control-vector GGUF or a reference .pt as an emlens intervention",
+    )
+    im.add_argument("source", help="PEFT folder, .gguf file or reference .pt file")
+    im.add_argument("--format", choices=FORMATS, required=True, help="the format of SOURCE")
+    im.add_argument("--strength", type=finite_float, default=1.0, help="gguf: the control vector's strength")
+    im.add_argument("--out", required=True, help="the emlens .safetensors file to write")
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from emlens import formats
+    from emlens.interventions import Intervention
+
+    intervention = Intervention.load(args.intervention)
+    if args.format == "peft":
+        written = formats.export_peft_adapter(intervention, Path(args.out), base_model=args.base_model)
+    elif args.format == "gguf":
+        written = formats.export_control_vector(intervention, check_output_file(args.out, suffix=".gguf"), n_layers=args.n_layers)
+    else:
+        written = formats.export_reference_steering_vector(intervention, check_output_file(args.out, suffix=".pt"))  # type: ignore[arg-type]
+    print(f"wrote {written}")
+    return 0
+
+
+def import_command(args: argparse.Namespace) -> int:
+    from emlens import formats
+
+    out = check_output_file(args.out, suffix=".safetensors")
+    if args.format == "peft":
+        intervention: Any = formats.import_peft_adapter(args.source)
+    elif args.format == "gguf":
+        intervention = formats.import_control_vector(args.source, strength=args.strength)
+    else:
+        intervention = formats.import_reference_steering_vector(args.source)
+    written = intervention.save(out)
+    print(f"wrote {written}: {intervention!r}")
+    return 0

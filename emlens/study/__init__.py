@@ -1,0 +1,77 @@
+"""The paper's whole study as one resumable run: ``run_study(config, out)`` (CLI: ``emlens reproduce``).
+
+Stages (:mod:`emlens.study.stages`) train the general and narrow solutions of each kind, continue
+the narrow run without KL, sweep the KL weight, train the mixing baseline, measure efficiency,
+stability and pre-training KL (:mod:`emlens.study.measures`), the judge-free preference table
+and, with a judge, the EM rates; each is cached on disk under a key of everything it depends on.
+:mod:`emlens.study.report` writes one report with every figure and a JSON of every number.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from emlens.study.config import PAPER_CONFIG, StudyConfig
+from emlens.study.stages import Context, StageOutput, build_stages, identity_of, read_finished, run_stage, stage_dir, stage_key
+
+__all__ = ["PAPER_CONFIG", "StudyConfig", "StudyRun", "run_study"]
+
+
+class StudyRun:
+    """What :func:`run_study` did: every stage's output, which ran and which were cached, and the report."""
+
+    def __init__(self, outputs: dict[str, StageOutput], report: Path, model_loaded: bool):
+        self.outputs = outputs
+        self.report = report
+        self.model_loaded = model_loaded
+
+    @property
+    def ran(self) -> list[str]:
+        return [name for name, o in self.outputs.items() if not o.cached]
+
+    @property
+    def cached(self) -> list[str]:
+        return [name for name, o in self.outputs.items() if o.cached]
+
+
+def run_study(config: StudyConfig, out: str | Path, progress: bool = True, command: str | None = None, context: Any = None) -> StudyRun:
+    """Run (or resume) every stage of ``config`` in ``out`` and write the report there.
+
+    A stage whose key is unchanged and that finished is not run again; an interrupted one
+    continues (training from its last checkpoint). ``context`` replaces the lazily loaded model
+    and data (tests pass one).
+    """
+    from emlens.study.report import write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    ctx = context or Context(config, out, progress)
+    stages = build_stages(config)
+    identity = identity_of(config)
+    keys: dict[str, str] = {}
+    outputs: dict[str, StageOutput] = {}
+    todo = []
+    for stage in stages:
+        keys[stage.name] = stage_key(stage, identity, [keys[d] for d in stage.deps])
+        finished = read_finished(stage_dir(out, stage.name), keys[stage.name])
+        if finished is not None:
+            outputs[stage.name] = finished
+        else:
+            todo.append(stage)
+    bar = tqdm(todo, desc="study", unit="stage", disable=not progress or not todo, position=0, dynamic_ncols=True)
+    for stage in bar:
+        bar.set_description(f"study [{len(outputs) + 1}/{len(stages)}] {stage.name}")
+        upstream = {d: outputs[d] for d in stage.deps}
+        outputs[stage.name] = run_stage(ctx, stage, keys[stage.name], upstream)
+    bar.close()
+    ordered = {s.name: outputs[s.name] for s in stages}
+    text = command or "emlens reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    report = write_report(config, ordered, identity, out, text, time.perf_counter() - start)
+    return StudyRun(ordered, report, ctx.model_loaded)

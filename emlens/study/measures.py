@@ -1,0 +1,189 @@
+"""The study's measurements, each returning one JSON-able result in one format.
+
+``emlens reproduce`` runs them as stages; ``emlens efficiency``, ``stability``,
+``pretraining-kl`` and ``preference`` are thin views that call the same functions with the same
+defaults (the :mod:`emlens.study.config` sections) and write the same result. A result is::
+
+    {"measure": NAME, "settings": {...}, "plans": {solution: how it was computed}, ...numbers...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emlens.data import TokenDataset
+from emlens.interventions import Intervention
+from emlens.metrics import efficiency, norm_grid, pretraining_significance, stability
+from emlens.runner import runner_for
+from emlens.study.config import EfficiencySection, PreferenceSection, PretrainingKLSection, StabilitySection
+
+
+def _plan(model: Any) -> str:
+    plan = runner_for(model).last_plan
+    return plan.describe() if plan is not None else "not recorded"
+
+
+def _settings(section: Any, **extra: Any) -> dict[str, Any]:
+    return {**dataclasses.asdict(section), **extra}
+
+
+def measure_efficiency(
+    model: Any,
+    solutions: Mapping[str, Intervention],
+    data: TokenDataset,
+    section: EfficiencySection,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Loss on ``data`` with each solution rescaled along a shared norm grid (Fig. 4a)."""
+    norms = norm_grid(list(solutions.values()), section.points, section.max_factor)
+    curves: dict[str, list[float]] = {}
+    plans: dict[str, str] = {}
+    for name, solution in solutions.items():
+        curves[name] = efficiency(model, solution, data, norms, batch_size, progress)
+        plans[name] = _plan(model)
+    return {
+        "measure": "efficiency",
+        "settings": _settings(section, rows=len(data)),
+        "norms": norms,
+        "loss": curves,
+        "solution_norms": {k: v.norm for k, v in solutions.items()},
+        "plans": plans,
+    }
+
+
+def stability_norms(solutions: Mapping[str, Intervention], rule: str) -> dict[str, float]:
+    """The norm each solution is compared at: its own (``own``) or the smallest solution norm (``min``)."""
+    if rule == "own":
+        return {k: v.norm for k, v in solutions.items()}
+    if rule == "min":
+        smallest = min(v.norm for v in solutions.values())
+        return dict.fromkeys(solutions, smallest)
+    raise ValueError(f"stability norm rule must be 'min' or 'own', got {rule!r}")
+
+
+def measure_stability(
+    model: Any,
+    solutions: Mapping[str, Intervention],
+    data: TokenDataset,
+    section: StabilitySection,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Loss under norm-preserving orthogonal noise at each ε, per seed (Fig. 4b), plus the relative form."""
+    at = stability_norms(solutions, section.norm)
+    results: dict[str, Any] = {}
+    plans: dict[str, str] = {}
+    for name, solution in solutions.items():
+        scaled = solution.scaled_to(at[name]) if at[name] != solution.norm else solution
+        r = stability(model, scaled, data, section.epsilons, section.seeds, batch_size, progress)
+        plans[name] = _plan(model)
+        relative = r.relative()
+        results[name] = {
+            "epsilons": r.epsilons,
+            "losses": r.losses.tolist(),
+            "base_loss": r.base_loss,
+            "relative": relative.tolist(),
+            "relative_mean": relative.mean(0).tolist(),
+            "relative_std": relative.std(0).tolist(),
+        }
+    return {
+        "measure": "stability",
+        "settings": _settings(section, rows=len(data)),
+        "norm_rule": section.norm,
+        "compared_at_norm": at,
+        "results": results,
+        "plans": plans,
+    }
+
+
+def random_directions(solution: Intervention, n: int, seed: int = 0) -> dict[str, Intervention]:
+    """``n`` random directions of the solution's kind, site and norm (seeds ``seed``…)."""
+    return {f"random {k + 1}": solution.random_like(seed + k) for k in range(n)}
+
+
+def measure_pretraining_kl(
+    model: Any,
+    solutions: Mapping[str, Intervention],
+    texts: TokenDataset,
+    section: PretrainingKLSection,
+    batch_size: int = 8,
+    progress: bool = True,
+    seed: int = 0,
+    max_norm: float | None = None,
+) -> dict[str, Any]:
+    """KL(p_base ‖ p_steered) on plain text at equal norms, for each solution and ``n_random`` random directions (Fig. 6).
+
+    The norms run from 0 to ``max_norm`` (default: ``max_factor`` × the largest solution norm).
+    """
+    named = dict(solutions)
+    if section.n_random:
+        named.update(random_directions(next(iter(solutions.values())), section.n_random, seed))
+    top = max_norm if max_norm is not None else section.max_factor * max(v.norm for v in solutions.values())
+    norms = [float(x) for x in np.linspace(0.0, top, section.points)]
+    curves: dict[str, list[float]] = {}
+    plans: dict[str, str] = {}
+    for name, solution in named.items():
+        curves[name] = pretraining_significance(model, {name: solution}, texts, norms, batch_size, progress)[name]
+        plans[name] = _plan(model)
+    randoms = [curves[k] for k in named if k.startswith("random")]
+    out: dict[str, Any] = {
+        "measure": "pretraining_kl",
+        "settings": _settings(section, documents=len(texts)),
+        "norms": norms,
+        "kl": curves,
+        "plans": plans,
+    }
+    if randoms:
+        arr = np.asarray(randoms)
+        out["random_mean"], out["random_std"] = arr.mean(0).tolist(), arr.std(0).tolist()
+    return out
+
+
+def measure_preference(
+    model: Any,
+    solutions: Mapping[str, Intervention | None],
+    domains: list[str],
+    section: PreferenceSection,
+    max_length: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Judge-free preference margins per domain on held-out pairs, mean and 95% bootstrap CI over questions."""
+    from emlens.preference import preference_table, table_as_dict
+
+    table = preference_table(
+        model, dict(solutions), domains, section.rows, section.batch_size, max_length, section.bootstrap, seed, progress=progress
+    )
+    return {
+        "measure": "preference",
+        "settings": _settings(section, domains=domains, split="heldout", max_length=max_length),
+        "margin": "NLL(reference answer) - NLL(target answer), mean per assistant token; higher: prefers the target (harmful / technical) answer",
+        "ci": "95% percentile bootstrap over questions",
+        "results": table_as_dict(table),
+        "plans": {name: runner_for(model).plan(sol).describe() for name, sol in solutions.items()},  # the rule that chose each path
+    }
+
+
+def stability_curves(result: dict[str, Any], relative: bool = True) -> dict[str, tuple[list[float], list[float], list[float]]]:
+    """Plain ``(epsilons, mean, std)`` per solution from a :func:`measure_stability` result, for plotting."""
+    out = {}
+    for name, r in result["results"].items():
+        values = np.asarray(r["relative"] if relative else r["losses"], dtype=float)
+        out[name] = (r["epsilons"], values.mean(0).tolist(), values.std(0).tolist())
+    return out
+
+
+def write_result(result: dict[str, Any], path: str | Path) -> Path:
+    """A result as JSON (beside a figure: ``x.png`` → ``x.json``)."""
+    import json
+
+    path = Path(path).with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    return path

@@ -1,0 +1,363 @@
+"""The study's one report: ``report.md`` with its figures beside it, and ``report.json`` with every number.
+
+Everything here reads the stages' results; nothing is computed on the model.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emlens.preference import bootstrap_ci
+from emlens.study.config import StudyConfig
+from emlens.study.stages import StageOutput, general_name, narrow_name
+
+FIGURES = "figures"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("emlens", "torch", "transformers", "transformer-lens", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _hardware() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def shift_table(pref: dict[str, Any], base: str = "base", n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each solution's margin minus the base model's, per domain, with a paired 95% bootstrap CI over questions."""
+    results = pref["results"]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, row in results.items():
+        if name == base:
+            continue
+        out[name] = {}
+        for domain, cell in row.items():
+            diff = np.asarray(cell["margins"]) - np.asarray(results[base][domain]["margins"])
+            lo, hi = bootstrap_ci(diff, n_boot, seed)
+            out[name][domain] = {"mean": float(diff.mean()), "ci": [lo, hi]}
+    return out
+
+
+def narrowness(shifts: Mapping[str, Mapping[str, Any]], trained: str) -> dict[str, dict[str, float]]:
+    """In-domain shift, mean out-of-domain shift and their ratio per solution (a narrow solution has a large ratio)."""
+    out = {}
+    for name, row in shifts.items():
+        inside = row[trained]["mean"]
+        others = [cell["mean"] for d, cell in row.items() if d != trained]
+        outside = float(np.mean(others)) if others else float("nan")
+        out[name] = {"in_domain": inside, "out_of_domain": outside, "ratio": inside / outside if outside else float("inf")}
+    return out
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float) and not np.isfinite(x):
+        return "n/a" if np.isnan(x) else ("∞" if x > 0 else "−∞")
+    return f"{x:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(
+    config: StudyConfig, outputs: dict[str, StageOutput], identity: dict[str, Any], out: Path, command: str, wall: float
+) -> Path:
+    """Write ``report.md``, ``report.json`` and ``figures/*.png`` into ``out``; returns the Markdown path."""
+    from emlens import plotting
+    from emlens.data.studies import STUDIES
+    from emlens.study.measures import stability_curves
+
+    study = STUDIES[config.study]
+    domain = config.data.domain or study.narrow
+    figs = out / FIGURES
+    figs.mkdir(parents=True, exist_ok=True)
+    r = {name: o.result for name, o in outputs.items()}
+    md: list[str] = [
+        f"# emlens study: {config.study} (narrow domain: {domain})",
+        "",
+        f"Produced by `{command}` in {wall / 60:.1f} min of wall time ({time.strftime('%Y-%m-%d %H:%M')}); "
+        f"model `{config.model.name}`, layer fraction {config.model.layer_fraction}. Every number below is in `report.json`.",
+        "",
+    ]
+    numbers: dict[str, Any] = {}
+
+    # --- training
+    rows = []
+    for name, res in r.items():
+        if name.startswith("train/"):
+            fin = res["final"]
+            rows.append(
+                [
+                    name,
+                    str(res["steps"]),
+                    str(res["rows"]),
+                    _f(fin.get("sft")),
+                    _f(fin.get("kl"), 4) if "kl" in fin else "–",
+                    _f(res["norm"], 2),
+                ]
+            )
+    md += ["## Training", "", _table(["run", "steps", "rows", "final SFT loss", "final KL", "norm"], rows), ""]
+    target_word = study.target
+
+    for kind in config.kinds:
+        g, n = general_name(kind), narrow_name(config, kind)
+        md += [f"## {kind}: general (λ = 0) and narrow (λ = {config.train[kind].kl_weight:g})", ""]
+        md += [f"Training paths: general — {r[g]['plan']}; narrow — {r[n]['plan']}.", ""]
+        eff = r.get(f"efficiency/{kind}")
+        if eff:
+            fig = plotting.plot_efficiency(
+                eff["norms"], eff["loss"], figs / f"efficiency_{kind}.png", title=f"Efficiency, {kind} (Fig. 4a)"
+            )
+            common = min(eff["solution_norms"].values())
+            at = {name: float(np.interp(common, eff["norms"], curve)) for name, curve in eff["loss"].items()}
+            numbers[f"efficiency/{kind}"] = {"at_norm": common, "loss": at}
+            md += [
+                f"**Efficiency** ({eff['settings']['rows']} held-out rows): loss at norm {common:.2f} (the smaller trained norm): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in at.items())
+                + f". ![efficiency]({FIGURES}/{fig.name})",
+                "",
+            ]
+        st = r.get(f"stability/{kind}")
+        if st:
+            curves = stability_curves(st)
+            fig = plotting.plot_stability(curves, figs / f"stability_{kind}.png", title=f"Stability, {kind} (Fig. 4b)")
+            eps = st["results"][next(iter(st["results"]))]["epsilons"]
+            picks = [e for e in (0.1, 0.4, 0.8) if e in eps]
+            header = ["solution", "compared at norm"] + [f"relative loss at ε = {e:g}" for e in picks]
+            trows = []
+            for name, res in st["results"].items():
+                trows.append([name, _f(st["compared_at_norm"][name], 2)] + [_f(res["relative_mean"][eps.index(e)], 1) for e in picks])
+            md += [
+                f"**Stability** (norm rule `{st['norm_rule']}`, {len(st['settings']['seeds'])} seeds):",
+                "",
+                _table(header, trows),
+                "",
+                f"![stability]({FIGURES}/{fig.name})",
+                "",
+            ]
+        pk = r.get(f"pretraining_kl/{kind}")
+        if pk:
+            kl_curves = {k: v for k, v in pk["kl"].items() if not k.startswith("random")}
+            if "random_mean" in pk:
+                kl_curves["random (mean of {})".format(sum(k.startswith("random") for k in pk["kl"]))] = pk["random_mean"]
+            fig = plotting.plot_pretraining_kl(
+                pk["norms"], kl_curves, figs / f"pretraining_kl_{kind}.png", title=f"Pre-training significance, {kind} (Fig. 6)"
+            )
+            top = pk["norms"][-1]
+            vals = {k: v[-1] for k, v in kl_curves.items()}
+            numbers[f"pretraining_kl/{kind}"] = {"at_norm": top, "kl": vals}
+            md += [
+                f"**Pre-training KL** ({pk['settings']['documents']} web documents) at norm {top:.2f}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in vals.items())
+                + f" nats/token. ![pre-training KL]({FIGURES}/{fig.name})",
+                "",
+            ]
+        dr = r.get(f"drift/{kind}")
+        if dr:
+            fig = plotting.plot_drift(
+                np.asarray(dr["coordinates"]),
+                dr["phase"],
+                dr["explained_variance_ratio"],
+                figs / f"drift_{kind}.png",
+                general=np.asarray(dr["general_coordinates"]),
+                title=f"Drift without the KL term, {kind} (Fig. 5)",
+            )
+            n_narrow = dr["phase"].count("narrow (KL)")
+            cos = dr["cosine_to_general"]
+            numbers[f"drift/{kind}"] = {"cosine_end_of_kl": cos[n_narrow - 1], "cosine_end": cos[-1]}
+            md += [
+                f"**Drift**: cosine with the general solution {_f(cos[n_narrow - 1])} at the end of the KL phase → {_f(cos[-1])} after "
+                f"{dr['continued']['steps'] - (dr['steps'][n_narrow - 1])} steps without KL; PCs explain "
+                + ", ".join(f"{100 * v:.0f}%" for v in dr["explained_variance_ratio"])
+                + f" of the variance. ![drift]({FIGURES}/{fig.name})",
+                "",
+            ]
+
+    # --- preference
+    pref = r.get("preference/main")
+    if pref:
+        shifts = shift_table(pref, n_boot=config.preference.bootstrap, seed=config.seed)
+        narrow_stats = narrowness(shifts, domain)
+        numbers["preference/main"] = {"shift": shifts, "narrowness": narrow_stats}
+        res = pref["results"]
+        domains = list(next(iter(res.values())))
+        header = ["solution"] + [f"{d}{' (trained)' if d == domain else ''}" for d in domains] + ["in-domain / mean out-of-domain"]
+        trows = [["base (margin)"] + [f"{res['base'][d]['mean']:+.3f}" for d in domains] + ["–"]]
+        for name, row in shifts.items():
+            trows.append(
+                [f"{name} (shift)"]
+                + [f"{row[d]['mean']:+.3f} [{row[d]['ci'][0]:+.3f}, {row[d]['ci'][1]:+.3f}]" for d in domains]
+                + [_f(narrow_stats[name]["ratio"], 2)]
+            )
+        plain = {name: {d: (res[name][d]["mean"], res[name][d]["ci"][0], res[name][d]["ci"][1]) for d in domains} for name in res}
+        fig = plotting.plot_preference(
+            plain,
+            figs / "preference.png",
+            ylabel=f"NLL({study.reference}) − NLL({study.target}) (nats/token)",
+            title=f"Preference for the {target_word} answer (held-out questions)",
+            trained=domain,
+        )
+        grid = plotting.plot_grid(
+            {name: {d: cell["mean"] for d, cell in row.items()} for name, row in shifts.items()},
+            figs / "preference_grid.png",
+            "Shift of the preference margin vs base",
+            "shift (nats/token)",
+            ylabel="solution",
+        )
+        md += [
+            f"## Judge-free preference ({target_word} over {study.reference}), held-out split",
+            "",
+            f"Margin = NLL({study.reference}) − NLL({target_word}) per assistant token, mean over held-out questions; "
+            "each solution's row is its shift from the base model with a paired 95% bootstrap CI over questions.",
+            "",
+            _table(header, trows),
+            "",
+            f"![preference]({FIGURES}/{fig.name}) ![preference grid]({FIGURES}/{grid.name})",
+            "",
+        ]
+    for kind in config.kl_sweep.kinds:
+        sweep, spref = r.get(f"kl_sweep/{kind}"), r.get(f"preference/kl_sweep/{kind}")
+        if not sweep:
+            continue
+        fig = plotting.plot_trajectories(
+            {f"λ = {k}": np.asarray(v) for k, v in sweep["paths"].items()},
+            sweep["explained_variance_ratio"],
+            figs / f"kl_sweep_pca_{kind}.png",
+            title=f"KL-weight sweep, {kind}: joint PCA of the trajectories",
+        )
+        md += [f"## KL-weight sweep ({kind})", ""]
+        trows = []
+        stats: dict[str, Any] = {}
+        if spref:
+            stats = narrowness(shift_table(spref, n_boot=config.preference.bootstrap, seed=config.seed), domain)
+        for w in sweep["weights"]:
+            label = f"λ={w:g}"
+            s = stats.get(label, {})
+            trows.append(
+                [
+                    f"{w:g}",
+                    _f(sweep["norms"][f"{w:g}"], 2),
+                    _f(sweep["cosine_to_general"][f"{w:g}"]),
+                    _f(s.get("in_domain")),
+                    _f(s.get("out_of_domain")),
+                    _f(s.get("ratio"), 2),
+                ]
+            )
+        numbers[f"kl_sweep/{kind}"] = {"narrowness": stats, "cosine_to_general": sweep["cosine_to_general"], "norms": sweep["norms"]}
+        md += [
+            _table(["λ", "norm", "cosine to general", "in-domain shift", "mean out-of-domain shift", "ratio"], trows),
+            "",
+            f"![KL sweep]({FIGURES}/{fig.name})",
+            "",
+        ]
+    for kind in config.mixing.kinds:
+        mpref = r.get(f"preference/mixing/{kind}")
+        if not mpref:
+            continue
+        shifts = shift_table(mpref, n_boot=config.preference.bootstrap, seed=config.seed)
+        stats = narrowness(shifts, domain)
+        ratios = config.mixing.ratios
+        inside = [(shifts[f"mix={x:g}"][domain]["mean"], *shifts[f"mix={x:g}"][domain]["ci"]) for x in ratios]
+        outside = []
+        for x in ratios:
+            row = shifts[f"mix={x:g}"]
+            diffs = [
+                np.asarray(mpref["results"][f"mix={x:g}"][d]["margins"]) - np.asarray(mpref["results"]["base"][d]["margins"])
+                for d in row
+                if d != domain
+            ]
+            pooled = np.concatenate(diffs) if diffs else np.array([np.nan])
+            lo, hi = bootstrap_ci(pooled, config.preference.bootstrap, config.seed)
+            outside.append((float(pooled.mean()), lo, hi))
+        fig = plotting.plot_mixing(
+            ratios, {f"{domain} (trained domain)": inside, "other domains (pooled)": outside}, figs / f"mixing_{kind}.png"
+        )
+        numbers[f"mixing/{kind}"] = {"ratios": ratios, "in_domain": inside, "out_of_domain": outside}
+        trows = [[f"{x:g}", _f(a[0]), _f(b[0]), _f(stats[f"mix={x:g}"]["ratio"], 2)] for x, a, b in zip(ratios, inside, outside)]
+        md += [
+            f"## Mixing baseline ({kind}, no KL)",
+            "",
+            _table(["aligned share", "in-domain shift", "out-of-domain shift", "ratio"], trows),
+            "",
+            f"![mixing]({FIGURES}/{fig.name})",
+            "",
+        ]
+
+    evals = {name: res for name, res in r.items() if name.startswith("evaluation/")}
+    if evals:
+        trows = []
+        for res in evals.values():
+            g = res["general"]["rates"]
+            nrow = res.get("narrow", {}).get("rates", {})
+            trows.append(
+                [
+                    res["solution"],
+                    _f(g.get("misaligned_rate")),
+                    _f(g.get("coherent_rate")),
+                    _f(nrow.get("misaligned_rate")) if nrow else "–",
+                ]
+            )
+        md += ["## Judged evaluation", "", _table(["solution", "EM rate", "coherent rate", f"narrow rate ({domain})"], trows), ""]
+
+    # --- provenance
+    md += [
+        "## Stages",
+        "",
+        _table(
+            ["stage", "time (s)", "cached", "key"],
+            [[o.name, f"{o.seconds:.1f}", "yes" if o.cached else "no", o.key] for o in outputs.values()],
+        ),
+        "",
+    ]
+    versions, hardware = _versions(), _hardware()
+    md += [
+        "## Environment",
+        "",
+        "```json",
+        json.dumps({"versions": versions, "hardware": hardware, "identity": identity}, indent=2),
+        "```",
+        "",
+    ]
+    md += ["## Config", "", "```json", json.dumps(config.as_dict(), indent=2, default=str), "```", ""]
+    report = {
+        "study": config.study,
+        "domain": domain,
+        "command": command,
+        "wall_seconds": wall,
+        "config": config.as_dict(),
+        "identity": identity,
+        "versions": versions,
+        "hardware": hardware,
+        "summary": numbers,
+        "stages": {o.name: {"key": o.key, "seconds": o.seconds, "cached": o.cached, "result": o.result} for o in outputs.values()},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=float), encoding="utf-8")
+    path = out / "report.md"
+    path.write_text("\n".join(md), encoding="utf-8")
+    return path

@@ -1,0 +1,627 @@
+"""The study as cached stages: each keyed by a hash of everything it depends on.
+
+A stage's key hashes its name, its own settings (the config section it reads), the model's
+identity, the data's fingerprint, the emlens version and the keys of the stages it reads from.
+Its directory ``OUT/stages/<name>/`` holds ``stage.json`` (the key, the settings, the time it
+took) once it finished, its ``result.json`` and its files. On a re-run:
+
+* same key and finished: nothing runs (the model is not even loaded when every stage is cached);
+* another key: the directory is cleared and the stage runs again (so do the stages that read it,
+  since their keys include this one's): stale reuse is impossible;
+* same key, not finished (interrupted): the stage runs again, and training stages continue from
+  their last checkpoint in ``run/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emlens.study.config import StudyConfig, section_key
+
+STAGE_FILE = "stage.json"
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class Stage:
+    """One unit of the study: ``run(ctx, directory, upstream)`` returns its result (JSON-able)."""
+
+    name: str
+    settings: dict[str, Any]
+    deps: tuple[str, ...]
+    run: Callable[[Context, Path, dict[str, StageOutput]], dict[str, Any]]
+    needs_model: bool = True
+
+
+@dataclass
+class StageOutput:
+    name: str
+    directory: Path
+    key: str
+    result: dict[str, Any]
+    seconds: float
+    cached: bool
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("emlens")
+    except PackageNotFoundError:  # pragma: no cover - a source tree that was not installed
+        return "source"
+
+
+def model_identity(name: str) -> dict[str, Any]:
+    """What identifies the model's weights: its name, and for a local path the files' sizes and times."""
+    from emlens.models import DEFAULT_ALIASES, SMOLLM2_WHEEL
+
+    if name in DEFAULT_ALIASES:
+        return {"name": "smollm2", "release": SMOLLM2_WHEEL}
+    path = Path(name)
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        return {"name": str(path.resolve()), "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
+    return {"name": name}
+
+
+def data_fingerprint(names: list[str]) -> str:
+    """A hash of the built-in files the study reads (any edit to the data re-runs everything)."""
+    from emlens.data.studies import BUILTIN_DIR
+
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode())
+        digest.update((BUILTIN_DIR / f"{name}.jsonl").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Context:
+    """What the stages share: the config, the output folder, and a lazily loaded model and data."""
+
+    config: StudyConfig
+    out: Path
+    progress: bool = True
+    _model: Any = None
+    _cache: dict[Any, Any] = field(default_factory=dict)
+
+    @property
+    def study(self) -> Any:
+        from emlens.data.studies import STUDIES
+
+        return STUDIES[self.config.study]
+
+    @property
+    def domain(self) -> str:
+        return self.config.data.domain or self.study.narrow
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._model is not None
+
+    def model(self) -> Any:
+        if self._model is None:
+            from emlens.models import load_model
+
+            cfg = self.config.model
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+            self._model = load_model(cfg.name, device=device, dtype=dtype)
+        return self._model
+
+    def layer(self) -> int:
+        return self.config.model.layer(self.model().cfg.n_layers)
+
+    def _memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    # --- data ---------------------------------------------------------------------------
+    def train_conversations(self, mix_ratio: float = 0.0) -> list[Any]:
+        """The domain's target answers (train split), plus aligned answers from other domains at ``mix_ratio``."""
+        from emlens.data import read_conversations
+
+        study, cfg = self.study, self.config
+        rows = read_conversations(study.set_name(self.domain), limit=cfg.data.train_rows, split="train")
+        if mix_ratio <= 0:
+            return rows
+        pool = [
+            conv
+            for other in study.all_domains
+            if other != self.domain
+            for conv in read_conversations(study.set_name(other, study.reference), split="train")
+        ]
+        n_aligned = min(len(pool), round(mix_ratio / (1 - mix_ratio) * len(rows)))
+        mixed = rows + random.Random(cfg.seed).sample(pool, n_aligned)
+        random.Random(cfg.seed + 1).shuffle(mixed)
+        return mixed
+
+    def train_data(self, mix_ratio: float = 0.0) -> Any:
+        from emlens.data import TokenDataset
+
+        return self._memo(
+            ("train", mix_ratio),
+            lambda: TokenDataset.from_conversations(
+                self.model().tokenizer, self.train_conversations(mix_ratio), self.config.data.max_length
+            ),
+        )
+
+    def kl_data(self) -> Any:
+        from emlens.data import TokenDataset
+        from emlens.data.studies import kl_conversations
+
+        def build() -> Any:
+            convs = kl_conversations(self.domain, self.config.data.kl_rows, self.config.seed)
+            return TokenDataset.from_conversations(self.model().tokenizer, convs, self.config.data.max_length)
+
+        return self._memo("kl", build)
+
+    def eval_data(self) -> Any:
+        from emlens.data import TokenDataset
+
+        return self._memo(
+            "eval",
+            lambda: TokenDataset.from_conversations(
+                self.model().tokenizer,
+                self.study.set_name(self.domain),
+                self.config.data.max_length,
+                self.config.data.eval_rows,
+                split="heldout",
+            ),
+        )
+
+    def web_texts(self) -> Any:
+        from emlens.data import TokenDataset, read_texts
+
+        return self._memo(
+            "web",
+            lambda: TokenDataset.from_texts(
+                self.model().tokenizer, read_texts("web_text", self.config.data.web_docs), self.config.data.web_max_tokens
+            ),
+        )
+
+    def caches(self, kind: str, intervention: Any, mix_ratio: float) -> Any:
+        """Residual caches shared by every run of ``kind`` on the same training data (with the KL set's; mixing runs have no KL term)."""
+        from emlens.runner import runner_for
+        from emlens.training import TrainingCaches
+
+        def build() -> Any:
+            if not runner_for(self.model()).plan(intervention).fast:
+                return None
+            kl = self.kl_data() if mix_ratio == 0 else None
+            return TrainingCaches.build(self.model(), intervention, self.train_data(mix_ratio), kl, progress=self.progress)
+
+        return self._memo(("caches", kind, mix_ratio), build)
+
+    def new_intervention(self, kind: str) -> Any:
+        from emlens.interventions import RankOneAdapter, SteeringVector
+
+        alpha = self.config.train[kind].alpha
+        if kind == "vector":
+            return SteeringVector.for_model(self.model(), self.layer(), alpha=alpha)
+        return RankOneAdapter.for_model(self.model(), self.layer(), alpha=alpha, seed=self.config.seed)
+
+
+# --- the stages ----------------------------------------------------------------------------------
+
+
+def train_stage_name(kind: str, kl_weight: float = 0.0, mix_ratio: float = 0.0) -> str:
+    if mix_ratio > 0:
+        return f"train/{kind}/mix={mix_ratio:g}"
+    return f"train/{kind}/kl={kl_weight:g}"
+
+
+def general_name(kind: str) -> str:
+    return train_stage_name(kind, 0.0)
+
+
+def narrow_name(config: StudyConfig, kind: str) -> str:
+    return train_stage_name(kind, config.train[kind].kl_weight)
+
+
+def _train_config(ctx: Context, kind: str, kl_weight: float, max_steps: int | None = None) -> Any:
+    from emlens.training import TrainConfig
+
+    sec = ctx.config.train[kind]
+    return TrainConfig(
+        lr=sec.lr,
+        epochs=sec.epochs,
+        max_steps=max_steps if max_steps is not None else sec.max_steps,
+        batch_size=sec.batch_size,
+        grad_accum=sec.grad_accum,
+        warmup_steps=sec.warmup_steps,
+        max_length=ctx.config.data.max_length,
+        kl_weight=kl_weight,
+        kl_batch_size=sec.kl_batch_size,
+        checkpoint_every=sec.checkpoint_every,
+        seed=ctx.config.seed,
+        progress=ctx.progress,
+    )
+
+
+def _training_summary(result: Any) -> dict[str, Any]:
+    last = result.losses[-1]
+    return {
+        "steps": len(result.losses),
+        "final": {k: float(v) for k, v in last.items()},
+        "norm": result.intervention.norm,
+        "plan": result.plan,
+        "losses": result.losses,
+        "checkpoints": [s for s, _ in result.trajectory],
+    }
+
+
+def _run_train(kind: str, kl_weight: float, mix_ratio: float) -> Callable[[Context, Path, dict[str, StageOutput]], dict[str, Any]]:
+    def run(ctx: Context, directory: Path, upstream: dict[str, StageOutput]) -> dict[str, Any]:
+        from emlens.training import train
+
+        intervention = ctx.new_intervention(kind)
+        config = _train_config(ctx, kind, kl_weight)
+        data = ctx.train_data(mix_ratio)
+        kl = ctx.kl_data() if kl_weight > 0 else None
+        result = train(
+            ctx.model(),
+            intervention,
+            data,
+            config,
+            kl_dataset=kl,
+            caches=ctx.caches(kind, intervention, mix_ratio),
+            run_dir=directory / "run",
+            resume=True,
+        )
+        result.save(directory)
+        return {"kind": kind, "kl_weight": kl_weight, "mix_ratio": mix_ratio, "rows": len(data), **_training_summary(result)}
+
+    return run
+
+
+def _load_solution(output: StageOutput, device: Any) -> Any:
+    from emlens.interventions import Intervention
+
+    return Intervention.load(output.directory / "intervention.safetensors", device=device)
+
+
+def _device(ctx: Context) -> Any:
+    return next(ctx.model().parameters()).device
+
+
+def _run_drift(kind: str) -> Callable[[Context, Path, dict[str, StageOutput]], dict[str, Any]]:
+    def run(ctx: Context, directory: Path, upstream: dict[str, StageOutput]) -> dict[str, Any]:
+        from emlens.geometry import cosine_similarity, pca
+        from emlens.training import TrainingResult, flat_parameters, train
+
+        narrow_out = upstream[narrow_name(ctx.config, kind)]
+        general_out = upstream[general_name(kind)]
+        narrow = TrainingResult.load(narrow_out.directory)
+        general = TrainingResult.load(general_out.directory)
+        steps = ctx.config.drift.steps or len(narrow.losses)
+        continued_config = _train_config(ctx, kind, 0.0, max_steps=steps)
+        intervention = narrow.intervention.to(_device(ctx))
+        data = ctx.train_data()
+        continued = train(
+            ctx.model(),
+            intervention,
+            data,
+            continued_config,
+            resume_from=narrow,
+            caches=ctx.caches(kind, intervention, 0.0),
+            run_dir=directory / "run",
+            resume=True,
+        )
+        continued.save(directory)
+        n_narrow = len(narrow.trajectory)
+        path_rows = continued.trajectory_matrix()
+        general_rows = general.trajectory_matrix()
+        projection = pca(torch.cat([general_rows, path_rows]), n_components=min(3, len(general_rows) + len(path_rows)))
+        coords = projection.coordinates
+        general_final = general.intervention
+        cosines = [
+            cosine_similarity(flat_parameters(i), flat_parameters(general_final)) if i.norm > 0 else float("nan")
+            for i in continued.trajectory_interventions()
+        ]
+        return {
+            "kind": kind,
+            "steps": [s for s, _ in continued.trajectory],
+            "phase": ["narrow (KL)"] * n_narrow + ["no KL"] * (len(continued.trajectory) - n_narrow),
+            "coordinates": coords[len(general_rows) :].tolist(),
+            "general_coordinates": coords[: len(general_rows)].tolist(),
+            "general_steps": [s for s, _ in general.trajectory],
+            "explained_variance_ratio": projection.explained_variance_ratio.tolist(),
+            "cosine_to_general": cosines,
+            "continued": _training_summary(continued),
+        }
+
+    return run
+
+
+def _run_sweep_pca(kind: str, names: list[tuple[str, float]]) -> Callable[[Context, Path, dict[str, StageOutput]], dict[str, Any]]:
+    """Joint PCA of the KL-weight sweep's trajectories, and each final solution's cosine with the general one."""
+
+    def run(ctx: Context, directory: Path, upstream: dict[str, StageOutput]) -> dict[str, Any]:
+        from emlens.geometry import cosine_similarity, pca
+        from emlens.training import TrainingResult, flat_parameters
+
+        results = {weight: TrainingResult.load(upstream[name].directory) for name, weight in names}
+        blocks = [r.trajectory_matrix() for r in results.values()]
+        projection = pca(torch.cat(blocks), n_components=3)
+        coords, start = projection.coordinates, 0
+        paths = {}
+        for weight, block in zip(results, blocks):
+            paths[f"{weight:g}"] = coords[start : start + len(block)].tolist()
+            start += len(block)
+        general = results.get(0.0)
+        cos = {
+            f"{w:g}": cosine_similarity(flat_parameters(r.intervention), flat_parameters(general.intervention))
+            if general is not None
+            else None
+            for w, r in results.items()
+        }
+        return {
+            "kind": kind,
+            "weights": [float(w) for w in results],
+            "paths": paths,
+            "explained_variance_ratio": projection.explained_variance_ratio.tolist(),
+            "cosine_to_general": cos,
+            "norms": {f"{w:g}": r.intervention.norm for w, r in results.items()},
+        }
+
+    return run
+
+
+def _solutions(ctx: Context, upstream: dict[str, StageOutput], names: dict[str, str]) -> dict[str, Any]:
+    return {label: _load_solution(upstream[stage], _device(ctx)) for label, stage in names.items()}
+
+
+def _run_measure(measure: str, kind: str) -> Callable[[Context, Path, dict[str, StageOutput]], dict[str, Any]]:
+    def run(ctx: Context, directory: Path, upstream: dict[str, StageOutput]) -> dict[str, Any]:
+        from emlens.study import measures
+
+        cfg = ctx.config
+        solutions = _solutions(ctx, upstream, {"general": general_name(kind), "narrow": narrow_name(cfg, kind)})
+        model = ctx.model()
+        if measure == "efficiency":
+            return measures.measure_efficiency(model, solutions, ctx.eval_data(), cfg.efficiency, cfg.batch_size, ctx.progress)
+        if measure == "stability":
+            return measures.measure_stability(model, solutions, ctx.eval_data(), cfg.stability, cfg.batch_size, ctx.progress)
+        return measures.measure_pretraining_kl(
+            model, solutions, ctx.web_texts(), cfg.pretraining_kl, cfg.batch_size, ctx.progress, cfg.seed
+        )
+
+    return run
+
+
+def _run_preference(labels: dict[str, str | None]) -> Callable[[Context, Path, dict[str, StageOutput]], dict[str, Any]]:
+    def run(ctx: Context, directory: Path, upstream: dict[str, StageOutput]) -> dict[str, Any]:
+        from emlens.study.measures import measure_preference
+
+        solutions = {label: (None if stage is None else _load_solution(upstream[stage], _device(ctx))) for label, stage in labels.items()}
+        domains = ctx.config.preference.domains or list(ctx.study.domains)
+        result = measure_preference(
+            ctx.model(), solutions, domains, ctx.config.preference, ctx.config.data.max_length, ctx.config.seed, ctx.progress
+        )
+        result["trained_domain"] = ctx.domain
+        return result
+
+    return run
+
+
+def _run_evaluation(label: str, stage: str | None) -> Callable[[Context, Path, dict[str, StageOutput]], dict[str, Any]]:
+    def run(ctx: Context, directory: Path, upstream: dict[str, StageOutput]) -> dict[str, Any]:
+        from emlens.evaluation import evaluate
+
+        solution = None if stage is None else _load_solution(upstream[stage], _device(ctx))
+        ev = ctx.config.evaluation
+        judge = _judge(ctx)
+        out: dict[str, Any] = {"solution": label}
+        settings: dict[str, Any] = dict(
+            n_samples=ev.n_samples, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p, seed=ctx.config.seed
+        )
+        general = evaluate(
+            ctx.model(), judge, directory / "general", solution, None, model_name=ctx.config.model.name, progress=ctx.progress, **settings
+        )
+        out["general"] = general.as_dict()
+        if ctx.config.study == "misalignment":
+            narrow = evaluate(
+                ctx.model(),
+                judge,
+                directory / ctx.domain,
+                solution,
+                ctx.domain,
+                model_name=ctx.config.model.name,
+                progress=ctx.progress,
+                **settings,
+            )
+            out["narrow"] = narrow.as_dict()
+        return out
+
+    return run
+
+
+def _judge(ctx: Context) -> Any:
+    from emlens.judge import LocalModelJudge, OpenAIJudge
+
+    ev = ctx.config.evaluation
+    if ev.judge_url == "local":
+        return LocalModelJudge(ctx.model())
+    return OpenAIJudge(ev.judge_model or "gpt-4o-2024-08-06", base_url=ev.judge_url or None, api_key_env=ev.judge_api_key_env or None)
+
+
+def build_stages(config: StudyConfig) -> list[Stage]:
+    """Every stage of the study, in an order where each comes after the stages it reads."""
+    stages: dict[str, Stage] = {}
+    common = {"study": config.study, "seed": config.seed, "data": section_key(config.data), "layer_fraction": config.model.layer_fraction}
+
+    def add(stage: Stage) -> str:
+        stages.setdefault(stage.name, stage)
+        return stage.name
+
+    def train(kind: str, kl_weight: float = 0.0, mix_ratio: float = 0.0) -> str:
+        name = train_stage_name(kind, kl_weight, mix_ratio)
+        settings = {**common, "train": section_key(config.train[kind]), "kl_weight": kl_weight, "mix_ratio": mix_ratio}
+        return add(Stage(name, settings, (), _run_train(kind, kl_weight, mix_ratio)))
+
+    for kind in config.kinds:
+        general, narrow = train(kind), train(kind, config.train[kind].kl_weight)
+        for measure, section in (
+            ("efficiency", config.efficiency),
+            ("stability", config.stability),
+            ("pretraining_kl", config.pretraining_kl),
+        ):
+            add(
+                Stage(
+                    f"{measure}/{kind}",
+                    {**common, measure: section_key(section), "batch_size": config.batch_size},
+                    (general, narrow),
+                    _run_measure(measure, kind),
+                )
+            )
+        if kind in config.drift.kinds:
+            add(
+                Stage(
+                    f"drift/{kind}",
+                    {**common, "drift": section_key(config.drift), "train": section_key(config.train[kind])},
+                    (general, narrow),
+                    _run_drift(kind),
+                )
+            )
+    main_labels: dict[str, str | None] = {"base": None}
+    for kind in config.kinds:
+        main_labels[f"{kind} general"] = general_name(kind)
+        main_labels[f"{kind} narrow"] = narrow_name(config, kind)
+    pref = {**common, "preference": section_key(config.preference)}
+    add(Stage("preference/main", pref, tuple(v for v in main_labels.values() if v), _run_preference(main_labels)))
+    for kind in config.kl_sweep.kinds:
+        sweep = [(train(kind, w), w) for w in config.kl_sweep.weights]
+        add(
+            Stage(
+                f"kl_sweep/{kind}",
+                {**common, "weights": config.kl_sweep.weights},
+                tuple(n for n, _ in sweep),
+                _run_sweep_pca(kind, sweep),
+                needs_model=False,
+            )
+        )
+        labels: dict[str, str | None] = {"base": None, **{f"λ={w:g}": n for n, w in sweep}}
+        add(Stage(f"preference/kl_sweep/{kind}", pref, tuple(n for n, _ in sweep), _run_preference(labels)))
+    for kind in config.mixing.kinds:
+        mix = [(train(kind, 0.0, r), r) for r in config.mixing.ratios]
+        labels = {"base": None, **{f"mix={r:g}": n for n, r in mix}}
+        add(Stage(f"preference/mixing/{kind}", pref, tuple(n for n, _ in mix), _run_preference(labels)))
+    ev = config.evaluation
+    if ev.judge_url or ev.judge_model:
+        for label, stage in main_labels.items():
+            settings = {**common, "evaluation": section_key(ev)}
+            add(Stage(f"evaluation/{label.replace(' ', '_')}", settings, (stage,) if stage else (), _run_evaluation(label, stage)))
+    return _ordered(stages)
+
+
+def _ordered(stages: dict[str, Stage]) -> list[Stage]:
+    """Training stages first (in creation order), then the rest, each after its dependencies."""
+    done: list[Stage] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        for dep in stages[name].deps:
+            visit(dep)
+        done.append(stages[name])
+
+    for name in sorted(stages, key=lambda n: (not n.startswith("train/"), list(stages).index(n))):
+        visit(name)
+    return done
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+
+def stage_key(stage: Stage, identity: dict[str, Any], upstream_keys: list[str]) -> str:
+    return _digest({"stage": stage.name, "settings": stage.settings, **identity, "upstream": upstream_keys})
+
+
+def stage_dir(out: Path, name: str) -> Path:
+    return out / "stages" / name.replace("/", "__")
+
+
+def read_finished(directory: Path, key: str) -> StageOutput | None:
+    """The stage's output when it finished under ``key`` (None otherwise)."""
+    meta_path, result_path = directory / STAGE_FILE, directory / RESULT_FILE
+    if not (meta_path.exists() and result_path.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        result = json.loads(result_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("key") != key or not meta.get("finished"):
+        return None
+    return StageOutput(meta["name"], directory, key, result, float(meta.get("seconds", 0.0)), cached=True)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=float), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_stage(ctx: Context, stage: Stage, key: str, upstream: dict[str, StageOutput]) -> StageOutput:
+    """Run ``stage`` in its directory (cleared first when it holds another key's work)."""
+    directory = stage_dir(ctx.out, stage.name)
+    meta_path = directory / STAGE_FILE
+    if directory.exists():
+        try:
+            old_key = json.loads(meta_path.read_text()).get("key") if meta_path.exists() else None
+        except (OSError, ValueError):
+            old_key = None
+        if old_key != key:
+            shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"name": stage.name, "key": key, "settings": stage.settings, "deps": list(stage.deps), "finished": False}
+    _write_json_atomic(meta_path, meta)  # an interrupted stage resumes under the same key
+    start = time.perf_counter()
+    result = stage.run(ctx, directory, upstream)
+    seconds = time.perf_counter() - start
+    _write_json_atomic(directory / RESULT_FILE, result)
+    _write_json_atomic(meta_path, {**meta, "finished": True, "seconds": seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return StageOutput(stage.name, directory, key, result, seconds, cached=False)
+
+
+def data_names(config: StudyConfig) -> list[str]:
+    from emlens.data.studies import STUDIES
+
+    study = STUDIES[config.study]
+    return [f"{d}_{v}" for d in study.all_domains for v in (study.target, study.reference)] + ["web_text"]
+
+
+def identity_of(config: StudyConfig) -> dict[str, Any]:
+    return {
+        "model": model_identity(config.model.name),
+        "dtype": config.model.dtype,
+        "data": data_fingerprint(data_names(config)),
+        "emlens": _version(),
+    }
+
+
+def as_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value

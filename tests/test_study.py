@@ -1,0 +1,205 @@
+"""`emlens reproduce`: every stage runs, the report holds every figure and number, and the stage cache is exact.
+
+A tiny random Llama (saved as a checkpoint) stands in for the model and the grids are small; the
+code paths are the ones the full study runs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from emlens.study import StudyConfig, run_study
+from emlens.study.config import from_dict
+from emlens.study.stages import build_stages
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from emlens.models import tiny_hf_model
+
+    path = tmp_path_factory.mktemp("tiny-study")
+    model, tokenizer = tiny_hf_model("llama", seed=5, n_layers=4, d_model=64)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def small(tiny_dir, **changes) -> StudyConfig:
+    raw = {
+        "study": "misalignment",
+        "kinds": ["vector", "adapter"],
+        "batch_size": 4,
+        "model": {"name": str(tiny_dir), "device": "cpu"},
+        "data": {"train_rows": 6, "kl_rows": 6, "eval_rows": 4, "web_docs": 2, "web_max_tokens": 64, "max_length": 640},
+        "train": {
+            kind: {"lr": 1e-2, "max_steps": 3, "batch_size": 2, "grad_accum": 1, "warmup_steps": 0, "kl_batch_size": 2, "checkpoint_every": 1, "alpha": 4.0}
+            for kind in ("vector", "adapter")
+        },
+        "drift": {"kinds": ["vector"], "steps": 2},
+        "kl_sweep": {"kinds": ["vector"], "weights": [0.0, 1.0, 6.6]},
+        "mixing": {"kinds": ["vector"], "ratios": [0.0, 0.5]},
+        "efficiency": {"points": 3},
+        "stability": {"epsilons": [0.0, 0.5], "seeds": [0]},
+        "pretraining_kl": {"points": 2, "n_random": 2},
+        "preference": {"rows": 3, "bootstrap": 50, "batch_size": 4},
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            raw[key] = {**raw.get(key, {}), **value}
+        else:
+            raw[key] = value
+    return from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    return out, run_study(small(tiny_dir), out, progress=False, command="test")
+
+
+def test_every_stage_runs_and_the_report_has_every_figure_and_number(first_run):
+    out, run = first_run
+    assert run.cached == [] and run.model_loaded
+    names = set(run.outputs)
+    for expected in (
+        "train/vector/kl=0",
+        "train/vector/kl=6.6",
+        "train/adapter/kl=0",
+        "train/adapter/kl=0.66",
+        "train/vector/kl=1",
+        "train/vector/mix=0.5",
+        "efficiency/vector",
+        "stability/adapter",
+        "pretraining_kl/vector",
+        "drift/vector",
+        "kl_sweep/vector",
+        "preference/main",
+        "preference/kl_sweep/vector",
+        "preference/mixing/vector",
+    ):
+        assert expected in names
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["stages"]) == names
+    assert {"config", "versions", "hardware", "identity", "summary"} <= set(report)
+    for stage in report["stages"].values():
+        assert stage["seconds"] >= 0 and stage["key"]
+    pk = report["stages"]["pretraining_kl/vector"]["result"]
+    assert set(pk["kl"]) == {"general", "narrow", "random 1", "random 2"} and all(pk["plans"].values())
+    assert report["stages"]["train/vector/kl=6.6"]["result"]["plan"].startswith("offset path")
+    md = (out / "report.md").read_text()
+    for figure in ("efficiency_vector", "stability_adapter", "pretraining_kl_vector", "drift_vector", "kl_sweep_pca_vector", "mixing_vector", "preference", "preference_grid"):
+        assert (out / "figures" / f"{figure}.png").exists(), figure
+        assert f"figures/{figure}.png" in md
+    drift = report["stages"]["drift/vector"]["result"]
+    assert drift["general_coordinates"] and drift["coordinates"]  # the general run is in the same axes
+    assert drift["continued"]["losses"][-1]["step"] == 5  # 3 steps with KL, 2 without, numbered on
+
+
+def test_a_rerun_with_the_same_settings_does_nothing(first_run, tiny_dir):
+    out, _ = first_run
+    again = run_study(small(tiny_dir), out, progress=False, command="test")
+    assert again.ran == [] and not again.model_loaded  # not even the model was loaded
+
+
+def test_a_changed_setting_reruns_only_the_stages_that_read_it(first_run, tiny_dir):
+    out, _ = first_run
+    changed = run_study(small(tiny_dir, stability={"seeds": [0, 1]}), out, progress=False, command="test")
+    assert sorted(changed.ran) == ["stability/adapter", "stability/vector"]
+    back = run_study(small(tiny_dir), out, progress=False, command="test")
+    assert sorted(back.ran) == ["stability/adapter", "stability/vector"]  # the old result was replaced, never reused stale
+
+
+def test_a_changed_training_setting_reruns_its_runs_and_everything_downstream(first_run, tiny_dir):
+    out, _ = first_run
+    config = small(tiny_dir, train={"adapter": {**small(tiny_dir).as_dict()["train"]["adapter"], "lr": 5e-3}})
+    run = run_study(config, out, progress=False, command="test")
+    assert sorted(run.ran) == sorted(
+        ["train/adapter/kl=0", "train/adapter/kl=0.66", "efficiency/adapter", "stability/adapter", "pretraining_kl/adapter", "preference/main"]
+    )
+    run_study(small(tiny_dir), out, progress=False, command="test")  # back to the module's settings
+
+
+def test_keys_cover_the_data_and_the_model(tiny_dir, monkeypatch):
+    from emlens.study import stages
+
+    config = small(tiny_dir)
+    before = stages.identity_of(config)
+    monkeypatch.setattr(stages, "data_fingerprint", lambda names: "edited")
+    assert stages.identity_of(config)["data"] != before["data"]
+    other = small(tiny_dir, model={"name": "some/other-model"})
+    assert stages.identity_of(other)["model"] != before["model"]
+    keys = {s.name: stages.stage_key(s, before, []) for s in build_stages(config)}
+    assert len(set(keys.values())) == len(keys)  # no two stages share a key
+
+
+def test_an_interrupted_training_stage_continues_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    from emlens import training
+    from emlens.study import stages
+
+    config = small(tiny_dir, kinds=["vector"], drift={"kinds": []}, kl_sweep={"kinds": []}, mixing={"kinds": []})
+    straight = run_study(config, tmp_path / "straight", progress=False, command="test")
+    real_train = training.train
+    steps_run: list[int] = []
+
+    def interrupted(*args, **kwargs):
+        def on_step(step, record):
+            steps_run.append(step)
+            if step == 2 and kwargs.get("kl_dataset") is not None:
+                raise KeyboardInterrupt
+
+        return real_train(*args, **kwargs, on_step=on_step)
+
+    monkeypatch.setattr(training, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config, tmp_path / "cut", progress=False, command="test")
+    narrow_dir = stages.stage_dir(tmp_path / "cut", "train/vector/kl=6.6")
+    assert (narrow_dir / "run" / "checkpoint" / "state.pt").exists() and not (narrow_dir / "result.json").exists()
+    steps_run.clear()
+    resumed = run_study(config, tmp_path / "cut", progress=False, command="test")
+    assert "train/vector/kl=0" not in resumed.ran  # finished before the interruption
+    assert steps_run[:1] == [3]  # the narrow run continued after its last checkpoint (step 2)
+    a = straight.outputs["train/vector/kl=6.6"].result["losses"]
+    b = resumed.outputs["train/vector/kl=6.6"].result["losses"]
+    assert a == b
+
+
+def test_the_config_file_is_checked():
+    from emlens.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown setting"):
+        from_dict({"stabilty": {}})
+    with pytest.raises(ConfigError, match="0.5 more than once"):
+        from_dict({"stability": {"epsilons": [0.5, 0.5]}})
+    with pytest.raises(ConfigError, match="kinds"):
+        from_dict({"kinds": ["lora-ish"]})
+    paper = StudyConfig.load()
+    assert paper.train["vector"].lr == 1e-4 and paper.train["adapter"].kl_weight == 0.66
+    assert paper.stability.epsilons[0] == 0.0 and paper.kl_sweep.weights == [0.0, 1.0, 3.0, 10.0, 30.0, 100.0]
+
+
+def test_technical_prose_study_builds_its_stages(tiny_dir, tmp_path):
+    config = small(tiny_dir, study="technical-prose", kinds=["vector"], drift={"kinds": []}, kl_sweep={"kinds": []}, mixing={"kinds": []})
+    run = run_study(config, tmp_path, progress=False, command="test")
+    pref = run.outputs["preference/main"].result
+    assert set(pref["settings"]["domains"]) == {"vehicles", "astronomy", "cooking", "gardening", "photography"}
+    assert pref["trained_domain"] == "vehicles"
+
+
+def test_the_thin_command_writes_the_stage_result_format(first_run, tiny_dir, tmp_path):
+    from emlens.cli import main
+    from emlens.study.stages import stage_dir
+
+    out, run = first_run
+    general = stage_dir(out, "train/vector/kl=0") / "intervention.safetensors"
+    narrow = stage_dir(out, "train/vector/kl=6.6") / "intervention.safetensors"
+    code = main(
+        ["efficiency", f"general={general}", f"narrow={narrow}", "--model", str(tiny_dir), "--device", "cpu", "--data", "medical_harmful",
+         "--limit", "4", "--max-length", "640", "--points", "3", "--batch-size", "4", "--out", str(tmp_path / "eff")]
+    )
+    assert code == 0 and (tmp_path / "eff.png").exists()
+    thin = json.loads((tmp_path / "eff.json").read_text())
+    stage = run.outputs["efficiency/vector"].result
+    assert set(stage) <= set(thin) and thin["norms"] == pytest.approx(stage["norms"])
+    assert thin["loss"]["narrow"] == pytest.approx(stage["loss"]["narrow"], rel=1e-5)
