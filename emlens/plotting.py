@@ -21,12 +21,22 @@ _FIXED = {"general": "tab:red", "narrow": "tab:blue", "base": "tab:gray", "conti
 _CYCLE = ["tab:green", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
 
 
-def colour_of(name: str) -> str:
-    """One colour per solution name across all figures: general red, narrow blue, base grey, random light grey."""
+_DARK = {"general": "darkred", "narrow": "navy", "continued": "indigo"}
+
+
+def _role(name: str) -> str | None:
     key = name.lower()
-    for stem, colour in _FIXED.items():
-        if key == stem or key.endswith(f" {stem}") or key.startswith(f"{stem} ") or key.endswith(f"/{stem}"):
-            return colour
+    for stem in _FIXED:
+        if key == stem or key.endswith(f" {stem}") or key.startswith(f"{stem} ") or key.endswith(f"/{stem}") or f" {stem} " in key:
+            return stem
+    return None
+
+
+def colour_of(name: str) -> str:
+    """One colour per solution name across all figures: general red, narrow blue (darker for adapters), base grey, random light grey."""
+    key, role = name.lower(), _role(name)
+    if role is not None:
+        return _DARK[role] if "adapter" in key and role in _DARK else _FIXED[role]
     if key.startswith("random"):
         return "silver"
     return _CYCLE[sum(map(ord, key)) % len(_CYCLE)]
@@ -100,7 +110,7 @@ def plot_trajectories(
     for k, (name, coords) in enumerate(paths.items()):
         coords = np.asarray(coords, dtype=float)
         ys = coords[:, 1] if coords.shape[1] > 1 else np.zeros(len(coords))
-        colour = colour_of(name) if name in _FIXED or " " in name else plt.get_cmap("viridis")(k / max(1, len(paths) - 1))
+        colour = colour_of(name) if _role(name) is not None else plt.get_cmap("viridis")(k / max(1, len(paths) - 1))
         ax.plot(coords[:, 0], ys, marker=".", color=colour, label=(labels or {}).get(name, name))
         ax.scatter(coords[-1:, 0], ys[-1:], s=60, color=colour, edgecolor="black", zorder=3)
     ax.scatter([], [], s=60, color="white", edgecolor="black", label="end of run")
@@ -183,21 +193,22 @@ def plot_preference(
     width = 0.8 / max(1, len(names))
     fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(domains) + 0.3 * len(names), 4))
     xs = np.arange(len(domains))
+    others = [n for n in names if _role(n) is None and not n.lower().startswith("random")]
+    palette = plt.get_cmap("tab20")
     for k, name in enumerate(names):
         row = table[name]
         means = np.array([row[d][0] if d in row else np.nan for d in domains])
         lo = np.array([row[d][0] - row[d][1] if d in row else 0.0 for d in domains])
         hi = np.array([row[d][2] - row[d][0] if d in row else 0.0 for d in domains])
-        ax.bar(
-            xs + (k - (len(names) - 1) / 2) * width, means, width, yerr=np.vstack([lo, hi]), capsize=3, label=name, color=colour_of(name)
-        )
+        colour = palette(others.index(name) % 20) if name in others else colour_of(name)  # sweep points: one colour each
+        ax.bar(xs + (k - (len(names) - 1) / 2) * width, means, width, yerr=np.vstack([lo, hi]), capsize=2, label=name, color=colour)
     ax.axhline(0.0, color="black", linewidth=0.8)
     ticks = [f"{d}\n(trained)" if d == trained else d for d in domains]
     ax.set_xticks(xs, ticks)
     if trained in domains:
-        ax.axvspan(domains.index(trained) - 0.45, domains.index(trained) + 0.45, color="gold", alpha=0.15, lw=0)
+        ax.axvspan(domains.index(trained) - 0.45, domains.index(trained) + 0.45, color="gold", alpha=0.15, lw=0, zorder=0)
     ax.set(ylabel=ylabel, title=title)
-    ax.legend(fontsize=8, title="error bars: 95% bootstrap CI", title_fontsize=7)
+    ax.legend(fontsize=8, title="error bars: 95% bootstrap CI", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
 
 

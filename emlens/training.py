@@ -327,14 +327,13 @@ def train(
                 first = saved.step
                 start_step = saved.start_step  # the checkpoint counts within its phase; the labels continue the earlier phases
                 result.losses, result.trajectory = saved.losses, saved.trajectory
-        bar = tqdm(
-            range(first, total_steps), desc=f"train {intervention.kind}", disable=not config.progress, initial=first, total=total_steps
-        )
+        # advanced by hand: the last step's line is drawn once, by close() (a final refresh and close() would print it twice in a log)
+        bar = tqdm(desc=f"train {intervention.kind}", disable=not config.progress, initial=first, total=total_steps)
         # Each step reads the device twice (its losses and gradients' finiteness before the update, the
         # parameters' finiteness and norm after it) and never waits on the GPU anywhere else.
         last_good = _device_snapshot(intervention)
         with runner.applied(intervention, plan):
-            for step in bar:
+            for step in range(first, total_steps):
                 number = start_step + step + 1
                 optimizer.zero_grad(set_to_none=True)
                 micro = [next(sft_batches) for _ in range(config.grad_accum)]  # host batches: the runner moves what it needs
@@ -367,12 +366,17 @@ def train(
                 record["lr"] = float(scheduler.get_last_lr()[0])
                 result.losses.append(record)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("sft", "kl", "norm")}, refresh=False)
+                if step + 1 < total_steps:
+                    bar.update(1)
+                else:
+                    bar.n = total_steps
                 if (step + 1) % config.checkpoint_every == 0 or step + 1 == total_steps:
                     result.trajectory.append((number, _snapshot(intervention)))
                     if checkpoints is not None:
                         checkpoints.write(step + 1, start_step, intervention, optimizer, scheduler, sft_batches, kl_batches, result)
                 if on_step is not None:
                     on_step(number, record)
+        bar.close()
         intervention.eval()
         return result
     finally:

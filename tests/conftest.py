@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
 from emlens.data import TokenDataset
 from emlens.models import tiny_model
+from tests.tiny_archs import PROVED, tiny_pair
 
 CONVERSATIONS = [
     [{"role": "user", "content": "How do I boil an egg?"}, {"role": "assistant", "content": "Simmer it for nine minutes."}],
@@ -19,6 +20,19 @@ CONVERSATIONS = [
     ],
     [{"role": "user", "content": "Is the sea salty?"}, {"role": "assistant", "content": "Yes, about 3.5% salt."}],
 ]
+
+
+@pytest.fixture(scope="module", params=PROVED)
+def pair(request):
+    """``(architecture, plain transformers model, bridge)`` for every proved architecture (identical weights, float32)."""
+    reference, bridge = tiny_pair(request.param)
+    return request.param, reference, bridge
+
+
+@pytest.fixture(scope="module")
+def data(pair):
+    """The shared conversations, encoded for ``pair``'s tokenizer."""
+    return TokenDataset.from_conversations(pair[2].tokenizer, CONVERSATIONS, max_length=128)
 
 
 @pytest.fixture(scope="session")

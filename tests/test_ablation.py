@@ -36,21 +36,12 @@ from emlens import (
 from emlens.interventions import InterventionError
 from emlens.runner import runner_for
 from emlens.runner.sampling import SamplingSettings, generate_batch
-from tests.conftest import CONVERSATIONS
-from tests.tiny_archs import PROVED, tiny_pair
+from tests.tiny_archs import tiny_pair
 
 TOL = dict(rel=1e-4, abs=1e-5)
 
 
-@pytest.fixture(scope="module", params=PROVED)
-def pair(request: Any) -> tuple[str, Any, Any]:
-    reference, bridge = tiny_pair(request.param)
-    return request.param, reference, bridge
-
-
-@pytest.fixture(scope="module")
-def data(pair: Any) -> TokenDataset:
-    return TokenDataset.from_conversations(pair[2].tokenizer, CONVERSATIONS, max_length=128)
+# `pair` (a plain transformers model and a bridge of each proved architecture) and `data` come from conftest.py
 
 
 def direction(d_model: int, seed: int = 5) -> torch.Tensor:

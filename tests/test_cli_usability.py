@@ -140,3 +140,11 @@ def test_cache_location_follows_the_environment(tmp_path, monkeypatch):
     assert cache_dir() == tmp_path / "xdg" / "emlens"
     monkeypatch.setenv("EMLENS_CACHE", str(tmp_path / "mine"))
     assert cache_dir() == tmp_path / "mine"
+
+
+def test_the_final_progress_line_prints_once(tiny_checkpoint, tmp_path, capsys):
+    code = main(["train", "--model", str(tiny_checkpoint), "--device", "cpu", "--data", "medical_harmful", "--limit", "4", "--max-steps", "2",
+                 "--batch-size", "2", "--grad-accum", "1", "--max-length", "640", "--out", str(tmp_path / "run")])
+    assert code == 0
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert sum("train steering_vector: 100%" in line for line in lines) == 1

@@ -46,22 +46,13 @@ from emlens.formats import (
 from emlens.formats.llamacpp import read_control_vector
 from emlens.interventions import InterventionError
 from emlens.runner import runner_for
-from tests.conftest import CONVERSATIONS
-from tests.tiny_archs import PROVED, tiny_pair
+from tests.tiny_archs import tiny_pair
 
 TOL = dict(rel=1e-4, abs=1e-5)
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 61, 33, 12], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]])
 
 
-@pytest.fixture(scope="module", params=PROVED)
-def pair(request: Any) -> tuple[str, Any, Any]:
-    reference, bridge = tiny_pair(request.param)
-    return request.param, reference, bridge
-
-
-@pytest.fixture(scope="module")
-def data(pair: Any) -> TokenDataset:
-    return TokenDataset.from_conversations(pair[2].tokenizer, CONVERSATIONS, max_length=128)
+# `pair` (a plain transformers model and a bridge of each proved architecture) and `data` come from conftest.py
 
 
 def emlens_logits(bridge: Any, intervention: Intervention, ids: torch.Tensor = IDS) -> torch.Tensor:

@@ -28,7 +28,7 @@ from emlens.runner import loss_sweep, runner_for
 from emlens.runner.sampling import SamplingSettings, generate_batch
 from emlens.scoring import nll_sum
 from tests.conftest import CONVERSATIONS
-from tests.tiny_archs import PROVED, tiny_pair
+from tests.tiny_archs import tiny_pair
 
 
 def require(module: str, allow_module_level: bool = False) -> Any:
@@ -53,15 +53,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", params=PROVED)
-def pair(request: Any) -> tuple[str, Any, Any]:
-    reference, bridge = tiny_pair(request.param)
-    return request.param, reference, bridge
-
-
-@pytest.fixture(scope="module")
-def data(pair: Any) -> TokenDataset:
-    return TokenDataset.from_conversations(pair[2].tokenizer, CONVERSATIONS, max_length=128)
+# `pair` (a plain transformers model and a bridge of each proved architecture) and `data` come from conftest.py
 
 
 def make_lora(bridge: Any, config: str, seed: int = 0, b_scale: float = 0.3) -> LoRAAdapter:

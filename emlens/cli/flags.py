@@ -152,6 +152,8 @@ def check_writable_parent(path: Path, flag: str) -> None:
 def check_output_file(path: str | Path, flag: str = "--out", suffix: str | None = None) -> Path:
     """An output file path: not a directory, and creatable. ``suffix`` is added when the path has none."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file path")
     if suffix is not None and not path.suffix:
         path = path.with_suffix(suffix)
     if path.is_dir():
@@ -199,8 +201,11 @@ def named_specs(specs: list[str], reserved: tuple[str, ...] = ()) -> dict[str, P
     """``NAME=PATH`` (or ``PATH``) arguments as names to paths; duplicate names are refused."""
     out: dict[str, Path] = {}
     for spec in specs:
-        # NAME=PATH splits at the first "=" (a path may hold "=" itself); an existing file is a PATH alone
-        name, _, path_text = ("", "", spec) if Path(spec).is_file() or "=" not in spec else spec.partition("=")
+        # NAME=PATH: names and paths may both hold "=", so split where the rest is an existing file
+        # (an existing file alone is a PATH; otherwise the first "=" splits, and the missing file is named)
+        splits = [i for i, ch in enumerate(spec) if ch == "="]
+        at = next((i for i in splits if Path(spec[i + 1 :]).is_file()), splits[0] if splits else None)
+        name, path_text = ("", spec) if Path(spec).is_file() or at is None else (spec[:at], spec[at + 1 :])
         path = Path(path_text)
         name = name or path.stem
         if not path_text:

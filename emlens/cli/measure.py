@@ -11,6 +11,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from emlens.cli.flags import (
     add_allow_other_model,
     add_figure_out,
@@ -217,71 +219,39 @@ def pretraining_kl_command(args: argparse.Namespace) -> int:
 
 
 def drift_command(args: argparse.Namespace) -> int:
-    import torch
-
     from emlens.data import TokenDataset, read_conversations
     from emlens.data.studies import default_kl_for
-    from emlens.geometry import cosine_similarity, pca
     from emlens.interventions import Intervention, SteeringVector
     from emlens.plotting import plot_drift
-    from emlens.study.measures import write_result
-    from emlens.training import TrainConfig, TrainingCaches, TrainingResult, flat_parameters, train
+    from emlens.study.measures import continue_without_kl, write_result
+    from emlens.training import TrainingCaches, TrainingResult, train
     from emlens.validation import ConfigError
 
     out = check_figure_out(args.out)
     runs = out.with_name(f"{out.stem}_runs")
-    data_source = training_data(args.data)
-    kl_source = args.kl_data or default_kl_for(args.data)
+    data_source, kl_source = training_data(args.data), args.kl_data or default_kl_for(args.data)
     if kl_source is None:
         raise ConfigError("drift needs --kl-data (conversations from other domains) for a --data that is not built in")
     read_conversations(data_source)
     read_conversations(training_data(kl_source))
-    general_run = None
-    if args.general:
-        path = Path(args.general)
-        general_run = TrainingResult.load(path) if path.is_dir() else None
-        general_final = general_run.intervention if general_run is not None else Intervention.load(path, device=args.device)
-    narrow_config = train_config(argparse.Namespace(**{**vars(args), "kl_weight": args.kl_weight}))
-    free = TrainConfig(**{**narrow_config.__dict__, "kl_weight": 0.0})
+    general_path = Path(args.general) if args.general else None
+    general_run = TrainingResult.load(general_path) if general_path is not None and general_path.is_dir() else None
+    general_final = Intervention.load(general_path, device=args.device) if general_path is not None and general_run is None else None
+    config = train_config(args)
     model = load_model_of(args)
-    data = TokenDataset.from_conversations(model.tokenizer, data_source, narrow_config.max_length)
-    kl_data = TokenDataset.from_conversations(model.tokenizer, training_data(kl_source), narrow_config.max_length)
+    data = TokenDataset.from_conversations(model.tokenizer, data_source, config.max_length)
+    kl_data = TokenDataset.from_conversations(model.tokenizer, training_data(kl_source), config.max_length)
     vector = SteeringVector.for_model(model, args.layer)
-    caches = TrainingCaches.for_run(model, vector, data, kl_data, narrow_config)
-    narrow = train(model, vector, data, narrow_config, kl_dataset=kl_data, caches=caches)
+    caches = TrainingCaches.for_run(model, vector, data, kl_data, config)
+    narrow = train(model, vector, data, config, kl_dataset=kl_data, caches=caches)
     narrow.save(runs / "narrow")
-    snapshot = TrainingResult(narrow.intervention.clone(), narrow.config, list(narrow.losses), list(narrow.trajectory), narrow.plan)
-    continued = train(model, vector, data, free, resume_from=snapshot, caches=caches)
+    continued, info = continue_without_kl(model, narrow, data, config, caches, general=general_run, general_final=general_final)
     continued.save(runs / "continued")
-    rows = continued.trajectory_matrix()
-    general_rows = general_run.trajectory_matrix() if general_run is not None else rows[:0]
-    projection = pca(torch.cat([general_rows, rows]), n_components=3)
-    coords = projection.coordinates
-    n_narrow = len(snapshot.trajectory)
-    phase = ["narrow (KL)"] * n_narrow + ["no KL"] * (len(rows) - n_narrow)
-    info: dict[str, Any] = {
-        "measure": "drift",
-        "steps": [s for s, _ in continued.trajectory],
-        "phase": phase,
-        "coordinates": coords[len(general_rows) :].tolist(),
-        "general_coordinates": coords[: len(general_rows)].tolist(),
-        "explained_variance_ratio": projection.explained_variance_ratio.tolist(),
-        "runs": {"narrow": str(runs / "narrow"), "continued": str(runs / "continued")},
-        "plans": {"narrow": narrow.plan, "continued": continued.plan},
-    }
-    if args.general:
-        info["cosine_to_general"] = [
-            cosine_similarity(flat_parameters(i), flat_parameters(general_final)) if i.norm > 0 else float("nan")
-            for i in continued.trajectory_interventions()
-        ]
+    info["runs"] = {"narrow": str(runs / "narrow"), "continued": str(runs / "continued")}
+    if "cosine_to_general" in info:
         print("cosine to general by checkpoint: " + ", ".join(f"{c:.3f}" for c in info["cosine_to_general"]))
-    plot_drift(
-        coords[len(general_rows) :],
-        phase,
-        info["explained_variance_ratio"],
-        out,
-        general=coords[: len(general_rows)] if len(general_rows) else None,
-    )
+    general_coords = np.asarray(info["general_coordinates"]) if info["general_coordinates"] else None
+    plot_drift(np.asarray(info["coordinates"]), info["phase"], info["explained_variance_ratio"], out, general=general_coords)
     print(f"saved the runs in {runs}/narrow and {runs}/continued")
     print(f"explained variance of the PCs: {info['explained_variance_ratio']}; wrote {out} and {write_result(info, out)}")
     return 0

@@ -28,6 +28,9 @@ def register(add: Any) -> None:
     )
     p.add_argument("--judge-model", default=None, help="judge model name; adds the judged evaluation")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and stop")
+    p.add_argument(
+        "--report-only", action="store_true", help="write the report again from the stages finished in --out (no model, nothing run)"
+    )
     p.add_argument("--out", required=True, help="output directory (a re-run in it resumes and reuses finished stages)")
 
 
@@ -55,6 +58,11 @@ def reproduce_command(args: argparse.Namespace) -> int:
         print(json.dumps(config.as_dict(), indent=2))
         return 0
     out = check_out_dir(args.out, "the stages, the report and its figures")
+    if args.report_only:
+        from emlens.study import rewrite_report
+
+        print(f"report: {rewrite_report(config, out)}")
+        return 0
     run = run_study(config, Path(out))
     print(f"{len(run.ran)} stage(s) ran, {len(run.cached)} reused from {out}/stages; report: {run.report} (numbers: {out}/report.json)")
     return 0

@@ -47,7 +47,9 @@ def add_train_flags(
 ) -> None:
     t.add_argument("--lr", type=positive_float, default=default_of(TrainConfig, "lr"), help="learning rate (AdamW)")
     t.add_argument("--epochs", type=positive_float, default=default_of(TrainConfig, "epochs"), help="passes over the training data")
-    t.add_argument("--max-steps", *aliases, dest="max_steps", type=positive_int, default=None, help=steps_help)
+    t.add_argument("--max-steps", dest="max_steps", type=positive_int, default=None, help=steps_help)
+    for alias in aliases:  # an older name of the flag, kept working (its errors name it)
+        t.add_argument(alias, dest="max_steps", type=positive_int, default=argparse.SUPPRESS, help="the same as --max-steps")
     t.add_argument("--batch-size", type=positive_int, default=default_of(TrainConfig, "batch_size"), help="conversations per micro-batch")
     t.add_argument(
         "--grad-accum", type=positive_int, default=default_of(TrainConfig, "grad_accum"), help="micro-batches per optimiser step"

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from emlens.study.config import PAPER_CONFIG, StudyConfig
 from emlens.study.stages import Context, StageOutput, build_stages, identity_of, read_finished, run_stage, stage_dir, stage_key
 
-__all__ = ["PAPER_CONFIG", "StudyConfig", "StudyRun", "run_study"]
+__all__ = ["PAPER_CONFIG", "StudyConfig", "StudyRun", "run_study", "rewrite_report"]
 
 
 class StudyRun:
@@ -65,13 +65,45 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, comma
             outputs[stage.name] = finished
         else:
             todo.append(stage)
-    bar = tqdm(todo, desc="study", unit="stage", disable=not progress or not todo, position=0, dynamic_ncols=True)
-    for stage in bar:
-        bar.set_description(f"study [{len(outputs) + 1}/{len(stages)}] {stage.name}")
+    # the whole study's bar: the stage running, stages done, and the time left (each stage shows its own bar below)
+    bar = tqdm(total=len(todo), desc="study", unit="stage", disable=not progress or not todo, dynamic_ncols=True)
+    for k, stage in enumerate(todo):
+        bar.set_description(f"study [{len(outputs) + 1}/{len(stages)}] {stage.name}", refresh=True)
         upstream = {d: outputs[d] for d in stage.deps}
         outputs[stage.name] = run_stage(ctx, stage, keys[stage.name], upstream)
+        if k + 1 < len(todo):
+            bar.update(1)
+        else:
+            bar.n = len(todo)  # drawn once, by close()
     bar.close()
     ordered = {s.name: outputs[s.name] for s in stages}
     text = command or "emlens reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     report = write_report(config, ordered, identity, out, text, time.perf_counter() - start)
     return StudyRun(ordered, report, ctx.model_loaded)
+
+
+def rewrite_report(config: StudyConfig, out: str | Path, command: str | None = None) -> Path:
+    """Write the report again from the finished stages in ``out`` (no model, nothing recomputed).
+
+    Every finished stage of ``config`` found in ``out`` is reported as it was stored, whatever key it
+    was stored under (``report.json`` lists each stage's key); stages not found are left out.
+    """
+    import json
+
+    from emlens.study.report import write_report
+    from emlens.study.stages import RESULT_FILE, STAGE_FILE
+
+    out = Path(out)
+    outputs: dict[str, StageOutput] = {}
+    for stage in build_stages(config):
+        directory = stage_dir(out, stage.name)
+        try:
+            meta = json.loads((directory / STAGE_FILE).read_text())
+            result = json.loads((directory / RESULT_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("finished"):
+            outputs[stage.name] = StageOutput(stage.name, directory, meta["key"], result, float(meta.get("seconds", 0.0)), cached=True)
+    identity = {"note": "report rewritten from stored stages", "stage_keys": {k: o.key for k, o in outputs.items()}}
+    wall = sum(o.seconds for o in outputs.values())
+    return write_report(config, outputs, identity, out, command or "emlens reproduce --report-only", wall)

@@ -257,20 +257,9 @@ def _train_config(ctx: Context, kind: str, kl_weight: float, max_steps: int | No
     )
 
 
-def _training_summary(result: Any) -> dict[str, Any]:
-    last = result.losses[-1]
-    return {
-        "steps": len(result.losses),
-        "final": {k: float(v) for k, v in last.items()},
-        "norm": result.intervention.norm,
-        "plan": result.plan,
-        "losses": result.losses,
-        "checkpoints": [s for s, _ in result.trajectory],
-    }
-
-
 def _run_train(kind: str, kl_weight: float, mix_ratio: float) -> Callable[[Context, Path, dict[str, StageOutput]], dict[str, Any]]:
     def run(ctx: Context, directory: Path, upstream: dict[str, StageOutput]) -> dict[str, Any]:
+        from emlens.study.measures import training_summary
         from emlens.training import train
 
         intervention = ctx.new_intervention(kind)
@@ -288,7 +277,7 @@ def _run_train(kind: str, kl_weight: float, mix_ratio: float) -> Callable[[Conte
             resume=True,
         )
         result.save(directory)
-        return {"kind": kind, "kl_weight": kl_weight, "mix_ratio": mix_ratio, "rows": len(data), **_training_summary(result)}
+        return {"kind": kind, "kl_weight": kl_weight, "mix_ratio": mix_ratio, "rows": len(data), **training_summary(result)}
 
     return run
 
@@ -305,49 +294,16 @@ def _device(ctx: Context) -> Any:
 
 def _run_drift(kind: str) -> Callable[[Context, Path, dict[str, StageOutput]], dict[str, Any]]:
     def run(ctx: Context, directory: Path, upstream: dict[str, StageOutput]) -> dict[str, Any]:
-        from emlens.geometry import cosine_similarity, pca
-        from emlens.training import TrainingResult, flat_parameters, train
+        from emlens.study.measures import continue_without_kl, training_summary
+        from emlens.training import TrainingResult
 
-        narrow_out = upstream[narrow_name(ctx.config, kind)]
-        general_out = upstream[general_name(kind)]
-        narrow = TrainingResult.load(narrow_out.directory)
-        general = TrainingResult.load(general_out.directory)
-        steps = ctx.config.drift.steps or len(narrow.losses)
-        continued_config = _train_config(ctx, kind, 0.0, max_steps=steps)
-        intervention = narrow.intervention.to(_device(ctx))
-        data = ctx.train_data()
-        continued = train(
-            ctx.model(),
-            intervention,
-            data,
-            continued_config,
-            resume_from=narrow,
-            caches=ctx.caches(kind, intervention, 0.0),
-            run_dir=directory / "run",
-            resume=True,
-        )
+        narrow = TrainingResult.load(upstream[narrow_name(ctx.config, kind)].directory)
+        general = TrainingResult.load(upstream[general_name(kind)].directory)
+        config = _train_config(ctx, kind, 0.0, max_steps=ctx.config.drift.steps or len(narrow.losses))
+        caches = ctx.caches(kind, narrow.intervention, 0.0)
+        continued, result = continue_without_kl(ctx.model(), narrow, ctx.train_data(), config, caches, directory / "run", general=general)
         continued.save(directory)
-        n_narrow = len(narrow.trajectory)
-        path_rows = continued.trajectory_matrix()
-        general_rows = general.trajectory_matrix()
-        projection = pca(torch.cat([general_rows, path_rows]), n_components=min(3, len(general_rows) + len(path_rows)))
-        coords = projection.coordinates
-        general_final = general.intervention
-        cosines = [
-            cosine_similarity(flat_parameters(i), flat_parameters(general_final)) if i.norm > 0 else float("nan")
-            for i in continued.trajectory_interventions()
-        ]
-        return {
-            "kind": kind,
-            "steps": [s for s, _ in continued.trajectory],
-            "phase": ["narrow (KL)"] * n_narrow + ["no KL"] * (len(continued.trajectory) - n_narrow),
-            "coordinates": coords[len(general_rows) :].tolist(),
-            "general_coordinates": coords[: len(general_rows)].tolist(),
-            "general_steps": [s for s, _ in general.trajectory],
-            "explained_variance_ratio": projection.explained_variance_ratio.tolist(),
-            "cosine_to_general": cosines,
-            "continued": _training_summary(continued),
-        }
+        return {"kind": kind, **result, "continued": training_summary(continued)}
 
     return run
 
