@@ -42,18 +42,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_figure_out(p)
 
 
-def register(add: Any) -> None:
-    e = add("efficiency", efficiency_command, help="loss vs norm of rescaled solutions (Fig. 4a)")
-    _common(e)
-    add_named_interventions(e)
-    e.add_argument("--data", required=True, help="conversations to score (a built-in set means its held-out split)")
-    e.add_argument("--limit", type=positive_int, default=default_of(DataSection, "eval_rows"), help="rows of the data to score")
-    e.add_argument(
+def _scored_data(p: argparse.ArgumentParser) -> None:
+    """The flags of a metric that scores conversations with named solutions (efficiency, stability)."""
+    _common(p)
+    add_named_interventions(p)
+    p.add_argument("--data", required=True, help="conversations to score (a built-in set means its held-out split)")
+    p.add_argument("--limit", type=positive_int, default=default_of(DataSection, "eval_rows"), help="rows of the data to score")
+    p.add_argument(
         "--max-length",
         type=positive_int,
         default=default_of(DataSection, "max_length"),
         help="tokens per conversation (longer ones are cut)",
     )
+
+
+def register(add: Any) -> None:
+    e = add("efficiency", efficiency_command, help="loss vs norm of rescaled solutions (Fig. 4a)")
+    _scored_data(e)
     e.add_argument("--points", type=at_least_two, default=default_of(EfficiencySection, "points"), help="norms on the grid (>= 2)")
     e.add_argument(
         "--max-factor",
@@ -63,16 +68,7 @@ def register(add: Any) -> None:
     )
 
     st = add("stability", stability_command, help="loss under norm-preserving orthogonal noise (Fig. 4b)")
-    _common(st)
-    add_named_interventions(st)
-    st.add_argument("--data", required=True, help="conversations to score (a built-in set means its held-out split)")
-    st.add_argument("--limit", type=positive_int, default=default_of(DataSection, "eval_rows"), help="rows of the data to score")
-    st.add_argument(
-        "--max-length",
-        type=positive_int,
-        default=default_of(DataSection, "max_length"),
-        help="tokens per conversation (longer ones are cut)",
-    )
+    _scored_data(st)
     st.add_argument(
         "--epsilons",
         type=unit_interval,
