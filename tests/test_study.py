@@ -214,3 +214,20 @@ def test_the_report_can_be_rewritten_from_the_stored_stages(first_run, tiny_dir)
     text = path.read_text()
     assert "test rewrite" in text and "figures/efficiency_vector.png" in text
     assert set(json.loads((out / "report.json").read_text())["stages"]) == set(run.outputs)
+
+
+def test_a_judged_study_adds_the_evaluation_stages_and_quadrants(tiny_dir, tmp_path):
+    config = small(
+        tiny_dir,
+        kinds=["vector"],
+        drift={"kinds": []},
+        kl_sweep={"kinds": []},
+        mixing={"kinds": []},
+        evaluation={"judge_url": "local", "n_samples": 1, "max_new_tokens": 3},
+    )
+    run = run_study(config, tmp_path, progress=False, command="test")
+    assert {"evaluation/base", "evaluation/vector_general", "evaluation/vector_narrow"} <= set(run.outputs)
+    result = run.outputs["evaluation/vector_narrow"].result
+    assert result["general"]["n_answers"] == 8 and "misaligned_rate" in result["narrow"]["rates"]
+    md = (tmp_path / "report.md").read_text()
+    assert "## Judged evaluation" in md and "quadrants.png" in md

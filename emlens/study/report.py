@@ -324,6 +324,13 @@ def write_report(
                 ]
             )
         md += ["## Judged evaluation", "", _table(["solution", "EM rate", "coherent rate", f"narrow rate ({domain})"], trows), ""]
+        quadrants = []
+        for name in evals:
+            for column in ("general", domain):
+                png = outputs[name].directory / column / "quadrants.png"
+                if png.exists():
+                    quadrants.append(f"![{name} {column}]({png.relative_to(out).as_posix()})")
+        md += ["EM quadrants (alignment against coherence per answer; lower right: misaligned):", "", " ".join(quadrants), ""]
 
     # --- provenance
     md += [
