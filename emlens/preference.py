@@ -34,8 +34,6 @@ from tqdm.auto import tqdm
 from emlens.data import Conversation, DataFormatError, TokenDataset, read_rows
 from emlens.data.studies import MISALIGNMENT
 from emlens.interventions import Intervention
-from emlens.runner import runner_for
-from emlens.scoring import nll_per_token
 
 DOMAINS = MISALIGNMENT.domains
 BASE = "base"
@@ -209,21 +207,9 @@ def example_nlls(
     says which); position ``t`` is scored against token ``t+1`` when that token is an assistant
     token (``ChatBatch.scored``).
     """
-    runner = runner_for(model)
-    plan = runner.plan(intervention)
-    out = torch.full((len(dataset),), float("nan"), dtype=torch.float64)
-    n_batches = (len(dataset) + batch_size - 1) // batch_size
-    with runner.applied(intervention, plan):
-        for idx, batch in tqdm(
-            dataset.indexed_batches(batch_size), total=n_batches, desc="example NLLs", disable=not progress, leave=False
-        ):
-            logits = runner.logits(batch, batch.scored_positions, intervention, plan)
-            token_nll = nll_per_token(logits, batch.scored_targets.to(logits.device)).double().cpu()
-            rows = batch.scored_positions.nonzero(as_tuple=True)[0]  # row-major, as runner.logits returns them
-            sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, rows, token_nll)
-            counts = batch.scored.sum(1).clamp(min=1).double()
-            out[torch.tensor(idx)] = sums / counts
-    return out.float()
+    from emlens.runner.measure import example_nll_sweep
+
+    return example_nll_sweep(model, dataset, [intervention], batch_size, progress=progress)[0].float()
 
 
 def paired_margins(

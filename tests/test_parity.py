@@ -268,3 +268,17 @@ def test_unproved_architecture_falls_back() -> None:
         finally:
             handle.remove()
     assert got == pytest.approx(total / count, **TOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_example_nll_sweep(pair: Any, data: TokenDataset, kind: str) -> None:
+    """The preference margins' per-example NLLs: each point of a shared sweep equals plain transformers with the edit."""
+    from emlens.runner.measure import example_nll_sweep
+
+    arch, reference, bridge = pair
+    points = [None, make_intervention(kind, bridge, seed=0), make_intervention(kind, bridge, seed=1)]
+    got = example_nll_sweep(bridge, data, points, batch_size=3)
+    assert runner_for(bridge).last_plan.fast
+    for k, point in enumerate(points):
+        for i in range(len(data)):
+            assert float(got[k, i]) == pytest.approx(reference_loss(reference, data.subset([i]), point), **TOL)

@@ -16,10 +16,9 @@ from typing import Any, NoReturn
 
 import torch
 
-from emlens.models import DEFAULT_MODEL, check_device
+from emlens.models import DEFAULT_MODEL, DTYPES, check_device
 from emlens.validation import ConfigError, check_float, check_int, check_seed
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPE = "float32"
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EXIT_USER_ERROR = 2

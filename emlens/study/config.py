@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emlens.models import DTYPES
 from emlens.validation import ConfigError, check_choice, check_float, check_grid, check_int, check_optional_int
 
 if sys.version_info >= (3, 11):
@@ -193,6 +194,7 @@ class StudyConfig:
         check_int("pretraining_kl.points", self.pretraining_kl.points, minimum=2)
         check_int("pretraining_kl.n_random", self.pretraining_kl.n_random, minimum=0)
         check_float("model.layer_fraction", self.model.layer_fraction, minimum=0, maximum=1)
+        check_choice("model.dtype", self.model.dtype, list(DTYPES))
         check_optional_int("data.train_rows", self.data.train_rows, minimum=1)
         check_int("data.kl_rows", self.data.kl_rows, minimum=1)
         check_int("data.eval_rows", self.data.eval_rows, minimum=1)

@@ -118,12 +118,11 @@ class Context:
 
     def model(self) -> Any:
         if self._model is None:
-            from emlens.models import load_model
+            from emlens.models import DTYPES, load_model
 
             cfg = self.config.model
             device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-            self._model = load_model(cfg.name, device=device, dtype=dtype)
+            self._model = load_model(cfg.name, device=device, dtype=DTYPES[cfg.dtype])
         return self._model
 
     def layer(self) -> int:
