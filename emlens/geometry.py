@@ -99,20 +99,82 @@ def _mean_difference(positive: Float[Tensor, "n_pos d"], negative: Float[Tensor,
 
 @dataclass
 class PCAResult:
-    """Projection of stacked vectors onto their top principal components."""
+    """Projection of stacked points onto their top principal components.
+
+    ``components`` holds the principal axes in the points' own coordinates; it is ``None`` when the
+    PCA was computed from inner products alone (:func:`pca` of interventions), where no axis is formed.
+    Each component's sign is fixed so that its largest coordinate (in absolute value) is positive.
+    """
 
     coordinates: np.ndarray  # [n_points, n_components]
-    components: np.ndarray  # [n_components, d]
+    components: np.ndarray | None  # [n_components, d], or None
     explained_variance_ratio: np.ndarray  # [n_components]
 
 
-def pca(vectors: Float[Tensor, "n d"] | Sequence[VectorLike], n_components: int = 3) -> PCAResult:
-    """PCA (scikit-learn) of stacked vectors, e.g. a training trajectory's checkpoints."""
-    from sklearn.decomposition import PCA
+def gram_matrix(items: Sequence[VectorLike]) -> Float[Tensor, "n n"]:
+    """Pairwise inner products (float64): tensors by their dot product, interventions by their own.
 
+    Interventions of one kind go through their class's ``gram`` (one matrix product where the
+    kind allows, e.g. the Frobenius products of rank-1 updates without forming them).
+    """
+    if not items:
+        raise ValueError("no points given")
+    if all(isinstance(i, Tensor) for i in items):
+        mat = torch.stack([as_vector(i) for i in items]).double()
+        return mat @ mat.T
+    gram = getattr(type(items[0]), "gram", None)
+    if gram is not None and all(type(i) is type(items[0]) for i in items):
+        return gram(items)
+    n = len(items)
+    out = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i, n):
+            out[i, j] = out[j, i] = _inner(items[i], items[j])
+    return out
+
+
+def pca_from_gram(gram: Float[Tensor, "n n"], n_components: int = 3) -> PCAResult:
+    """PCA of points known only by their inner products (``gram[i, j] = <x_i, x_j>``).
+
+    Equal to the PCA of the points themselves (same coordinates up to each component's sign, same
+    explained-variance ratios): the centred Gram matrix ``H G H`` has the eigenvalues of the scatter
+    matrix, and ``U √Λ`` are the centred points' coordinates on its axes.
+    """
+    g = gram.detach().double().cpu()
+    n = g.shape[0]
+    if g.shape != (n, n):
+        raise ValueError(f"a Gram matrix must be square, got {tuple(g.shape)}")
+    centred = g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()
+    centred = (centred + centred.T) / 2
+    values, vectors = torch.linalg.eigh(centred)
+    order = torch.argsort(values, descending=True)
+    values, vectors = values[order].clamp_min(0), vectors[:, order]
+    k = min(n_components, n)
+    coords = vectors[:, :k] * values[:k].sqrt()
+    signs = torch.sign(coords.gather(0, coords.abs().argmax(0, keepdim=True)))
+    coords = coords * torch.where(signs == 0, torch.ones_like(signs), signs)
+    total = float(centred.trace())
+    ratio = (values[:k] / total).numpy() if total > 0 else np.zeros(k)
+    return PCAResult(coords.numpy(), None, ratio)
+
+
+def pca(vectors: Float[Tensor, "n d"] | Sequence[VectorLike], n_components: int = 3) -> PCAResult:
+    """PCA of stacked vectors, or of interventions in their own geometry (e.g. a trajectory's checkpoints).
+
+    Interventions are never flattened: their PCA comes from their inner products
+    (:func:`gram_matrix`, :func:`pca_from_gram`), so PCA and cosine similarity use one geometry, and
+    a rank-1 adapter's PCA does not change when ``a`` is scaled up and ``b`` down.
+    """
+    if not isinstance(vectors, Tensor) and any(not isinstance(v, Tensor) for v in vectors):
+        return pca_from_gram(gram_matrix(vectors), n_components)
     if not isinstance(vectors, Tensor):
         vectors = torch.stack([as_vector(v) for v in vectors])
-    mat = vectors.detach().float().cpu().numpy()
-    k = min(n_components, mat.shape[0], mat.shape[1])
-    model = PCA(n_components=k).fit(mat)
-    return PCAResult(model.transform(mat), model.components_, model.explained_variance_ratio_)
+    mat = vectors.detach().double().cpu()
+    if mat.ndim != 2:
+        raise ValueError(f"expected stacked vectors [n, d], got shape {tuple(mat.shape)}")
+    result = pca_from_gram(mat @ mat.T, min(n_components, mat.shape[1]))
+    centred = mat - mat.mean(0, keepdim=True)
+    values = torch.from_numpy(result.coordinates)
+    sq = values.pow(2).sum(0)  # ‖coordinates_k‖² = λ_k, and axis_k = centredᵀ coordinates_k / λ_k
+    axes = (values / torch.where(sq > 0, sq, torch.ones_like(sq))).T @ centred
+    return PCAResult(result.coordinates, axes.numpy(), result.explained_variance_ratio)

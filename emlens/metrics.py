@@ -9,14 +9,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from emlens.data import TokenDataset
-from emlens.geometry import PCAResult, pca
+from emlens.geometry import PCAResult, cosine_similarity, pca
 from emlens.interventions import Intervention
 from emlens.runner import kl_sweep, loss_sweep
 from emlens.training import TrainConfig, TrainingCaches, TrainingResult, train
@@ -153,22 +154,83 @@ def pretraining_significance(
 
 @dataclass
 class DriftResult:
-    """A narrow run (with KL) continued without KL; PCA of all checkpoints together."""
+    """A narrow (KL) run continued without KL, with :func:`continue_without_kl`'s result (PCA and cosines)."""
 
     narrow: TrainingResult
     continued: TrainingResult
-    steps: list[int]
-    phase: list[str]
-    projection: PCAResult
-    general_reference: list[float] | None = field(default=None)
+    result: dict[str, Any]
+
+    @property
+    def projection(self) -> PCAResult:
+        """The PCA of the general run's checkpoints (if given) followed by this run's."""
+        coords = np.asarray([*self.result["general_coordinates"], *self.result["coordinates"]])
+        return PCAResult(coords, None, np.asarray(self.result["explained_variance_ratio"]))
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self.result["steps"])
+
+    @property
+    def phase(self) -> list[str]:
+        return list(self.result["phase"])
 
     def cosine_to_reference(self) -> list[float]:
-        """Cosine of each checkpoint with a general solution's vector (if one was given)."""
-        if self.general_reference is None:
+        """Cosine of each checkpoint with the general solution (if one was given), in the intervention's own geometry."""
+        if "cosine_to_general" not in self.result:
             raise ValueError("no general reference was given")
-        ref = torch.tensor(self.general_reference)
-        mats = self.continued.trajectory_matrix()
-        return [float(torch.nn.functional.cosine_similarity(row, ref, dim=0)) for row in mats]
+        return list(self.result["cosine_to_general"])
+
+
+def drift_geometry(
+    continued: TrainingResult, n_narrow: int, general: TrainingResult | None = None, general_final: Intervention | None = None
+) -> tuple[dict[str, Any], PCAResult]:
+    """One PCA over the continued run's checkpoints (after the general run's, if given), and cosines to the general solution.
+
+    PCA and cosines both use the intervention's own inner product (:func:`emlens.geometry.pca` of
+    interventions): for adapters the Frobenius product of the updates, never the factors.
+    """
+    points = continued.trajectory_interventions()
+    general_points = general.trajectory_interventions() if general is not None else []
+    projection = pca([*general_points, *points], n_components=min(3, len(points) + len(general_points)))
+    coords = projection.coordinates
+    result: dict[str, Any] = {
+        "measure": "drift",
+        "steps": [s for s, _ in continued.trajectory],
+        "phase": ["narrow (KL)"] * n_narrow + ["no KL"] * (len(points) - n_narrow),
+        "coordinates": coords[len(general_points) :].tolist(),
+        "general_coordinates": coords[: len(general_points)].tolist(),
+        "general_steps": [s for s, _ in general.trajectory] if general is not None else [],
+        "explained_variance_ratio": projection.explained_variance_ratio.tolist(),
+    }
+    final = general.intervention if general is not None else general_final
+    if final is not None:
+        result["cosine_to_general"] = [cosine_similarity(i, final) if i.norm > 0 else float("nan") for i in points]
+    return result, projection
+
+
+def continue_without_kl(
+    model: Any,
+    narrow: TrainingResult,
+    data: TokenDataset,
+    config: TrainConfig,
+    caches: TrainingCaches | None = None,
+    run_dir: str | Path | None = None,
+    general: TrainingResult | None = None,
+    general_final: Intervention | None = None,
+) -> tuple[TrainingResult, dict[str, Any]]:
+    """Drift (Fig. 5): continue a narrow run without KL; one PCA over its checkpoints and the general run's.
+
+    ``narrow`` is the narrow run (left untouched), ``config`` the continuation's (its ``kl_weight`` is
+    set to 0), ``general`` the general run (its trajectory joins the PCA) or ``general_final`` its final
+    intervention (cosines only). ``run_dir`` checkpoints the continuation and resumes it. Returns the
+    continued run and the JSON-able result (:func:`drift_geometry`, plus the plans).
+    """
+    start = TrainingResult(narrow.intervention.clone(), narrow.config, list(narrow.losses), list(narrow.trajectory), narrow.plan)
+    free = TrainConfig(**{**config.__dict__, "kl_weight": 0.0})
+    intervention = narrow.intervention.clone().to(next(model.parameters()).device)
+    continued = train(model, intervention, data, free, resume_from=start, caches=caches, run_dir=run_dir, resume=run_dir is not None)
+    result, _ = drift_geometry(continued, len(narrow.trajectory), general, general_final)
+    return continued, {**result, "plans": {"narrow": narrow.plan, "continued": continued.plan}}
 
 
 def drift(
@@ -178,20 +240,21 @@ def drift(
     kl_dataset: TokenDataset,
     narrow_config: TrainConfig,
     continue_config: TrainConfig,
-    general: Intervention | None = None,
-    n_components: int = 3,
+    general: Intervention | TrainingResult | None = None,
 ) -> DriftResult:
-    """Train narrow (``narrow_config.kl_weight > 0``), then keep training without KL; PCA the path."""
+    """Train narrow (``narrow_config.kl_weight > 0``), then keep training without KL (:func:`continue_without_kl`).
+
+    ``general``: the general solution (cosines) or its whole run (its trajectory joins the PCA too).
+    """
     if narrow_config.kl_weight <= 0:
         raise ValueError("the narrow phase needs kl_weight > 0")
     caches = TrainingCaches.for_run(model, intervention, dataset, kl_dataset, narrow_config)  # shared by both phases
     narrow = train(model, intervention, dataset, narrow_config, kl_dataset=kl_dataset, caches=caches)
-    narrow_snapshot = TrainingResult(narrow.intervention.clone(), narrow.config, list(narrow.losses), list(narrow.trajectory))
+    snapshot = TrainingResult(narrow.intervention.clone(), narrow.config, list(narrow.losses), list(narrow.trajectory), narrow.plan)
+    general_run = general if isinstance(general, TrainingResult) else None
+    general_final = general if isinstance(general, Intervention) else None
     free = TrainConfig(**{**continue_config.__dict__, "kl_weight": 0.0})
-    continued = train(model, intervention, dataset, free, resume_from=narrow_snapshot, caches=caches if free.cache_prefix else None)
-    steps = [s for s, _ in continued.trajectory]
-    n_narrow = len(narrow_snapshot.trajectory)
-    phase = ["narrow (KL)"] * n_narrow + ["no KL"] * (len(steps) - n_narrow)
-    rows = continued.trajectory_matrix()
-    reference = general.flatten().tolist() if general is not None else None
-    return DriftResult(narrow_snapshot, continued, steps, phase, pca(rows, n_components), reference)
+    continued, result = continue_without_kl(
+        model, snapshot, dataset, free, caches if free.cache_prefix else None, general=general_run, general_final=general_final
+    )
+    return DriftResult(snapshot, continued, result)

@@ -82,3 +82,81 @@ def test_collect_activations_counts_assistant_tokens(model, dataset):
     assert acts.shape == (sum(sum(e.loss_mask) for e in dataset.examples), model.cfg.d_model)
     all_acts = collect_activations(model, dataset, "blocks.1.hook_resid_post", assistant_only=False)
     assert all_acts.shape[0] == sum(len(e.input_ids) for e in dataset.examples)
+
+
+# --- PCA in each intervention's own geometry (issue 19: drift PCA and cosine agree) -----------------
+
+
+def _adapter(seed: int, d_model: int = 6, d_mlp: int = 10) -> RankOneAdapter:
+    ad = RankOneAdapter(0, d_model, d_mlp, seed=seed)
+    with torch.no_grad():
+        ad.b.normal_(generator=torch.Generator().manual_seed(seed + 100))
+    return ad
+
+
+def _sklearn_pca(rows: torch.Tensor, k: int):
+    from sklearn.decomposition import PCA  # the independent reference
+
+    mat = rows.double().numpy()
+    model = PCA(n_components=k, svd_solver="full").fit(mat)
+    return model.transform(mat), model.components_, model.explained_variance_ratio_
+
+
+def _same_up_to_sign(ours, theirs, atol=1e-6):
+    import numpy as np
+
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    assert ours.shape == theirs.shape
+    for k in range(ours.shape[-1] if ours.ndim == 2 else 1):
+        a, b = (ours[:, k], theirs[:, k]) if ours.ndim == 2 else (ours, theirs)
+        sign = 1.0 if abs(a - b).max() <= abs(a + b).max() else -1.0
+        np.testing.assert_allclose(a, sign * b, atol=atol)
+
+
+def test_pca_of_tensors_equals_sklearn():
+    rows = torch.randn(12, 7, generator=torch.Generator().manual_seed(0)) @ torch.diag(torch.arange(7.0, 0, -1))
+    result = pca(rows, n_components=3)
+    coords, components, ratio = _sklearn_pca(rows, 3)
+    _same_up_to_sign(result.coordinates, coords)
+    _same_up_to_sign(result.components.T, components.T)
+    assert result.explained_variance_ratio == pytest.approx(ratio, abs=1e-9)
+
+
+def test_pca_of_rank_one_adapters_is_pca_of_dense_updates():
+    adapters = [_adapter(s) for s in range(8)]
+    dense = torch.stack([ad.scale * torch.outer(ad.b.detach(), ad.a.detach()).flatten() for ad in adapters])  # by hand
+    coords, _, ratio = _sklearn_pca(dense, 3)
+    result = pca(adapters, n_components=3)
+    assert result.components is None  # from inner products alone: no dense axis is formed
+    _same_up_to_sign(result.coordinates, coords, atol=1e-6 * float(dense.abs().max()) * 100)
+    assert result.explained_variance_ratio == pytest.approx(ratio, abs=1e-7)  # the dense rows are float32
+    # trading scale between a and b changes the factors, not the update: the PCA is unchanged
+    traded = [ad.with_factors(ad.a.detach() * 3.0, ad.b.detach() / 3.0) for ad in adapters]
+    again = pca(traded, n_components=3)
+    _same_up_to_sign(again.coordinates, result.coordinates, atol=1e-4)
+    assert again.explained_variance_ratio == pytest.approx(result.explained_variance_ratio, abs=1e-6)  # float32 factors
+
+
+def test_every_intervention_flattens_in_the_geometry_of_its_inner_product():
+    from emlens.interventions import DirectionAblation, LoRAAdapter, MultiLayerSteering
+
+    def lora(seed):
+        ad = LoRAAdapter({"down": (5, 7), "q": (5, 5)}, [0, 1], rank=2, seed=seed)
+        with torch.no_grad():
+            for b in ad.B.values():
+                b.normal_(generator=torch.Generator().manual_seed(seed + 50))
+        return ad
+
+    pairs = [
+        (SteeringVector.from_vector(torch.randn(6), 0), SteeringVector.from_vector(torch.randn(6), 0)),
+        (_adapter(1), _adapter(2)),
+        (lora(1), lora(2)),
+        (MultiLayerSteering.from_vectors({0: torch.randn(6), 1: torch.randn(6)}), MultiLayerSteering.from_vectors({0: torch.randn(6), 1: torch.randn(6)})),
+        (DirectionAblation(torch.randn(6), ["blocks.0.hook_resid_post"]), DirectionAblation(torch.randn(6), ["blocks.0.hook_resid_post"])),
+    ]
+    for x, y in pairs:
+        flat = float(x.flatten().double() @ y.flatten().double())
+        assert x.inner(y) == pytest.approx(flat, rel=1e-5, abs=1e-6), type(x).__name__
+        gram = type(x).gram([x, y])
+        assert float(gram[0, 1]) == pytest.approx(flat, rel=1e-5, abs=1e-6), type(x).__name__
+        assert float(gram[1, 1]) == pytest.approx(float(y.flatten().double().square().sum()), rel=1e-5), type(x).__name__

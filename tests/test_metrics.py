@@ -80,3 +80,29 @@ def test_drift_continues_without_kl(model, dataset):
         drift(model, vec, dataset, alt, free_cfg, free_cfg)
 
 
+
+
+def test_adapter_drift_uses_the_frobenius_geometry(model, dataset):
+    """Drift PCA and cosines of a rank-1 adapter are those of its dense updates (issue 19), checked by hand."""
+    from sklearn.decomposition import PCA
+
+    from emlens.interventions import RankOneAdapter
+
+    alt = TokenDataset.from_conversations(model.tokenizer, "kl:medical", limit=6)
+    adapter = RankOneAdapter.for_model(model, 1, alpha=4.0, seed=0)
+    general = RankOneAdapter.for_model(model, 1, alpha=4.0, seed=1)
+    with torch.no_grad():
+        general.b.normal_(generator=torch.Generator().manual_seed(3))
+    narrow_cfg = TrainConfig(lr=2e-2, max_steps=3, kl_weight=10.0, kl_batch_size=2, **FAST)
+    result = drift(model, adapter, dataset, alt, narrow_cfg, TrainConfig(lr=2e-2, max_steps=3, **FAST), general=general)
+    points = result.continued.trajectory_interventions()
+    dense = torch.stack([p.scale * torch.outer(p.b.detach(), p.a.detach()).flatten().double() for p in points])
+    g = (general.scale * torch.outer(general.b.detach(), general.a.detach())).flatten().double()
+    want = [float(torch.nn.functional.cosine_similarity(row, g, dim=0)) if row.norm() > 0 else float("nan") for row in dense]
+    assert result.cosine_to_reference() == pytest.approx(want, abs=1e-6, nan_ok=True)
+    ref = PCA(n_components=3, svd_solver="full").fit(dense.numpy())
+    ours = result.projection.coordinates
+    theirs = ref.transform(dense.numpy())
+    for k in range(3):
+        sign = 1.0 if abs(ours[:, k] - theirs[:, k]).max() <= abs(ours[:, k] + theirs[:, k]).max() else -1.0
+        assert ours[:, k] == pytest.approx(sign * theirs[:, k], abs=1e-5 * max(1.0, float(abs(theirs).max())))

@@ -218,9 +218,10 @@ def drift_command(args: argparse.Namespace) -> int:
     from emlens.data import TokenDataset, read_conversations
     from emlens.data.studies import default_kl_for
     from emlens.interventions import Intervention, SteeringVector
+    from emlens.metrics import drift
     from emlens.plotting import plot_drift
-    from emlens.study.measures import continue_without_kl, write_result
-    from emlens.training import TrainingCaches, TrainingResult, train
+    from emlens.study.measures import write_result
+    from emlens.training import TrainingResult
     from emlens.validation import ConfigError
 
     out = check_figure_out(args.out)
@@ -231,19 +232,17 @@ def drift_command(args: argparse.Namespace) -> int:
     read_conversations(data_source)
     read_conversations(training_data(kl_source))
     general_path = Path(args.general) if args.general else None
-    general_run = TrainingResult.load(general_path) if general_path is not None and general_path.is_dir() else None
-    general_final = Intervention.load(general_path, device=args.device) if general_path is not None and general_run is None else None
+    general: Intervention | TrainingResult | None = None
+    if general_path is not None:
+        general = TrainingResult.load(general_path) if general_path.is_dir() else Intervention.load(general_path, device=args.device)
     config = train_config(args)
     model = load_model_of(args)
     data = TokenDataset.from_conversations(model.tokenizer, data_source, config.max_length)
     kl_data = TokenDataset.from_conversations(model.tokenizer, training_data(kl_source), config.max_length)
-    vector = SteeringVector.for_model(model, args.layer)
-    caches = TrainingCaches.for_run(model, vector, data, kl_data, config)
-    narrow = train(model, vector, data, config, kl_dataset=kl_data, caches=caches)
-    narrow.save(runs / "narrow")
-    continued, info = continue_without_kl(model, narrow, data, config, caches, general=general_run, general_final=general_final)
-    continued.save(runs / "continued")
-    info["runs"] = {"narrow": str(runs / "narrow"), "continued": str(runs / "continued")}
+    result = drift(model, SteeringVector.for_model(model, args.layer), data, kl_data, config, config, general=general)
+    result.narrow.save(runs / "narrow")
+    result.continued.save(runs / "continued")
+    info = {**result.result, "runs": {"narrow": str(runs / "narrow"), "continued": str(runs / "continued")}}
     if "cosine_to_general" in info:
         print("cosine to general by checkpoint: " + ", ".join(f"{c:.3f}" for c in info["cosine_to_general"]))
     general_coords = np.asarray(info["general_coordinates"]) if info["general_coordinates"] else None

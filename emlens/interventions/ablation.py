@@ -122,6 +122,8 @@ class DirectionAblation(Intervention):
         """The strength ``s`` (``u`` is a unit vector)."""
         return self.effective.detach().norm()
 
+    flat_geometry = True
+
     def flatten(self) -> Float[Tensor, " n"]:
         return self.effective.detach().float().cpu()
 

@@ -148,6 +148,24 @@ class Intervention(nn.Module, ABC):
     def inner(self, other: Intervention) -> float:
         """Inner product with another intervention of the same kind and shape."""
 
+    flat_geometry: ClassVar[bool] = False  # True where ``inner`` is the dot product of ``flatten``
+
+    @classmethod
+    def gram(cls, items: Sequence[Intervention]) -> Float[Tensor, "n n"]:
+        """Pairwise :meth:`inner` products of interventions of this kind (float64), e.g. for a PCA.
+
+        One matrix product where ``flatten`` carries the geometry; otherwise one :meth:`inner` per pair.
+        """
+        if cls.flat_geometry:
+            flat = torch.stack([i.flatten().double() for i in items])
+            return flat @ flat.T
+        n = len(items)
+        out = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n):
+            for j in range(i, n):
+                out[i, j] = out[j, i] = items[i].inner(items[j])
+        return out
+
     @abstractmethod
     def perturbed(self, epsilon: float, generator: torch.Generator | None = None) -> Intervention:
         """A copy under norm-preserving orthogonal noise ``sqrt(1-ε²)·x + ε·y`` (``y ⟂ x``, ``‖y‖ = ‖x‖``)."""
@@ -402,6 +420,8 @@ class SteeringVector(Intervention):
             return None
         return ResidualOffset(self.hook, self.effective)
 
+    flat_geometry = True
+
     def flatten(self) -> Float[Tensor, " n"]:
         return self.effective.detach().float().cpu()
 
@@ -558,8 +578,11 @@ class RankOneAdapter(Intervention):
         return self.with_factors(self.a.detach(), self.b.detach() * (norm / self.norm))
 
     def flatten(self) -> Float[Tensor, " n"]:
-        """The factors ``a`` and ``scale · b`` concatenated."""
-        return torch.cat([self.a.detach().float().cpu(), self.scale * self.b.detach().float().cpu()])
+        """The dense update ``scale · b aᵀ``, flattened (``d_model · d_mlp`` floats, float32, CPU).
+
+        The same geometry as :meth:`inner`; PCA and cosines never form it (:meth:`gram`, :meth:`inner`).
+        """
+        return self.delta_weight().float().cpu().flatten()
 
     def inner(self, other: Intervention) -> float:
         """Frobenius inner product of the updates: ``s² (b1·b2)(a1·a2)``, no dense matrix needed."""
@@ -570,6 +593,17 @@ class RankOneAdapter(Intervention):
         a1, a2 = self.a.detach().float().cpu(), other.a.detach().float().cpu()
         b1, b2 = self.b.detach().float().cpu(), other.b.detach().float().cpu()
         return float(self.scale * other.scale * (b1 @ b2) * (a1 @ a2))
+
+    @classmethod
+    def gram(cls, items: Sequence[Intervention]) -> Float[Tensor, "n n"]:
+        """Frobenius products of the updates, ``sᵢsⱼ (bᵢ·bⱼ)(aᵢ·aⱼ)``: two small matrix products, no dense update."""
+        adapters = [i for i in items if isinstance(i, RankOneAdapter)]
+        if len(adapters) != len(items):
+            raise InterventionError("a Gram matrix of rank-1 adapters needs rank-1 adapters only")
+        a = torch.stack([x.a.detach().double().cpu() for x in adapters])
+        b = torch.stack([x.b.detach().double().cpu() for x in adapters])
+        s = torch.tensor([x.scale for x in adapters], dtype=torch.float64)
+        return (a @ a.T) * (b @ b.T) * torch.outer(s, s)
 
     def perturbed(self, epsilon: float, generator: torch.Generator | None = None) -> RankOneAdapter:
         """Each factor perturbed independently (the paper's rule for LoRA)."""

@@ -139,6 +139,8 @@ class MultiLayerSteering(Intervention):
         """``‖alpha · v_L‖`` per layer."""
         return dict(zip(self.layers, self.effective.detach().norm(dim=-1).tolist()))
 
+    flat_geometry = True
+
     def flatten(self) -> Float[Tensor, " n"]:
         return self.effective.detach().float().cpu().flatten()
 

@@ -183,56 +183,6 @@ def training_summary(result: Any) -> dict[str, Any]:
     }
 
 
-def continue_without_kl(
-    model: Any,
-    narrow: Any,
-    data: TokenDataset,
-    config: Any,
-    caches: Any = None,
-    run_dir: str | Path | None = None,
-    general: Any = None,
-    general_final: Intervention | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """Drift (Fig. 5): continue a narrow run without KL; one PCA over its checkpoints and the general run's.
-
-    ``narrow`` is the narrow run's :class:`~emlens.training.TrainingResult` (left untouched), ``config``
-    the continuation's (its ``kl_weight`` is set to 0), ``general`` the general run's result (its
-    trajectory joins the PCA) or ``general_final`` its final intervention (cosines only).
-    Returns the continued run and the result.
-    """
-    import torch
-
-    from emlens.geometry import cosine_similarity, pca
-    from emlens.training import TrainConfig, TrainingResult, flat_parameters, train
-
-    start = TrainingResult(narrow.intervention.clone(), narrow.config, list(narrow.losses), list(narrow.trajectory), narrow.plan)
-    free = TrainConfig(**{**config.__dict__, "kl_weight": 0.0})
-    intervention = narrow.intervention.clone().to(next(model.parameters()).device)
-    continued = train(model, intervention, data, free, resume_from=start, caches=caches, run_dir=run_dir, resume=run_dir is not None)
-    rows = continued.trajectory_matrix()
-    general_rows = general.trajectory_matrix() if general is not None else rows[:0]
-    projection = pca(torch.cat([general_rows, rows]), n_components=min(3, len(rows) + len(general_rows)))
-    coords = projection.coordinates
-    n_narrow = len(narrow.trajectory)
-    result: dict[str, Any] = {
-        "measure": "drift",
-        "steps": [s for s, _ in continued.trajectory],
-        "phase": ["narrow (KL)"] * n_narrow + ["no KL"] * (len(rows) - n_narrow),
-        "coordinates": coords[len(general_rows) :].tolist(),
-        "general_coordinates": coords[: len(general_rows)].tolist(),
-        "general_steps": [s for s, _ in general.trajectory] if general is not None else [],
-        "explained_variance_ratio": projection.explained_variance_ratio.tolist(),
-        "plans": {"narrow": narrow.plan, "continued": continued.plan},
-    }
-    final = general.intervention if general is not None else general_final
-    if final is not None:
-        result["cosine_to_general"] = [
-            cosine_similarity(flat_parameters(i), flat_parameters(final)) if i.norm > 0 else float("nan")
-            for i in continued.trajectory_interventions()
-        ]
-    return continued, result
-
-
 def stability_curves(result: dict[str, Any], relative: bool = True) -> dict[str, tuple[list[float], list[float], list[float]]]:
     """Plain ``(epsilons, mean, std)`` per solution from a :func:`measure_stability` result, for plotting."""
     out = {}

@@ -293,7 +293,8 @@ def _device(ctx: Context) -> Any:
 
 def _run_drift(kind: str) -> Callable[[Context, Path, dict[str, StageOutput]], dict[str, Any]]:
     def run(ctx: Context, directory: Path, upstream: dict[str, StageOutput]) -> dict[str, Any]:
-        from emlens.study.measures import continue_without_kl, training_summary
+        from emlens.metrics import continue_without_kl
+        from emlens.study.measures import training_summary
         from emlens.training import TrainingResult
 
         narrow = TrainingResult.load(upstream[narrow_name(ctx.config, kind)].directory)
@@ -312,11 +313,11 @@ def _run_sweep_pca(kind: str, names: list[tuple[str, float]]) -> Callable[[Conte
 
     def run(ctx: Context, directory: Path, upstream: dict[str, StageOutput]) -> dict[str, Any]:
         from emlens.geometry import cosine_similarity, pca
-        from emlens.training import TrainingResult, flat_parameters
+        from emlens.training import TrainingResult
 
         results = {weight: TrainingResult.load(upstream[name].directory) for name, weight in names}
-        blocks = [r.trajectory_matrix() for r in results.values()]
-        projection = pca(torch.cat(blocks), n_components=3)
+        blocks = [r.trajectory_interventions() for r in results.values()]
+        projection = pca([i for block in blocks for i in block], n_components=3)  # the interventions' own geometry
         coords, start = projection.coordinates, 0
         paths = {}
         for weight, block in zip(results, blocks):
@@ -324,10 +325,7 @@ def _run_sweep_pca(kind: str, names: list[tuple[str, float]]) -> Callable[[Conte
             start += len(block)
         general = results.get(0.0)
         cos = {
-            f"{w:g}": cosine_similarity(flat_parameters(r.intervention), flat_parameters(general.intervention))
-            if general is not None
-            else None
-            for w, r in results.items()
+            f"{w:g}": cosine_similarity(r.intervention, general.intervention) if general is not None else None for w, r in results.items()
         }
         return {
             "kind": kind,
