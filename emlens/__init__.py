@@ -5,6 +5,7 @@ Reproduces and extends "Emergent Misalignment is Easy, Narrow Misalignment is Ha
 """
 
 from emlens.data import ChatBatch, TokenDataset, builtin_datasets, read_conversations, read_texts
+from emlens.directions import MeanDifference, directions_from_evaluation, mean_difference_directions, select_answers
 from emlens.geometry import cosine_similarity, cosine_similarity_matrix, mean_difference_direction, orthogonal_noise, pca
 from emlens.interventions import (
     Composed,
@@ -58,4 +59,8 @@ __all__ = [
     "evaluate_loss",
     "kl_to_base",
     "train",
+    "MeanDifference",
+    "directions_from_evaluation",
+    "mean_difference_directions",
+    "select_answers",
 ]

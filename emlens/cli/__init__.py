@@ -21,13 +21,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from emlens.cli import evaluate, formats, measure, preference, reproduce, train
+from emlens.cli import directions, evaluate, formats, measure, preference, reproduce, train
 from emlens.cli.flags import EXIT_INTERRUPTED, EXIT_JUDGE_FAILED, EXIT_USER_ERROR, Parser, UsageError, add_debug
 from emlens.models import ModelLoadError
 
 __all__ = ["EXIT_JUDGE_FAILED", "EXIT_USER_ERROR", "EXIT_INTERRUPTED", "build_parser", "main"]
 
-MODULES = (reproduce, train, measure, preference, evaluate, formats)
+MODULES = (reproduce, train, measure, preference, evaluate, directions, formats)
 
 
 def _version() -> str:
