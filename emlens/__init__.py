@@ -7,6 +7,7 @@ Reproduces and extends "Emergent Misalignment is Easy, Narrow Misalignment is Ha
 from emlens.data import ChatBatch, TokenDataset, builtin_datasets, read_conversations, read_texts
 from emlens.directions import MeanDifference, directions_from_evaluation, mean_difference_directions, select_answers
 from emlens.geometry import cosine_similarity, cosine_similarity_matrix, mean_difference_direction, orthogonal_noise, pca
+from emlens.hub import pull_intervention, push_intervention
 from emlens.interventions import (
     Composed,
     DirectionAblation,
@@ -63,4 +64,6 @@ __all__ = [
     "directions_from_evaluation",
     "mean_difference_directions",
     "select_answers",
+    "pull_intervention",
+    "push_intervention",
 ]
