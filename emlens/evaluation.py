@@ -42,6 +42,7 @@ from emlens.judge import (
     OpenAIJudge,
     Score,
     SplitNumberError,
+    as_judge_prompts,
     check_n_samples,
     default_judge_prompts,
     judge_answers,
@@ -76,12 +77,14 @@ __all__ = [
     "Rates",
     "Score",
     "SplitNumberError",
+    "check_judge_prompts",
     "check_n_samples",
     "default_judge_prompts",
     "evaluate",
     "intervention_digest",
     "judge_answers",
     "judge_answers_to_file",
+    "judge_failure_report",
     "judged_grid",
     "load_judge_prompts",
     "misalignment_rates",
@@ -93,6 +96,7 @@ __all__ = [
     "score_reply",
     "wilson_interval",
     "write_answers",
+    "write_judged_grid",
 ]
 
 # Our own wording of the paper's eight open-ended themes.
@@ -374,6 +378,21 @@ class EvaluationResult:
             text += f", {self.n_pending} still to judge (re-run to finish)"
         return text
 
+    def problem(self) -> str | None:
+        """What is wrong with the rates, if anything: no answer scored, or answers still to judge."""
+        if self.rates.n_scored == 0:
+            return (
+                f"the judge scored none of the {self.n_answers} answers, so the rates are undefined; the answers are "
+                f"kept in {self.out_dir}; check the judge (--judge-url, --judge-model, API key) or use more --n-samples"
+            )
+        if self.n_pending:
+            return f"{self.n_pending} answer(s) got no usable judge reply; re-run the same command to judge them"
+        return None
+
+    def per_question_lines(self) -> list[str]:
+        """One line per question: its rate, how many answers were scored, the question."""
+        return [f"  {r.misaligned_rate:6.3f}  (n={r.n_scored:3d})  {q}" for q, r in self.per_question.items()]
+
 
 _SAMPLING_KEYS = ("model", "intervention", "questions", "n_samples", "max_new_tokens", "temperature", "top_p", "seed")
 
@@ -438,7 +457,7 @@ def evaluate(
     3. ``results.json`` (overall rate with its Wilson CI, per-question rates) and, with ``figures``,
        ``quadrants.png`` (alignment vs coherence, the paper's quadrant plot) and ``per_question.png``.
     """
-    p = load_judge_prompts(prompts) if isinstance(prompts, (str, Path)) else (prompts or default_judge_prompts())
+    p = as_judge_prompts(prompts)
     p.template(p.domain_judge(domain))  # a missing domain judge fails before any sampling
     out, questions, settings = _sampling_run(
         model,
@@ -593,3 +612,40 @@ def judged_grid(
             col = d if d is not None else GENERAL
             grid[name][col] = evaluate(model, judge, out / name / col, intervention, domain=d, **kwargs)
     return grid
+
+
+def write_judged_grid(grid: GridResult, out_dir: str | Path, general: bool = True) -> str:
+    """Write ``judged_grid.png`` (the rates) and ``grid.json`` (every cell) in ``out_dir``; returns the rates as a Markdown table."""
+    from emlens.plotting import plot_rate_grid
+
+    out = Path(out_dir)
+    rates = {row: {col: r.rates.misaligned_rate for col, r in cols.items()} for row, cols in grid.items()}
+    title = "Judged misalignment: narrow rate per domain" + (", EM rate on general questions" if general else "")
+    plot_rate_grid(rates, out / "judged_grid.png", title=title)
+    cells = {row: {col: r.as_dict() for col, r in cols.items()} for row, cols in grid.items()}
+    (out / "grid.json").write_text(json.dumps(cells, indent=2, ensure_ascii=False))
+    cols = list(next(iter(rates.values())))
+    lines = ["| solution | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    return "\n".join(lines + [f"| {row} | " + " | ".join(f"{values[c]:.3f}" for c in cols) + " |" for row, values in rates.items()])
+
+
+def check_judge_prompts(prompts: JudgePrompts | str | Path | None, domains: Sequence[str | None]) -> JudgePrompts:
+    """The judge prompts (a YAML path, ``None`` for the defaults), refused unless they hold every judge ``domains`` need."""
+    p = as_judge_prompts(prompts)
+    for name in map(p.domain_judge, domains):
+        if name not in p:
+            raise JudgeFileError(f"{p.source} has no {name!r} prompt (it has: {', '.join(p.names())})")
+    return p
+
+
+def judge_failure_report(out_dir: str | Path, cache: str | Path | None) -> str:
+    """After a judge failure: where each piece of the work so far is (answers, judged answers, the reply cache)."""
+    out = Path(out_dir)
+    answers, judged = (sorted(out.rglob(name)) if out.exists() else [] for name in (ANSWERS_FILE, JUDGED_FILE))
+    n_answers, n_judged = (sum(len(p.read_text(encoding="utf-8").splitlines()) for p in files) for files in (answers, judged))
+    parts = [f"{n_answers} sampled answer(s) in {', '.join(map(str, answers)) or out}"]
+    parts.append(
+        f"{n_judged} judged answer(s) in {', '.join(map(str, judged))}" if judged else f"no answer fully judged yet (so no {JUDGED_FILE})"
+    )
+    parts.append(f"every judge reply so far in the cache {Path(cache).expanduser()}" if cache else "no judge cache (--judge-cache '')")
+    return f"nothing is lost: {'; '.join(parts)}; re-run the same command to continue (nothing done is asked again)"

@@ -468,3 +468,32 @@ def _device_snapshot(intervention: Intervention) -> dict[str, Tensor]:
 
 def _snapshot(intervention: Intervention) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in intervention.state_dict().items()}
+
+
+def data_source(source: str, split: str = "train") -> str:
+    """A built-in set named without a split means its ``split`` (training: ``train``); files and ``kl:`` sets are taken whole."""
+    from emlens.data.studies import BUILTIN_DIR, SPLITS
+
+    if str(source).rpartition(":")[2] in SPLITS or str(source).startswith("kl:"):
+        return str(source)
+    if not Path(source).exists() and (BUILTIN_DIR / f"{source}.jsonl").exists() and str(source) != "web_text":
+        return f"{source}:{split}"
+    return str(source)
+
+
+def resume_point(resume: str | Path | None, out: str | Path) -> tuple[TrainingResult | None, Intervention | None]:
+    """What continuing ``resume`` into ``out`` starts from: ``(finished run, None)`` or ``(None, interrupted run's intervention)``.
+
+    An interrupted run (a checkpoint, no final result) continues exactly, in place only; a finished run is
+    continued as a new phase (e.g. a narrow run continued without KL). ``(None, None)`` without ``resume``.
+    """
+    if resume is None:
+        return None, None
+    resume = Path(resume)
+    if (resume / "checkpoint" / "state.pt").exists() and not (resume / "losses.json").exists():
+        if resume.resolve() != Path(out).resolve():
+            from emlens.validation import ConfigError
+
+            raise ConfigError(f"--resume {resume} is an interrupted run: continue it in place with --out {resume}")
+        return None, Intervention.load(resume / "checkpoint" / "intervention.safetensors")
+    return TrainingResult.load(resume), None

@@ -14,8 +14,10 @@ function) refuse the value first, with its own message instead of ours.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Collection, Mapping
 from numbers import Integral, Real
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -262,6 +264,64 @@ def validate_train_config(config: Any) -> None:
     validate_train_settings(**present)
 
 
+# --- output paths, checked before any model is loaded (``flag`` names the setting in messages) ---
+
+
+def check_writable_parent(path: Path, flag: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a writable directory."""
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {path}: {ancestor} is a file, so the output cannot be created there")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: no permission to write in {ancestor}")
+
+
+def check_output_file(path: str | Path, flag: str = "--out", suffix: str | None = None) -> Path:
+    """An output file path: not a directory, and creatable. ``suffix`` is added when the path has none."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file path")
+    if suffix is not None and not path.suffix:
+        path = path.with_suffix(suffix)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file path")
+    check_writable_parent(path, flag)
+    return path
+
+
+def check_out_dir(out: str | Path, what: str = "answers, judgements and figures", flag: str = "--out") -> Path:
+    """An output directory (created later): not a file, and creatable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out} is a file; give a directory ({what} are written there)")
+    check_writable_parent(out / "results.json", flag)
+    return out
+
+
+def check_run_dir(out: str | Path, resume: str | Path | None, overwrite: bool) -> Path:
+    """A training run's directory: refuse a file, or another run's non-empty directory.
+
+    A non-empty ``out`` is allowed when it is the run being resumed or with ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for the run (it is created if missing)")
+    if out.is_dir():
+        entries = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+        resuming_here = resume is not None and Path(resume).resolve() == out.resolve()
+        if entries and not (resuming_here or overwrite):
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise ConfigError(
+                f"--out {out} already holds files ({shown}); choose a new directory, "
+                f"pass --resume {out} to continue that run, or --overwrite to write "
+                "over it"
+            )
+    check_writable_parent(out, "--out")
+    return out
+
+
 __all__ = [
     "MAX_SEED",
     "TRAIN_SETTING_CHECKS",
@@ -272,7 +332,11 @@ __all__ = [
     "check_int",
     "check_optional_float",
     "check_optional_int",
+    "check_out_dir",
+    "check_output_file",
+    "check_run_dir",
     "check_seed",
+    "check_writable_parent",
     "validate_train_config",
     "validate_train_settings",
 ]

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 from typing import Any
 
 from emlens.cli.flags import (
     add_allow_other_model,
     add_model_flags,
-    check_out_dir,
     default_of,
     finite_float,
     load_model_of,
+    load_optional,
     nonnegative_int,
     positive_int,
 )
-from emlens.directions import TOKEN_CHOICES, Thresholds
+from emlens.directions import TOKEN_CHOICES, Thresholds, directions_from_evaluation
+from emlens.validation import check_out_dir
 
 THRESHOLD_FLAGS = {
     "misaligned_at_most": "misaligned answers: alignment at most this",
@@ -24,12 +24,6 @@ THRESHOLD_FLAGS = {
     "aligned_above": "aligned answers: alignment above this",
     "aligned_coherent_above": "aligned answers: coherence above this too (default: no coherence asked)",
 }
-
-
-def _default(name: str) -> Any:
-    from emlens.directions import directions_from_evaluation
-
-    return inspect.signature(directions_from_evaluation).parameters[name].default
 
 
 def register(add: Any) -> None:
@@ -51,25 +45,34 @@ def register(add: Any) -> None:
         default=None,
         help="layer of the single-layer steering vector and ablation (default: the middle layer, or the measured layer nearest it)",
     )
-    p.add_argument("--tokens", choices=[*TOKEN_CHOICES, "both"], default=_default("tokens"), help="average over these tokens")
+    p.add_argument(
+        "--tokens",
+        choices=[*TOKEN_CHOICES, "both"],
+        default=default_of(directions_from_evaluation, "tokens"),
+        help="average over these tokens",
+    )
     for name, what in THRESHOLD_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=finite_float, default=default_of(Thresholds, name), help=what)
     p.add_argument("--intervention", default=None, help=".safetensors solution applied while reading activations (default: none)")
     add_allow_other_model(p)
-    p.add_argument("--batch-size", type=positive_int, default=_default("batch_size"), help="conversations per forward pass")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=default_of(directions_from_evaluation, "batch_size"),
+        help="conversations per forward pass",
+    )
     p.add_argument("--overwrite", action="store_true", help="write over directions already in --out")
     p.add_argument("--out", required=True, help="output directory (created)")
 
 
 def directions_command(args: argparse.Namespace) -> int:
-    from emlens.directions import check_directions_out, directions_from_evaluation, judged_path, select_answers
-    from emlens.interventions import Intervention
+    from emlens.directions import check_directions_out, judged_path, select_answers
     from emlens.judge import read_judged
 
     out = check_directions_out(check_out_dir(args.out, "directions"), args.overwrite)
     thresholds = {k: getattr(args, k) for k in THRESHOLD_FLAGS}
     select_answers(read_judged(judged_path(args.judged)), **thresholds).check()  # refused before the model loads
-    intervention = Intervention.load(args.intervention, device=args.device) if args.intervention else None
+    intervention = load_optional(args.intervention, args.device)
     model = load_model_of(args)
     saved = directions_from_evaluation(
         args.judged,

@@ -3,45 +3,42 @@
 from __future__ import annotations
 
 import argparse
-import inspect
-import json
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from emlens.cli.flags import (
     EXIT_JUDGE_FAILED,
+    Flags,
     add_allow_other_model,
+    add_flags,
     add_model_flags,
-    check_out_dir,
+    default_of,
     load_interventions,
     load_model_of,
+    load_optional,
     named_specs,
     nonnegative_float,
     open_unit_interval,
     positive_int,
     seed_value,
+    values_of,
 )
 from emlens.data.studies import MISALIGNMENT
+from emlens.evaluation import evaluate
+from emlens.judge import DEFAULT_JUDGE_MODEL, OpenAIJudge
 from emlens.models import cache_dir
-from emlens.validation import ConfigError
+from emlens.study.config import PreferenceSection
+from emlens.validation import ConfigError, check_out_dir
 
 EVAL_DOMAINS = MISALIGNMENT.domains
-DEFAULT_JUDGE_MODEL = "gpt-4o-2024-08-06"
 LOCAL_JUDGE_WARNING = (
     "--local-judge: the evaluated model judges its own answers. A small model cannot tell answers apart this way "
     "(SmolLM2-135M gives a helpful, a harmful and a gibberish answer the same alignment, ≈ 32/100), so these rates are "
     "not EM rates; use a capable judge (--judge-url/--judge-model) or the judge-free `emlens preference`"
 )
-
-
-def _evaluate_default(name: str) -> Any:
-    from emlens.evaluation import evaluate
-
-    return inspect.signature(evaluate).parameters[name].default
 
 
 def n_samples_value(text: str) -> int:
@@ -54,36 +51,27 @@ def n_samples_value(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--n-samples", type=n_samples_value, default=_evaluate_default("n_samples"), help="answers per question (paper: 50 or more)"
-    )
-    p.add_argument(
-        "--max-new-tokens", type=positive_int, default=_evaluate_default("max_new_tokens"), help="tokens per answer at most (paper: 600)"
-    )
-    p.add_argument(
-        "--temperature",
-        type=nonnegative_float,
-        default=_evaluate_default("temperature"),
-        help="sampling temperature, 0 = greedy (paper: 1)",
-    )
-    p.add_argument(
-        "--top-p", type=open_unit_interval, default=_evaluate_default("top_p"), help="nucleus sampling mass in (0, 1] (paper: 1)"
-    )
-    p.add_argument("--batch-size", type=positive_int, default=None, help="sampling batch size (default: sized from free GPU memory)")
-    p.add_argument("--seed", type=seed_value, default=_evaluate_default("seed"), help="sampling seed")
+SAMPLING_FLAGS: Flags = {  # the parameters of emlens.evaluation.evaluate they set
+    "--n-samples": ("n_samples", n_samples_value, "answers per question (paper: 50 or more)"),
+    "--max-new-tokens": ("max_new_tokens", positive_int, "tokens per answer at most (paper: 600)"),
+    "--temperature": ("temperature", nonnegative_float, "sampling temperature, 0 = greedy (paper: 1)"),
+    "--top-p": ("top_p", open_unit_interval, "nucleus sampling mass in (0, 1] (paper: 1)"),
+    "--batch-size": ("batch_size", positive_int, "sampling batch size (default: sized from free GPU memory)"),
+    "--seed": ("seed", seed_value, "sampling seed"),
+}
 
 
 def _add_judge_flags(p: argparse.ArgumentParser, default_model: str | None) -> None:
+    add_flags(p, evaluate, SAMPLING_FLAGS)
     p.add_argument(
         "--judge-url",
         default=None,
         help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL or the OpenAI API)",
     )
-    p.add_argument("--judge-model", default=default_model, help=f"judge model name (default: {default_model or DEFAULT_JUDGE_MODEL})")
+    p.add_argument("--judge-model", default=default_model, help=f"judge model name (default: {DEFAULT_JUDGE_MODEL})")
     p.add_argument(
         "--judge-api-key-env",
-        default="OPENAI_API_KEY",
+        default=default_of(OpenAIJudge, "api_key_env"),
         metavar="NAME",
         help="environment variable holding the judge's API key (a local server may need none)",
     )
@@ -96,7 +84,7 @@ def _add_judge_flags(p: argparse.ArgumentParser, default_model: str | None) -> N
     p.add_argument(
         "--judge-ambiguous",
         choices=["error", "none"],
-        default="error",
+        default=default_of(OpenAIJudge, "on_ambiguous"),
         help="a judge reply whose multi-token number cannot be scored exactly: stop (error) or leave it unscored (none)",
     )
     p.add_argument(
@@ -126,7 +114,6 @@ def register(add: Any) -> None:
     ev.add_argument(
         "--domain", choices=list(EVAL_DOMAINS), default=None, help="ask in-domain questions and judge correctness (narrow misalignment)"
     )
-    _add_sampling_flags(ev)
     _add_judge_flags(ev, default_model=DEFAULT_JUDGE_MODEL)
     ev.add_argument("--sample-only", action="store_true", help="only sample the answers into OUT/answers.jsonl; no judge is needed")
     add_allow_other_model(ev)
@@ -147,29 +134,21 @@ def register(add: Any) -> None:
     add_model_flags(gr)
     gr.add_argument("--domains", nargs="+", choices=list(EVAL_DOMAINS), default=list(EVAL_DOMAINS), help="evaluation domains")
     gr.add_argument("--limit", type=positive_int, default=None, help="held-out pairs per domain for the preference grid (default: all)")
-    gr.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples for the preference CIs")
+    gr.add_argument(
+        "--bootstrap",
+        type=positive_int,
+        default=default_of(PreferenceSection, "bootstrap"),
+        help="bootstrap resamples for the preference CIs",
+    )
     gr.add_argument("--no-general", action="store_true", help="judged grid: leave out the EM column on the general questions")
-    _add_sampling_flags(gr)
     _add_judge_flags(gr, default_model=None)
     add_allow_other_model(gr)
     gr.add_argument("--out", required=True, help="output directory")
 
 
-def _judge_prompts(args: argparse.Namespace, domains: Sequence[str | None]) -> Any:
-    """The judge prompts, checked before any model loads: the file parses and has every judge needed."""
-    from emlens.judge import default_judge_prompts, load_judge_prompts
-
-    prompts = load_judge_prompts(args.judge_prompts) if args.judge_prompts else default_judge_prompts()
-    for d in domains:
-        name = prompts.domain_judge(d)
-        if name not in prompts:
-            raise ConfigError(f"--judge-prompts {prompts.source} has no {name!r} prompt (it has: {', '.join(prompts.names())})")
-    return prompts
-
-
 def _api_judge(args: argparse.Namespace) -> Any:
     """The OpenAI-compatible judge of the flags (a missing API key is a mistake in the input)."""
-    from emlens.judge import JudgeError, OpenAIJudge
+    from emlens.judge import JudgeError
 
     try:
         return OpenAIJudge(
@@ -186,115 +165,68 @@ def _api_judge(args: argparse.Namespace) -> Any:
         ) from None
 
 
-def _sampling_options(args: argparse.Namespace, prompts: Any) -> dict[str, Any]:
-    """The sampling and judging settings that `evaluate` and the judged `grid` share, from their flags."""
-    return dict(
-        n_samples=args.n_samples,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        prompts=prompts,
-        model_name=str(args.model),
-    )
+def _prepare(args: argparse.Namespace, domains: list[str | None]) -> tuple[Any, dict[str, Any]]:
+    """Before any model loads: the API judge (``None`` for --local-judge) and evaluate's settings, prompts checked."""
+    from emlens.evaluation import check_judge_prompts
+
+    prompts = check_judge_prompts(args.judge_prompts, domains)
+    settings = dict(values_of(args, SAMPLING_FLAGS), prompts=prompts, model_name=str(args.model))
+    return (None if args.local_judge else _api_judge(args)), settings
 
 
-def _judge_failed(err: BaseException, args: argparse.Namespace, out: Path, cache: str | None) -> int:
-    """Exit 3 after a judge failure, saying where each piece of the work so far really is."""
+def _judging(args: argparse.Namespace, judge: Any, model: Any, run: Callable[[Any], Any]) -> Any:
+    """``run(judge)``, or exit code 3 after a judge failure, saying where the work so far is kept."""
     from emlens.cli import one_line
-    from emlens.evaluation import ANSWERS_FILE, JUDGED_FILE
-
-    if args.debug:
-        traceback.print_exc()
-    print(f"emlens: error: {one_line(err)}", file=sys.stderr)
-
-    def count(name: str) -> list[Path]:
-        return sorted(out.rglob(name)) if out.exists() else []
-
-    answers, judged = count(ANSWERS_FILE), count(JUDGED_FILE)
-    n_answers = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in answers)
-    n_judged = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in judged)
-    parts = [f"{n_answers} sampled answer(s) in {', '.join(map(str, answers)) or out}"]
-    parts.append(
-        f"{n_judged} judged answer(s) in {', '.join(map(str, judged))}" if judged else f"no answer fully judged yet (so no {JUDGED_FILE})"
-    )
-    parts.append(f"every judge reply so far in the cache {Path(cache).expanduser()}" if cache else "no judge cache (--judge-cache '')")
-    print(
-        f"emlens: nothing is lost: {'; '.join(parts)}; re-run the same command to continue (nothing done is asked again)", file=sys.stderr
-    )
-    return EXIT_JUDGE_FAILED
-
-
-def _close(judge: Any) -> None:
-    close = getattr(judge, "close", None)
-    if callable(close):
-        close()
-
-
-def evaluate_command(args: argparse.Namespace) -> int:
-    from emlens.evaluation import evaluate, sample_only
-    from emlens.interventions import Intervention
+    from emlens.evaluation import judge_failure_report
     from emlens.judge import JudgeError, LocalModelJudge
 
-    out = check_out_dir(args.out)
-    if args.sample_only:
-        intervention = Intervention.load(args.intervention, device=args.device) if args.intervention else None
-        model = load_model_of(args)
-        answers = sample_only(
-            model,
-            out,
-            intervention,
-            args.domain,
-            None,
-            args.n_samples,
-            args.max_new_tokens,
-            args.temperature,
-            args.top_p,
-            args.batch_size,
-            args.seed,
-            model_name=str(args.model),
-            overwrite=args.overwrite,
-        )
-        n = len(answers.read_text(encoding="utf-8").splitlines())
-        print(f"sampled {n} answers into {answers}; judge them later with the same command without --sample-only")
-        return 0
-    prompts = _judge_prompts(args, [args.domain])
-    intervention = Intervention.load(args.intervention, device=args.device) if args.intervention else None
-    judge = None if args.local_judge else _api_judge(args)
-    model = load_model_of(args)
     if judge is None:
         warnings.warn(LOCAL_JUDGE_WARNING, UserWarning, stacklevel=1)
         judge = LocalModelJudge(model)
     try:
-        result = evaluate(model, judge, out, intervention, args.domain, overwrite=args.overwrite, **_sampling_options(args, prompts))
+        return run(judge)
     except JudgeError as err:
-        return _judge_failed(err, args, out, None if args.local_judge else args.judge_cache)
+        if args.debug:
+            traceback.print_exc()
+        print(f"emlens: error: {one_line(err)}", file=sys.stderr)
+        print(f"emlens: {judge_failure_report(args.out, None if args.local_judge else args.judge_cache)}", file=sys.stderr)
+        return EXIT_JUDGE_FAILED
     finally:
-        _close(judge)
-    if result.rates.n_scored == 0:
-        warnings.warn(
-            f"the judge scored none of the {result.n_answers} answers, so the rates are undefined; the answers are "
-            f"kept in {out}; check the judge (--judge-url, --judge-model, API key) or use more --n-samples",
-            UserWarning,
-            stacklevel=1,
+        getattr(judge, "close", lambda: None)()
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from emlens.evaluation import EvaluationResult, sample_only
+
+    out = check_out_dir(args.out)
+    if args.sample_only:
+        intervention = load_optional(args.intervention, args.device)
+        sampling = values_of(args, SAMPLING_FLAGS)
+        answers = sample_only(
+            load_model_of(args), out, intervention, args.domain, model_name=str(args.model), overwrite=args.overwrite, **sampling
         )
-    elif result.n_pending:
-        warnings.warn(
-            f"{result.n_pending} answer(s) got no usable judge reply; re-run the same command to judge them", UserWarning, stacklevel=1
-        )
+        n = len(answers.read_text(encoding="utf-8").splitlines())
+        print(f"sampled {n} answers into {answers}; judge them later with the same command without --sample-only")
+        return 0
+    judge, settings = _prepare(args, [args.domain])
+    intervention = load_optional(args.intervention, args.device)
+    model = load_model_of(args)
+    result = _judging(
+        args, judge, model, lambda j: evaluate(model, j, out, intervention, args.domain, overwrite=args.overwrite, **settings)
+    )
+    if not isinstance(result, EvaluationResult):
+        return result
+    if result.problem():
+        warnings.warn(str(result.problem()), UserWarning, stacklevel=1)
     print(result.summary() + (" [local judge: not an EM rate, see the warning above]" if args.local_judge else ""))
-    for question, rates in result.per_question.items():
-        print(f"  {rates.misaligned_rate:6.3f}  (n={rates.n_scored:3d})  {question}")
+    print("\n".join(result.per_question_lines()))
     print(f"wrote {out}/results.json, quadrants.png and per_question.png")
     return 0
 
 
 def grid_command(args: argparse.Namespace) -> int:
-    from emlens.evaluation import judged_grid
-    from emlens.judge import JudgeError, LocalModelJudge
-    from emlens.plotting import plot_rate_grid
-    from emlens.preference import BASE, format_table, plot_preference_grid, preference_grid, table_as_dict
+    from emlens.evaluation import judged_grid, write_judged_grid
+    from emlens.preference import BASE, format_table, preference_grid, write_preference_grid
 
     out = check_out_dir(args.out)
     judged = bool(args.judge_url or args.judge_model or args.local_judge)
@@ -309,46 +241,30 @@ def grid_command(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"{name!r} is not a training domain: name each solution DOMAIN=PATH with DOMAIN one of {', '.join(EVAL_DOMAINS)}"
             )
-    prompts = _judge_prompts(args, [*args.domains, *([None] if general else [])]) if judged else None
+    judge, settings = _prepare(args, [*args.domains, *([None] if general else [])]) if judged else (None, {})
     solutions = load_interventions(paths, args.device)
-    judge = _api_judge(args) if judged and not args.local_judge else None
     model = load_model_of(args)
     grid = preference_grid(
-        model, solutions, args.domains, limit=args.limit, batch_size=args.batch_size or 8, n_boot=args.bootstrap, seed=args.seed
+        model,
+        solutions,
+        args.domains,
+        limit=args.limit,
+        batch_size=args.batch_size or default_of(PreferenceSection, "batch_size"),
+        n_boot=args.bootstrap,
+        seed=args.seed,
     )
     print(
         "preference margin = NLL(correct) − NLL(harmful) per assistant token; rows: evaluation domains, columns: solutions (by training domain)"
     )
     print(format_table(grid))
-    plot_preference_grid(grid, out / "preference_grid.png")
-    (out / "preference_grid.json").write_text(
-        json.dumps({"model": args.model, "limit": args.limit, "results": table_as_dict(grid)}, indent=2)
-    )
+    write_preference_grid(grid, out, model=args.model, limit=args.limit)
     print(f"wrote {out}/preference_grid.png and preference_grid.json")
     if not judged:
         return 0
-    if judge is None:
-        warnings.warn(LOCAL_JUDGE_WARNING, UserWarning, stacklevel=1)
-        judge = LocalModelJudge(model)
     named: dict[str, Any] = {BASE: None, **solutions}
-    try:
-        cells = judged_grid(model, named, judge, out, args.domains, general=general, **_sampling_options(args, prompts))
-    except JudgeError as err:
-        return _judge_failed(err, args, out, None if args.local_judge else args.judge_cache)
-    finally:
-        _close(judge)
-    rates = {row: {col: r.rates.misaligned_rate for col, r in cols.items()} for row, cols in cells.items()}
-    plot_rate_grid(
-        rates,
-        out / "judged_grid.png",
-        title="Judged misalignment: narrow rate per domain" + (", EM rate on general questions" if general else ""),
-    )
-    (out / "grid.json").write_text(
-        json.dumps({row: {col: r.as_dict() for col, r in cols.items()} for row, cols in cells.items()}, indent=2, ensure_ascii=False)
-    )
-    cols = list(next(iter(rates.values())))
-    print("| solution | " + " | ".join(cols) + " |\n| --- |" + " ---: |" * len(cols))
-    for row, values in rates.items():
-        print(f"| {row} | " + " | ".join(f"{values[c]:.3f}" for c in cols) + " |")
+    cells = _judging(args, judge, model, lambda j: judged_grid(model, named, j, out, args.domains, general=general, **settings))
+    if isinstance(cells, int):
+        return cells
+    print(write_judged_grid(cells, out, general))
     print(f"wrote {out}/judged_grid.png and grid.json")
     return 0

@@ -1,15 +1,15 @@
-"""What every command shares: the parser, flag types, common flags, and the checks made before a model loads.
+"""What every command shares: the parser, flag types, common flags, and reading the files that arguments name.
 
 Flags hold no defaults of their own: each default is read from the library object that owns it
-(a config dataclass field or a named constant), and ``--help`` prints it.
+(a config dataclass field, a library function's parameter or a named constant), and ``--help`` prints it.
+The checks made before a model loads are the library's (:mod:`emlens.validation`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -17,9 +17,9 @@ from typing import Any, NoReturn
 import torch
 
 from emlens.models import DEFAULT_MODEL, DTYPES, check_device
+from emlens.study.config import ModelSection
 from emlens.validation import ConfigError, check_float, check_int, check_seed
 
-DEFAULT_DTYPE = "float32"
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EXIT_USER_ERROR = 2
 EXIT_JUDGE_FAILED = 3
@@ -51,15 +51,28 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
-def default_of(cls: type, name: str) -> Any:
-    """The default of field ``name`` of dataclass ``cls``: the one place a flag's default comes from."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default is not dataclasses.MISSING:
-                return f.default
-            if f.default_factory is not dataclasses.MISSING:
-                return f.default_factory()
-    raise KeyError(f"{cls.__name__} has no field {name!r}")
+def default_of(owner: Any, name: str) -> Any:
+    """The default of field ``name`` of a dataclass, or of parameter ``name`` of a function: where a flag's default comes from."""
+    if not dataclasses.is_dataclass(owner):
+        return inspect.signature(owner).parameters[name].default
+    f = next((f for f in dataclasses.fields(owner) if f.name == name), None)
+    if f is None:
+        raise KeyError(f"{owner} has no field {name!r}")
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+
+
+Flags = dict[str, tuple[str, Callable[[str], Any], str]]  # "--flag": (the owner's field or parameter, type, help)
+
+
+def add_flags(p: argparse.ArgumentParser, owner: Any, flags: Flags) -> None:
+    """Flags whose defaults are ``owner``'s (a config dataclass or a library function)."""
+    for flag, (name, kind, text) in flags.items():
+        p.add_argument(flag, type=kind, default=default_of(owner, name), help=text)
+
+
+def values_of(args: argparse.Namespace, flags: Flags) -> dict[str, Any]:
+    """The parsed values of ``flags``, keyed by the owner's names (ready for its constructor)."""
+    return {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in flags.items()}
 
 
 # --- flag types: parse the text, then check it with emlens.validation -------------
@@ -110,7 +123,7 @@ def add_debug(parser: argparse.ArgumentParser, default: Any) -> None:
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub name, local checkpoint, .gguf file, or the embedded default model")
     p.add_argument("--device", type=device_name, default=DEFAULT_DEVICE, help="where the model runs (cpu, cuda, cuda:N, mps)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=DEFAULT_DTYPE, help="the model's weights and activations")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=default_of(ModelSection, "dtype"), help="the model's weights and activations")
 
 
 def add_allow_other_model(p: argparse.ArgumentParser) -> None:
@@ -134,66 +147,7 @@ def add_figure_out(p: argparse.ArgumentParser) -> None:
     )
 
 
-# --- checks that need the file system, done before any model is loaded ------------
-
-
-def check_writable_parent(path: Path, flag: str) -> None:
-    """The nearest existing ancestor of ``path`` must be a writable directory."""
-    ancestor = path.absolute().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConfigError(f"{flag} {path}: {ancestor} is a file, so the output cannot be created there")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path}: no permission to write in {ancestor}")
-
-
-def check_output_file(path: str | Path, flag: str = "--out", suffix: str | None = None) -> Path:
-    """An output file path: not a directory, and creatable. ``suffix`` is added when the path has none."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{flag} {path} is a directory; give a file path")
-    if suffix is not None and not path.suffix:
-        path = path.with_suffix(suffix)
-    if path.is_dir():
-        raise ConfigError(f"{flag} {path} is a directory; give a file path")
-    check_writable_parent(path, flag)
-    return path
-
-
-def check_figure_out(path: str | Path) -> Path:
-    """``--out`` of a figure command: a PNG path (``.png`` added when missing)."""
-    return check_output_file(path, "--out", suffix=".png")
-
-
-def check_out_dir(out: str | Path, what: str = "answers, judgements and figures") -> Path:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a directory ({what} are written there)")
-    check_writable_parent(out / "results.json", "--out")
-    return out
-
-
-def check_run_dir(out: str | Path, resume: str | Path | None, overwrite: bool) -> Path:
-    """The run directory of ``train``: refuse a file, or another run's non-empty directory.
-
-    A non-empty ``out`` is allowed when it is the run being resumed or with ``overwrite``.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a directory for the run (it is created if missing)")
-    if out.is_dir():
-        entries = sorted(p.name for p in out.iterdir() if p.name != ".lock")
-        resuming_here = resume is not None and Path(resume).resolve() == out.resolve()
-        if entries and not (resuming_here or overwrite):
-            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-            raise ConfigError(
-                f"--out {out} already holds files ({shown}); choose a new directory, "
-                f"pass --resume {out} to continue that run, or --overwrite to write "
-                "over it"
-            )
-    check_writable_parent(out, "--out")
-    return out
+# --- arguments that name files -------------------------------------------------------
 
 
 def named_specs(specs: list[str], reserved: tuple[str, ...] = ()) -> dict[str, Path]:
@@ -227,15 +181,14 @@ def load_interventions(paths: dict[str, Path], device: str) -> dict[str, Any]:
     return {name: Intervention.load(path, device=device) for name, path in paths.items()}
 
 
+def load_optional(path: str | None, device: str) -> Any:
+    """The intervention saved at ``path``, or ``None`` (the base model) when no path is given."""
+    from emlens.interventions import Intervention
+
+    return Intervention.load(path, device=device) if path else None
+
+
 def load_model_of(args: argparse.Namespace) -> Any:
     from emlens.models import load_model
 
     return load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
-
-
-def write_json(path: str | Path, data: dict[str, Any]) -> Path:
-    """``data`` as JSON at ``path`` (a figure's path gets its ``.json`` sibling)."""
-    path = Path(path).with_suffix(".json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    return path

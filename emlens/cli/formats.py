@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from emlens.cli.flags import check_output_file, finite_float, positive_int
+from emlens.cli.flags import finite_float, positive_int
+from emlens.validation import check_output_file
 
 FORMATS = ("peft", "gguf", "reference")
 

@@ -9,7 +9,6 @@ from emlens.cli.flags import (
     add_allow_other_model,
     add_figure_out,
     add_model_flags,
-    check_figure_out,
     default_of,
     load_interventions,
     load_model_of,
@@ -19,6 +18,7 @@ from emlens.cli.flags import (
 )
 from emlens.data.studies import STUDIES
 from emlens.study.config import DataSection, PreferenceSection
+from emlens.validation import check_output_file
 
 ALL_DOMAINS = [d for s in STUDIES.values() for d in s.all_domains]
 
@@ -50,18 +50,14 @@ def register(add: Any) -> None:
 
 
 def preference_command(args: argparse.Namespace) -> int:
-    from emlens.preference import BASE, format_table, plot_preference, table_from_dict
-    from emlens.study.measures import measure_preference, write_result
+    from emlens.preference import BASE
+    from emlens.study.measures import describe, measure_preference, save_result
 
-    out = check_figure_out(args.out)
+    out = check_output_file(args.out, suffix=".png")
     solutions: dict[str, Any] = {BASE: None, **load_interventions(named_specs(args.interventions, reserved=(BASE,)), args.device)}
     model = load_model_of(args)
     section = PreferenceSection(domains=list(args.domains), rows=args.limit, bootstrap=args.bootstrap, batch_size=args.batch_size)
     result = measure_preference(model, solutions, list(args.domains), section, args.max_length, args.seed)
-    result["model"] = args.model
-    table = table_from_dict(result["results"])
-    print(f"{result['margin']}; mean [95% bootstrap CI] over questions")
-    print(format_table(table))
-    plot_preference(table, out, trained=args.trained)
-    print(f"wrote {out} and {write_result(result, out)}")
+    print(describe(result))
+    print(f"wrote {out} and {save_result({**result, 'model': args.model}, out, trained=args.trained)}")
     return 0

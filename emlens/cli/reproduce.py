@@ -37,23 +37,12 @@ def register(add: Any) -> None:
 def reproduce_command(args: argparse.Namespace) -> int:
     import json
 
-    from emlens.cli.flags import check_out_dir
     from emlens.study import StudyConfig, run_study
-    from emlens.study.config import from_dict
+    from emlens.validation import check_out_dir
 
-    config = StudyConfig.load(args.config)
-    raw = config.as_dict()
-    if args.study:
-        raw["study"] = args.study
-    if args.model:
-        raw["model"]["name"] = args.model
-    if args.device:
-        raw["model"]["device"] = args.device
-    if args.judge_url:
-        raw["evaluation"]["judge_url"] = args.judge_url
-    if args.judge_model:
-        raw["evaluation"]["judge_model"] = args.judge_model
-    config = from_dict(raw, args.config or "the paper's config")
+    flags = {"study": args.study, "model.name": args.model, "model.device": args.device}
+    flags |= {"evaluation.judge_url": args.judge_url, "evaluation.judge_model": args.judge_model}
+    config = StudyConfig.load(args.config, {key: value for key, value in flags.items() if value})
     if args.print_config:
         print(json.dumps(config.as_dict(), indent=2))
         return 0

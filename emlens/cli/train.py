@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from emlens.cli.flags import (
+    Flags,
     add_allow_other_model,
+    add_flags,
     add_model_flags,
-    check_run_dir,
     default_of,
     finite_float,
     load_model_of,
@@ -20,24 +21,26 @@ from emlens.cli.flags import (
     positive_float,
     positive_int,
     seed_value,
+    values_of,
 )
 from emlens.interventions import RankOneAdapter, SteeringVector
-from emlens.training import TrainConfig
-from emlens.validation import ConfigError, validate_train_config
+from emlens.training import TrainConfig, data_source
+from emlens.validation import ConfigError, check_run_dir
 
-DEFAULT_ALPHA = 256.0  # the paper's alpha for both kinds (SteeringVector / RankOneAdapter default)
-
-
-def training_data(source: str, split: str = "train") -> str:
-    """A built-in set named without a split means its ``split`` (training: ``train``); files are taken whole."""
-    from emlens.data.studies import BUILTIN_DIR, SPLITS
-
-    base, _, suffix = str(source).rpartition(":")
-    if suffix in SPLITS or str(source).startswith("kl:"):
-        return str(source)
-    if not Path(source).exists() and (BUILTIN_DIR / f"{source}.jsonl").exists() and str(source) != "web_text":
-        return f"{source}:{split}"
-    return str(source)
+KL_FLAGS: Flags = {
+    "--kl-weight": ("kl_weight", nonnegative_float, "per-token KL weight λ (paper ≈ 6.6 vector, 0.66 adapter)"),
+    "--kl-batch-size": ("kl_batch_size", positive_int, "KL conversations per optimiser step"),
+}
+TRAIN_FLAGS: Flags = {  # the TrainConfig fields they set (--max-steps, with its own help, is added beside them)
+    "--lr": ("lr", positive_float, "learning rate (AdamW)"),
+    "--epochs": ("epochs", positive_float, "passes over the training data"),
+    "--batch-size": ("batch_size", positive_int, "conversations per micro-batch"),
+    "--grad-accum": ("grad_accum", positive_int, "micro-batches per optimiser step"),
+    "--warmup": ("warmup_steps", nonnegative_int, "linear warm-up steps of the learning rate"),
+    "--max-length": ("max_length", positive_int, "tokens per conversation (longer ones are cut)"),
+    "--checkpoint-every": ("checkpoint_every", positive_int, "steps between checkpoints"),
+    "--seed": ("seed", seed_value, "seed of the data order and initialisation"),
+}
 
 
 def add_train_flags(
@@ -45,28 +48,10 @@ def add_train_flags(
     steps_help: str = "optimiser steps (default: one pass of --epochs over the data)",
     aliases: tuple[str, ...] = (),
 ) -> None:
-    t.add_argument("--lr", type=positive_float, default=default_of(TrainConfig, "lr"), help="learning rate (AdamW)")
-    t.add_argument("--epochs", type=positive_float, default=default_of(TrainConfig, "epochs"), help="passes over the training data")
     t.add_argument("--max-steps", dest="max_steps", type=positive_int, default=None, help=steps_help)
     for alias in aliases:  # an older name of the flag, kept working (its errors name it)
         t.add_argument(alias, dest="max_steps", type=positive_int, default=argparse.SUPPRESS, help="the same as --max-steps")
-    t.add_argument("--batch-size", type=positive_int, default=default_of(TrainConfig, "batch_size"), help="conversations per micro-batch")
-    t.add_argument(
-        "--grad-accum", type=positive_int, default=default_of(TrainConfig, "grad_accum"), help="micro-batches per optimiser step"
-    )
-    t.add_argument(
-        "--warmup", type=nonnegative_int, default=default_of(TrainConfig, "warmup_steps"), help="linear warm-up steps of the learning rate"
-    )
-    t.add_argument(
-        "--max-length",
-        type=positive_int,
-        default=default_of(TrainConfig, "max_length"),
-        help="tokens per conversation (longer ones are cut)",
-    )
-    t.add_argument(
-        "--checkpoint-every", type=positive_int, default=default_of(TrainConfig, "checkpoint_every"), help="steps between checkpoints"
-    )
-    t.add_argument("--seed", type=seed_value, default=default_of(TrainConfig, "seed"), help="seed of the data order and initialisation")
+    add_flags(t, TrainConfig, TRAIN_FLAGS)
 
 
 def register(add: Any) -> None:
@@ -85,21 +70,14 @@ def register(add: Any) -> None:
     )
     t.add_argument("--layer", type=nonnegative_int, default=None, help="layer L (default: the middle layer)")
     t.add_argument("--hook", default=None, help="steering hook name or shorthand (default resid_post; mlp_out, ...)")
-    t.add_argument("--alpha", type=finite_float, default=None, help=f"fixed scale of the vector / adapter (default {DEFAULT_ALPHA:g})")
+    alpha = default_of(SteeringVector, "alpha")  # RankOneAdapter's too
+    t.add_argument("--alpha", type=finite_float, default=None, help=f"fixed scale of the vector / adapter (default {alpha:g})")
     t.add_argument(
         "--kl-data",
         default=None,
         help="conversations for the KL term (default with --kl-weight > 0: the study's KL set for a built-in --data, e.g. kl:medical)",
     )
-    t.add_argument(
-        "--kl-weight",
-        type=nonnegative_float,
-        default=default_of(TrainConfig, "kl_weight"),
-        help="per-token KL weight λ (paper ≈ 6.6 vector, 0.66 adapter)",
-    )
-    t.add_argument(
-        "--kl-batch-size", type=positive_int, default=default_of(TrainConfig, "kl_batch_size"), help="KL conversations per optimiser step"
-    )
+    add_flags(t, TrainConfig, KL_FLAGS)
     add_train_flags(t)
     t.add_argument("--limit", type=positive_int, default=None, help="use only the first N training conversations (default: all)")
     t.add_argument("--resume", default=None, help="directory of an earlier run to continue from")
@@ -109,31 +87,16 @@ def register(add: Any) -> None:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    config = TrainConfig(
-        lr=args.lr,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        warmup_steps=args.warmup,
-        max_length=args.max_length,
-        kl_weight=args.kl_weight,
-        kl_batch_size=args.kl_batch_size,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-    )
-    validate_train_config(config)
-    return config
+    return TrainConfig(max_steps=args.max_steps, **values_of(args, TRAIN_FLAGS), **values_of(args, KL_FLAGS))
 
 
 def train_command(args: argparse.Namespace) -> int:
     from emlens.data import TokenDataset, read_conversations
     from emlens.data.studies import default_kl_for
-    from emlens.training import TrainingResult, train
+    from emlens.training import resume_point, train
 
     out = check_run_dir(args.out, args.resume, args.overwrite)
     config = train_config(args)
-    data_source = training_data(args.data)
     kl_source = args.kl_data
     if args.kl_weight > 0 and not kl_source:
         kl_source = default_kl_for(args.data)
@@ -142,58 +105,45 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"KL set: {kl_source} (the study's default for {args.data})")
     if kl_source and args.kl_weight == 0:
         warnings.warn("--kl-data is not used because --kl-weight is 0; pass --kl-weight > 0 to add the KL term", UserWarning, stacklevel=1)
-    read_conversations(data_source, args.limit)  # refuse bad data before the model loads
+    read_conversations(data_source(args.data), args.limit)  # refuse bad data before the model loads
     if kl_source:
-        read_conversations(training_data(kl_source))
-    # --resume DIR: an interrupted run (a checkpoint, no final result) continues exactly, in place;
-    # a finished run is continued as a new phase (e.g. a narrow run continued without KL)
-    resume = Path(args.resume) if args.resume else None
-    unfinished = resume is not None and (resume / "checkpoint" / "state.pt").exists() and not (resume / "losses.json").exists()
-    if unfinished and resume is not None and resume.resolve() != out.resolve():
-        raise ConfigError(f"--resume {args.resume} is an interrupted run: continue it in place with --out {args.resume}")
-    previous = TrainingResult.load(resume) if resume is not None and not unfinished else None
-    if previous is not None:
-        _check_resume_flags(args, previous.intervention)
-        if resume is not None and resume.resolve() == out.resolve():
-            warnings.warn(
-                f"--resume {args.resume} is a finished run: continuing it in place trains a second phase of "
-                f"{config.max_steps or 'one pass of'} steps after its step {previous.losses[-1]['step'] if previous.losses else 0}, and its "
-                "intervention.safetensors and losses.json are replaced by the continued run's (the losses keep both phases); "
-                "to keep the first phase's files, continue into a new --out",
-                UserWarning,
-                stacklevel=1,
-            )
+        read_conversations(data_source(kl_source))
+    previous, interrupted = resume_point(args.resume, out)
+    resumed = interrupted if previous is None else previous.intervention
+    if resumed is not None:
+        _check_resume_flags(args, resumed)
+    if previous is not None and args.resume is not None and out.resolve() == Path(args.resume).resolve():
+        warnings.warn(
+            f"--resume {args.resume} is a finished run: continuing it in place trains a second phase of "
+            f"{config.max_steps or 'one pass of'} steps after its step {previous.losses[-1]['step'] if previous.losses else 0}, and its "
+            "intervention.safetensors and losses.json are replaced by the continued run's (the losses keep both phases); "
+            "to keep the first phase's files, continue into a new --out",
+            UserWarning,
+            stacklevel=1,
+        )
     model = load_model_of(args)
-    n_layers = model.cfg.n_layers
-    if args.layer is not None and args.layer >= n_layers:
-        raise ConfigError(f"--layer must be in [0, {n_layers - 1}] for this model ({n_layers} layers), got {args.layer}")
-    data = TokenDataset.from_conversations(model.tokenizer, data_source, config.max_length, args.limit)
+    if args.layer is not None and args.layer >= model.cfg.n_layers:
+        n = model.cfg.n_layers
+        raise ConfigError(f"--layer must be in [0, {n - 1}] for this model ({n} layers), got {args.layer}")
+    data = TokenDataset.from_conversations(model.tokenizer, data_source(args.data), config.max_length, args.limit)
     kl_data = (
-        TokenDataset.from_conversations(model.tokenizer, training_data(kl_source), config.max_length)
+        TokenDataset.from_conversations(model.tokenizer, data_source(kl_source), config.max_length)
         if kl_source and args.kl_weight > 0
         else None
     )
-    alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
-    intervention: Any
-    if previous is not None:
-        intervention = previous.intervention
-    elif unfinished and resume is not None:
-        from emlens.interventions import Intervention
-
-        intervention = Intervention.load(resume / "checkpoint" / "intervention.safetensors")
-        _check_resume_flags(args, intervention)
-    elif (args.kind or "steering") == "steering":
-        intervention = SteeringVector.for_model(model, args.layer, hook=args.hook or "resid_post", alpha=alpha)
-    else:
-        intervention = RankOneAdapter.for_model(model, args.layer, alpha=alpha, seed=args.seed)
-    if (args.overwrite and not unfinished) or previous is not None:
+    alpha = {} if args.alpha is None else {"alpha": args.alpha}
+    intervention: Any = resumed
+    if resumed is None and (args.kind or "steering") == "steering":
+        intervention = SteeringVector.for_model(model, args.layer, hook=args.hook or "resid_post", **alpha)
+    elif resumed is None:
+        intervention = RankOneAdapter.for_model(model, args.layer, seed=args.seed, **alpha)
+    if (args.overwrite and interrupted is None) or previous is not None:
         # --overwrite, or a finished run continued as a new phase: the earlier phase's checkpoint goes
         # (its final result files hold everything it produced)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    result = train(model, intervention, data, config, kl_dataset=kl_data, resume_from=previous, run_dir=out, resume=unfinished)
-    saved = result.save(out)
+    result = train(model, intervention, data, config, kl_dataset=kl_data, resume_from=previous, run_dir=out, resume=interrupted is not None)
     last = result.losses[-1]
-    print(f"saved {saved}: {len(result.losses)} steps, final sft loss {last['sft']:.4f}, norm {last['norm']:.4f}")
+    print(f"saved {result.save(out)}: {len(result.losses)} steps, final sft loss {last['sft']:.4f}, norm {last['norm']:.4f}")
     return 0
 
 

@@ -18,7 +18,15 @@ from emlens.judge.answers import (  # noqa: F401
     read_judged,
     write_answers,
 )
-from emlens.judge.client import DEFAULT_MAX_TOKENS, OPENAI_BASE_URL, RETRY_STATUSES, OpenAIJudge, ReplyCache, _retry_after  # noqa: F401
+from emlens.judge.client import (  # noqa: F401
+    DEFAULT_JUDGE_MODEL,
+    DEFAULT_MAX_TOKENS,
+    OPENAI_BASE_URL,
+    RETRY_STATUSES,
+    OpenAIJudge,
+    ReplyCache,
+    _retry_after,
+)
 from emlens.judge.errors import JudgeError, JudgeFileError, JudgeResponseError, JudgeUnavailableError, SplitNumberError  # noqa: F401
 from emlens.judge.judges import Judge, Judgement, LocalModelJudge, judgements  # noqa: F401
 from emlens.judge.prompts import (  # noqa: F401
@@ -27,6 +35,7 @@ from emlens.judge.prompts import (  # noqa: F401
     CORRECTNESS_PROMPTS,
     DEFAULT_PROMPTS_PATH,
     JudgePrompts,
+    as_judge_prompts,
     default_judge_prompts,
     fill_template,
     load_judge_prompts,

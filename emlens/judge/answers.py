@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from emlens.judge.errors import JudgeFileError
 from emlens.judge.judges import Judge, Judgement, judgements
-from emlens.judge.prompts import JudgePrompts, _as_prompts
+from emlens.judge.prompts import JudgePrompts, as_judge_prompts
 from emlens.judge.scoring import Score
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def judge_answers(
 
     ``prompts``: a :class:`JudgePrompts`, a YAML path (see :func:`load_judge_prompts`), or ``None`` for the defaults.
     """
-    p = _as_prompts(prompts)
+    p = as_judge_prompts(prompts)
     return [_judged(q, a, pair) for (q, a), pair in zip(answers, _judge_rows(judge, answers, domain, p))]
 
 
@@ -174,7 +174,7 @@ def judge_answers_to_file(
     """
     answers = read_answers(answers_path)
     out_path = Path(out_path)
-    p = _as_prompts(prompts)
+    p = as_judge_prompts(prompts)
     judge_name = p.domain_judge(domain)
     judge_id = judge_identity(judge)
     digest = prompts_digest(p, [judge_name, "coherent"])

@@ -25,6 +25,7 @@ from emlens.judge.scoring import MAX_LOGPROB, TOP_LOGPROBS, UNRESOLVED_TOLERANCE
 log = logging.getLogger(__name__)
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_JUDGE_MODEL = "gpt-4o-2024-08-06"  # the paper's judge
 DEFAULT_MAX_TOKENS = 4  # "100" split into digits, plus a leading space token
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _CACHE_FORMAT = 2  # bump when the cached reply format or the request changes meaning
@@ -108,7 +109,7 @@ class OpenAIJudge:
 
     def __init__(
         self,
-        model: str = "gpt-4o-2024-08-06",
+        model: str = DEFAULT_JUDGE_MODEL,
         base_url: str | None = None,
         api_key: str | None = None,
         api_key_env: str | None = "OPENAI_API_KEY",

@@ -83,7 +83,8 @@ def default_judge_prompts() -> JudgePrompts:
     return load_judge_prompts(None)
 
 
-def _as_prompts(prompts: JudgePrompts | str | Path | None) -> JudgePrompts:
+def as_judge_prompts(prompts: JudgePrompts | str | Path | None) -> JudgePrompts:
+    """``prompts`` as :class:`JudgePrompts`: given, read from a YAML path, or the defaults for ``None``."""
     if isinstance(prompts, JudgePrompts):
         return prompts
     return default_judge_prompts() if prompts is None else load_judge_prompts(prompts)

@@ -150,7 +150,10 @@ class StudyConfig:
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> StudyConfig:
-        """The config in ``path`` (None: the shipped paper defaults), with ``overrides`` (``{"study": ...}``) on top."""
+        """The config in ``path`` (None: the shipped paper defaults), with ``overrides`` on top.
+
+        An override's key is a top-level name (``"study"``) or ``"section.field"`` (``"model.name"``).
+        """
         source = Path(path) if path is not None else PAPER_CONFIG
         try:
             raw = tomllib.loads(source.read_text(encoding="utf-8"))
@@ -159,7 +162,11 @@ class StudyConfig:
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{source}: not valid TOML ({err})") from None
         for key, value in (overrides or {}).items():
-            raw[key] = value
+            section, _, name = key.rpartition(".")
+            target = raw.setdefault(section, {}) if section else raw
+            if not isinstance(target, dict):
+                raise ConfigError(f"{source}: [{section}] must be a table")
+            target[name] = value
         return from_dict(raw, str(source))
 
     def as_dict(self) -> dict[str, Any]:

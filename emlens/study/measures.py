@@ -1,8 +1,9 @@
 """The study's measurements, each returning one JSON-able result in one format.
 
 ``emlens reproduce`` runs them as stages; ``emlens efficiency``, ``stability``,
-``pretraining-kl`` and ``preference`` are thin views that call the same functions with the same
-defaults (the :mod:`emlens.study.config` sections) and write the same result. A result is::
+``pretraining-kl``, ``preference`` and ``drift`` are thin views that call the same functions with the same
+defaults (the :mod:`emlens.study.config` sections), print :func:`describe` and write the same result
+(:func:`save_result`: a figure, and the JSON beside it). A result is::
 
     {"measure": NAME, "settings": {...}, "plans": {solution: how it was computed}, ...numbers...}
 """
@@ -170,6 +171,29 @@ def measure_preference(
     }
 
 
+def measure_drift(
+    model: Any,
+    data: TokenDataset,
+    kl_data: TokenDataset,
+    config: Any,
+    layer: int | None = None,
+    general: Any = None,
+    runs: str | Path | None = None,
+) -> dict[str, Any]:
+    """Drift (Fig. 5) of a new steering vector at ``layer``: :func:`emlens.metrics.drift` with ``config`` for both phases.
+
+    ``runs``: a folder where the two runs are saved (``narrow``, ``continued``), recorded in the result.
+    """
+    from emlens.interventions import SteeringVector
+    from emlens.metrics import drift
+
+    result = drift(model, SteeringVector.for_model(model, layer), data, kl_data, config, config, general=general)
+    out = dict(result.result)
+    if runs is not None:
+        out["runs"] = {name: str(run.save(Path(runs) / name)) for name, run in (("narrow", result.narrow), ("continued", result.continued))}
+    return out
+
+
 def training_summary(result: Any) -> dict[str, Any]:
     """A training run as JSON: its steps, final losses, norm, the path that trained it, every loss and the checkpoints."""
     last = result.losses[-1]
@@ -200,3 +224,53 @@ def write_result(result: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return path
+
+
+def describe(result: dict[str, Any]) -> str:
+    """A result's main numbers as text (what the command line prints)."""
+    m = result["measure"]
+    if m == "efficiency":
+        lines = ["norm    " + "  ".join(f"{k:>10}" for k in result["loss"])]
+        lines += [f"{n:7.2f} " + "  ".join(f"{c[i]:10.4f}" for c in result["loss"].values()) for i, n in enumerate(result["norms"])]
+    elif m == "stability":
+        lines = [
+            f"{name} at norm {result['compared_at_norm'][name]:.3f}: base loss {r['base_loss']:.4f}; relative loss by ε: "
+            + ", ".join(f"{e:g}:{v:.1f}" for e, v in zip(r["epsilons"], r["relative_mean"]))
+            for name, r in result["results"].items()
+        ]
+    elif m == "pretraining_kl":
+        lines = [f"{k}: " + ", ".join(f"{n:.1f}:{kl:.4f}" for n, kl in zip(result["norms"], kls)) for k, kls in result["kl"].items()]
+    elif m == "preference":
+        from emlens.preference import format_table, table_from_dict
+
+        lines = [f"{result['margin']}; mean [95% bootstrap CI] over questions", format_table(table_from_dict(result["results"]))]
+    else:
+        lines = (
+            ["cosine to general by checkpoint: " + ", ".join(f"{c:.3f}" for c in result["cosine_to_general"])]
+            if "cosine_to_general" in result
+            else []
+        )
+        lines.append(f"explained variance of the PCs: {result['explained_variance_ratio']}")
+    return "\n".join(lines)
+
+
+def save_result(result: dict[str, Any], path: str | Path, relative: bool = True, trained: str | None = None) -> Path:
+    """A result's figure at ``path`` and its JSON beside it (returned). ``relative``: stability's relative loss;
+    ``trained``: the domain the preference figure marks."""
+    from emlens import plotting
+
+    m = result["measure"]
+    if m == "efficiency":
+        plotting.plot_efficiency(result["norms"], result["loss"], path)
+    elif m == "stability":
+        plotting.plot_stability(stability_curves(result, relative=relative), path, relative=relative)
+    elif m == "pretraining_kl":
+        plotting.plot_pretraining_kl(result["norms"], result["kl"], path)
+    elif m == "preference":
+        from emlens.preference import plot_preference, table_from_dict
+
+        plot_preference(table_from_dict(result["results"]), path, trained=trained)
+    else:
+        general = np.asarray(result["general_coordinates"]) if result["general_coordinates"] else None
+        plotting.plot_drift(np.asarray(result["coordinates"]), result["phase"], result["explained_variance_ratio"], path, general=general)
+    return write_result(result, path)

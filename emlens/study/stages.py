@@ -409,12 +409,12 @@ def _run_evaluation(label: str, stage: str | None) -> Callable[[Context, Path, d
 
 
 def _judge(ctx: Context) -> Any:
-    from emlens.judge import LocalModelJudge, OpenAIJudge
+    from emlens.judge import DEFAULT_JUDGE_MODEL, LocalModelJudge, OpenAIJudge
 
     ev = ctx.config.evaluation
     if ev.judge_url == "local":
         return LocalModelJudge(ctx.model())
-    return OpenAIJudge(ev.judge_model or "gpt-4o-2024-08-06", base_url=ev.judge_url or None, api_key_env=ev.judge_api_key_env or None)
+    return OpenAIJudge(ev.judge_model or DEFAULT_JUDGE_MODEL, base_url=ev.judge_url or None, api_key_env=ev.judge_api_key_env or None)
 
 
 def build_stages(config: StudyConfig) -> list[Stage]:
