@@ -216,6 +216,22 @@ def test_the_report_can_be_rewritten_from_the_stored_stages(first_run, tiny_dir)
     assert set(json.loads((out / "report.json").read_text())["stages"]) == set(run.outputs)
 
 
+def test_a_partial_study_can_be_reported(first_run, tiny_dir, tmp_path):
+    """rewrite_report on a study cut off before a narrow run finished reports what exists (no KeyError)."""
+    import shutil
+
+    from emlens.study import rewrite_report
+    from emlens.study.stages import stage_dir
+
+    out, _ = first_run
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    shutil.rmtree(stage_dir(partial, "train/vector/kl=6.6"))
+    text = rewrite_report(small(tiny_dir), partial, command="partial").read_text()
+    assert "narrow — not run yet" in text
+    assert "train/vector/kl=6.6" not in json.loads((partial / "report.json").read_text())["stages"]
+
+
 def test_a_judged_study_adds_the_evaluation_stages_and_quadrants(tiny_dir, tmp_path):
     config = small(
         tiny_dir,

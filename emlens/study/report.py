@@ -128,7 +128,8 @@ def write_report(
     for kind in config.kinds:
         g, n = general_name(kind), narrow_name(config, kind)
         md += [f"## {kind}: general (λ = 0) and narrow (λ = {config.train[kind].kl_weight:g})", ""]
-        md += [f"Training paths: general — {r[g]['plan']}; narrow — {r[n]['plan']}.", ""]
+        plan = {label: r[name]["plan"] if name in r else "not run yet" for label, name in (("general", g), ("narrow", n))}
+        md += [f"Training paths: general — {plan['general']}; narrow — {plan['narrow']}.", ""]
         eff = r.get(f"efficiency/{kind}")
         if eff:
             fig = plotting.plot_efficiency(
