@@ -160,3 +160,23 @@ def test_every_intervention_flattens_in_the_geometry_of_its_inner_product():
         gram = type(x).gram([x, y])
         assert float(gram[0, 1]) == pytest.approx(flat, rel=1e-5, abs=1e-6), type(x).__name__
         assert float(gram[1, 1]) == pytest.approx(float(y.flatten().double().square().sum()), rel=1e-5), type(x).__name__
+
+
+def test_every_intervention_reports_its_norm_without_its_fixed_scale():
+    """The paper reports adapter norms with and without the scale; every kind answers both ways (by hand)."""
+    from emlens.interventions import LoRAAdapter, MultiLayerSteering
+
+    vec = SteeringVector.from_vector(torch.randn(6), 0, alpha=4.0)
+    assert vec.unscaled_norm == pytest.approx(float(vec.vector.detach().norm()), rel=1e-6)
+    ad = _adapter(3)
+    assert ad.unscaled_norm == pytest.approx(float(ad.a.detach().norm() * ad.b.detach().norm()), rel=1e-6)
+    lora = LoRAAdapter({"down": (5, 7)}, [0, 1], rank=4, alpha=8.0, seed=1)
+    with torch.no_grad():
+        for b in lora.B.values():
+            b.normal_()
+    by_hand = sum(float((lora.B[k].detach() @ lora.A[k].detach()).norm()) for k in lora.A) / 2
+    assert lora.unscaled_norm == pytest.approx(by_hand, rel=1e-5) and lora.norm == pytest.approx(by_hand * 8.0 / 2.0, rel=1e-5)
+    multi = MultiLayerSteering.from_vectors({0: torch.randn(6), 1: torch.randn(6)}, alpha=2.0)
+    assert multi.unscaled_norm == pytest.approx(multi.norm / 2.0, rel=1e-6)
+    both = vec + ad
+    assert both.unscaled_norm == pytest.approx((vec.unscaled_norm**2 + ad.unscaled_norm**2) ** 0.5, rel=1e-6)

@@ -201,6 +201,8 @@ def test_the_thin_command_writes_the_stage_result_format(first_run, tiny_dir, tm
     assert code == 0 and (tmp_path / "eff.png").exists()
     thin = json.loads((tmp_path / "eff.json").read_text())
     stage = run.outputs["efficiency/vector"].result
+    alpha = small(tiny_dir).train["vector"].alpha  # norms are reported with and without the vectors' fixed scale
+    assert {k: v / alpha for k, v in stage["solution_norms"].items()} == pytest.approx(stage["solution_norms_unscaled"])
     assert set(stage) <= set(thin) and thin["norms"] == pytest.approx(stage["norms"])
     assert thin["loss"]["narrow"] == pytest.approx(stage["loss"]["narrow"], rel=1e-5)
 

@@ -200,6 +200,16 @@ class Intervention(nn.Module, ABC):
         """Size of the intervention (vector norm, or Frobenius norm of the weight update)."""
         return float(self.norm_tensor())
 
+    @property
+    def fixed_scale(self) -> float:
+        """The constant factor the trained parameters are multiplied by (``alpha``, rsLoRA's scale); 1 where there is none."""
+        return 1.0
+
+    @property
+    def unscaled_norm(self) -> float:
+        """:attr:`norm` without :attr:`fixed_scale` (the paper reports adapter norms both ways)."""
+        return self.norm / abs(self.fixed_scale)
+
     @abstractmethod
     def scaled_to(self, norm: float) -> Intervention:
         """A copy with the same direction and the given norm."""
@@ -402,6 +412,10 @@ class SteeringVector(Intervention):
         return self.effective.detach().norm()
 
     @property
+    def fixed_scale(self) -> float:
+        return self.alpha
+
+    @property
     def direction(self) -> Float[Tensor, " d_model"]:
         """Unit vector along the steering direction (zeros for a zero vector)."""
         eff = self.effective.detach()
@@ -555,6 +569,10 @@ class RankOneAdapter(Intervention):
     @property
     def scale(self) -> float:
         return self.alpha  # rsLoRA: alpha / sqrt(rank), rank 1
+
+    @property
+    def fixed_scale(self) -> float:
+        return self.scale
 
     def norm_tensor(self) -> Float[Tensor, ""]:
         """Frobenius norm of the effective weight update ``scale · b aᵀ``."""

@@ -69,6 +69,11 @@ class Composed(Intervention):
         norms = torch.stack([p.norm_tensor().float().cpu() for p in self.members()])
         return norms.square().sum().sqrt()
 
+    @property
+    def unscaled_norm(self) -> float:
+        """``sqrt(Σ unscaled_normᵢ²)`` over the parts (each without its own scale)."""
+        return float(sum(p.unscaled_norm**2 for p in self.members()) ** 0.5)
+
     def flatten(self) -> Float[Tensor, " n"]:
         return torch.cat([p.flatten() for p in self.members()])
 

@@ -225,6 +225,10 @@ class LoRAAdapter(Intervention):
         return self.scale * self._sq_norms().sqrt().mean()
 
     @property
+    def fixed_scale(self) -> float:
+        return self.scale
+
+    @property
     def unscaled_norm(self) -> float:
         """The mean over modules of ``‖B A‖_F`` (:attr:`norm` without the scale)."""
         return float(self._sq_norms().sqrt().mean())

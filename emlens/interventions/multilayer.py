@@ -141,6 +141,10 @@ class MultiLayerSteering(Intervention):
 
     flat_geometry = True
 
+    @property
+    def fixed_scale(self) -> float:
+        return self.alpha
+
     def flatten(self) -> Float[Tensor, " n"]:
         return self.effective.detach().float().cpu().flatten()
 

@@ -54,6 +54,7 @@ def measure_efficiency(
         "norms": norms,
         "loss": curves,
         "solution_norms": {k: v.norm for k, v in solutions.items()},
+        "solution_norms_unscaled": {k: v.unscaled_norm for k, v in solutions.items()},  # without alpha / the LoRA scale
         "plans": plans,
     }
 
