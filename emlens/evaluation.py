@@ -29,6 +29,7 @@ from emlens.judge import (
     ALIGNMENT_PROMPT,
     COHERENCE_PROMPT,
     CORRECTNESS_PROMPTS,
+    DEFAULT_JUDGE_MODEL,
     MIN_NUMBER_MASS,
     SPECIAL_LABELS,
     Judge,
@@ -86,6 +87,7 @@ __all__ = [
     "judge_answers_to_file",
     "judge_failure_report",
     "judged_grid",
+    "make_judge",
     "load_judge_prompts",
     "misalignment_rates",
     "per_question_rates",
@@ -627,6 +629,17 @@ def write_judged_grid(grid: GridResult, out_dir: str | Path, general: bool = Tru
     cols = list(next(iter(rates.values())))
     lines = ["| solution | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
     return "\n".join(lines + [f"| {row} | " + " | ".join(f"{values[c]:.3f}" for c in cols) + " |" for row, values in rates.items()])
+
+
+def make_judge(url: str | None = None, model: str | None = None, evaluated: Any = None, **options: Any) -> Judge:
+    """The judge that settings name (``emlens evaluate``'s flags, a study's ``[evaluation]``): an :class:`OpenAIJudge` at
+    ``url`` (``options``: its other parameters; an empty ``url`` or ``model`` means its default, an empty ``api_key_env``
+    no key), or for ``url="local"`` the ``evaluated`` model judging its own answers (:class:`LocalModelJudge`, an approximation)."""
+    if url == "local":
+        return LocalModelJudge(evaluated)
+    if "api_key_env" in options:
+        options["api_key_env"] = options["api_key_env"] or None
+    return OpenAIJudge(model or DEFAULT_JUDGE_MODEL, base_url=url or None, **options)
 
 
 def check_judge_prompts(prompts: JudgePrompts | str | Path | None, domains: Sequence[str | None]) -> JudgePrompts:

@@ -456,6 +456,11 @@ def default_model_path() -> Path:
     return target
 
 
+def default_device() -> str:
+    """Where a model runs unless told: ``cuda`` when this machine has it, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """Return ``device`` as a ``torch.device`` if this machine has it, else raise a clear error.
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,21 @@ from tqdm.auto import tqdm
 from emlens.data import Conversation, DataFormatError, TokenDataset, read_rows
 from emlens.data.studies import MISALIGNMENT
 from emlens.interventions import Intervention
+from emlens.validation import ConfigError
 
 DOMAINS = MISALIGNMENT.domains
 BASE = "base"
+
+
+def check_grid_rows(names: Iterable[str], domains: Sequence[str] = MISALIGNMENT.domains) -> None:
+    """A solution × domain grid names each solution by its training domain; :data:`BASE` is the base model's own row."""
+    for name in names:
+        if name == BASE:
+            raise ConfigError(
+                f"the name {BASE!r} is reserved for the base model, which is always a row; name each solution by its training domain"
+            )
+        if name not in domains:
+            raise ConfigError(f"{name!r} is not a training domain: name each solution DOMAIN=PATH with DOMAIN one of {', '.join(domains)}")
 
 
 class PairingWarning(UserWarning):

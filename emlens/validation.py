@@ -204,6 +204,13 @@ def check_seed(name: str, value: Any) -> int:
     return check_int(name, value, minimum=0, maximum=MAX_SEED)
 
 
+def check_n_samples(n_samples: object) -> int:
+    """Refuse a sample count that would leave nothing to judge (0, negative, or not an integer)."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}: with no samples every rate is undefined")
+    return n_samples
+
+
 # --- TrainConfig ------------------------------------------------------------------
 
 
@@ -300,6 +307,32 @@ def check_out_dir(out: str | Path, what: str = "answers, judgements and figures"
     return out
 
 
+def named_paths(specs: list[str], reserved: tuple[str, ...] = ()) -> dict[str, Path]:
+    """``NAME=PATH`` (or ``PATH``) arguments as names to intervention files: a missing file, a folder, a name given
+    twice or one of ``reserved`` is refused."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        # NAME=PATH: names and paths may both hold "=", so split where the rest is an existing file
+        # (an existing file alone is a PATH; otherwise the first "=" splits, and the missing file is named)
+        splits = [i for i, ch in enumerate(spec) if ch == "="]
+        at = next((i for i in splits if Path(spec[i + 1 :]).is_file()), splits[0] if splits else None)
+        name, path_text = ("", spec) if Path(spec).is_file() or at is None else (spec[:at], spec[at + 1 :])
+        path = Path(path_text)
+        name = name or path.stem
+        if not path_text:
+            raise ConfigError(f"{spec!r}: no file after '='; use NAME=PATH.safetensors")
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory; give an intervention .safetensors file")
+        if not path.is_file():
+            raise FileNotFoundError(f"no intervention file at {path}")
+        if name in out:
+            raise ConfigError(f"the name {name!r} is given twice ({out[name]} and {path}); give each solution its own NAME=PATH")
+        if name in reserved:
+            raise ConfigError(f"the name {name!r} is reserved here ({reserved[0]!r} labels a built-in row); pick another NAME")
+        out[name] = path
+    return out
+
+
 def check_run_dir(out: str | Path, resume: str | Path | None, overwrite: bool) -> Path:
     """A training run's directory: refuse a file, or another run's non-empty directory.
 
@@ -323,6 +356,8 @@ def check_run_dir(out: str | Path, resume: str | Path | None, overwrite: bool) -
 
 
 __all__ = [
+    "named_paths",
+    "check_n_samples",
     "MAX_SEED",
     "TRAIN_SETTING_CHECKS",
     "ConfigError",

@@ -5,16 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from emlens.cli.flags import (
-    add_allow_other_model,
-    add_model_flags,
-    default_of,
-    finite_float,
-    load_model_of,
-    load_optional,
-    nonnegative_int,
-    positive_int,
-)
+from emlens.cli import flags
 from emlens.directions import TOKEN_CHOICES, Thresholds, directions_from_evaluation
 from emlens.validation import check_out_dir
 
@@ -37,30 +28,25 @@ def register(add: Any) -> None:
         "See docs/interventions.md.",
     )
     p.add_argument("judged", help="an `emlens evaluate` output folder (its judged.jsonl) or a judged JSONL file")
-    add_model_flags(p)
-    p.add_argument("--layers", type=nonnegative_int, nargs="+", default=None, help="layers to measure (default: all)")
+    flags.add_model_flags(p)
+    p.add_argument("--layers", type=flags.nonnegative_int, nargs="+", default=None, help="layers to measure (default: all)")
     p.add_argument(
         "--layer",
-        type=nonnegative_int,
+        type=flags.nonnegative_int,
         default=None,
         help="layer of the single-layer steering vector and ablation (default: the middle layer, or the measured layer nearest it)",
     )
     p.add_argument(
         "--tokens",
         choices=[*TOKEN_CHOICES, "both"],
-        default=default_of(directions_from_evaluation, "tokens"),
+        default=flags.default_of(directions_from_evaluation, "tokens"),
         help="average over these tokens",
     )
     for name, what in THRESHOLD_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=finite_float, default=default_of(Thresholds, name), help=what)
+        p.add_argument("--" + name.replace("_", "-"), type=flags.finite_float, default=flags.default_of(Thresholds, name), help=what)
     p.add_argument("--intervention", default=None, help=".safetensors solution applied while reading activations (default: none)")
-    add_allow_other_model(p)
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=default_of(directions_from_evaluation, "batch_size"),
-        help="conversations per forward pass",
-    )
+    flags.add_allow_other_model(p)
+    flags.add_flags(p, directions_from_evaluation, {"--batch-size": ("batch_size", flags.positive_int, "conversations per forward pass")})
     p.add_argument("--overwrite", action="store_true", help="write over directions already in --out")
     p.add_argument("--out", required=True, help="output directory (created)")
 
@@ -72,8 +58,8 @@ def directions_command(args: argparse.Namespace) -> int:
     out = check_directions_out(check_out_dir(args.out, "directions"), args.overwrite)
     thresholds = {k: getattr(args, k) for k in THRESHOLD_FLAGS}
     select_answers(read_judged(judged_path(args.judged)), **thresholds).check()  # refused before the model loads
-    intervention = load_optional(args.intervention, args.device)
-    model = load_model_of(args)
+    intervention = flags.load_optional(args.intervention, args.device)
+    model = flags.load_model_of(args)
     saved = directions_from_evaluation(
         args.judged,
         model,

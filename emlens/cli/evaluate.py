@@ -9,29 +9,12 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from emlens.cli.flags import (
-    EXIT_JUDGE_FAILED,
-    Flags,
-    add_allow_other_model,
-    add_flags,
-    add_model_flags,
-    default_of,
-    load_interventions,
-    load_model_of,
-    load_optional,
-    named_specs,
-    nonnegative_float,
-    open_unit_interval,
-    positive_int,
-    seed_value,
-    values_of,
-)
+from emlens.cli import flags
 from emlens.data.studies import MISALIGNMENT
 from emlens.evaluation import evaluate
-from emlens.judge import DEFAULT_JUDGE_MODEL, OpenAIJudge
-from emlens.models import cache_dir
+from emlens.judge import DEFAULT_JUDGE_MODEL, OpenAIJudge, default_cache_path
 from emlens.study.config import PreferenceSection
-from emlens.validation import ConfigError, check_out_dir
+from emlens.validation import ConfigError, check_out_dir, named_paths
 
 EVAL_DOMAINS = MISALIGNMENT.domains
 LOCAL_JUDGE_WARNING = (
@@ -41,37 +24,27 @@ LOCAL_JUDGE_WARNING = (
 )
 
 
-def n_samples_value(text: str) -> int:
-    """``--n-samples``: an integer >= 1 (:func:`emlens.judge.check_n_samples`)."""
-    from emlens.judge import check_n_samples
-
-    try:
-        return check_n_samples(int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-
-
-SAMPLING_FLAGS: Flags = {  # the parameters of emlens.evaluation.evaluate they set
-    "--n-samples": ("n_samples", n_samples_value, "answers per question (paper: 50 or more)"),
-    "--max-new-tokens": ("max_new_tokens", positive_int, "tokens per answer at most (paper: 600)"),
-    "--temperature": ("temperature", nonnegative_float, "sampling temperature, 0 = greedy (paper: 1)"),
-    "--top-p": ("top_p", open_unit_interval, "nucleus sampling mass in (0, 1] (paper: 1)"),
-    "--batch-size": ("batch_size", positive_int, "sampling batch size (default: sized from free GPU memory)"),
-    "--seed": ("seed", seed_value, "sampling seed"),
+SAMPLING_FLAGS: flags.Flags = {  # the parameters of emlens.evaluation.evaluate they set
+    "--n-samples": ("n_samples", flags.positive_int, "answers per question (paper: 50 or more)"),
+    "--max-new-tokens": ("max_new_tokens", flags.positive_int, "tokens per answer at most (paper: 600)"),
+    "--temperature": ("temperature", flags.nonnegative_float, "sampling temperature, 0 = greedy (paper: 1)"),
+    "--top-p": ("top_p", flags.open_unit_interval, "nucleus sampling mass in (0, 1] (paper: 1)"),
+    "--batch-size": ("batch_size", flags.positive_int, "sampling batch size (default: sized from free GPU memory)"),
+    "--seed": ("seed", flags.seed_value, "sampling seed"),
 }
 
 
-def _add_judge_flags(p: argparse.ArgumentParser, default_model: str | None) -> None:
-    add_flags(p, evaluate, SAMPLING_FLAGS)
+def _add_judge_flags(p: argparse.ArgumentParser) -> None:
+    flags.add_flags(p, evaluate, SAMPLING_FLAGS)
     p.add_argument(
         "--judge-url",
         default=None,
         help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL or the OpenAI API)",
     )
-    p.add_argument("--judge-model", default=default_model, help=f"judge model name (default: {DEFAULT_JUDGE_MODEL})")
+    p.add_argument("--judge-model", default=None, help=f"judge model name (default: {DEFAULT_JUDGE_MODEL})")
     p.add_argument(
         "--judge-api-key-env",
-        default=default_of(OpenAIJudge, "api_key_env"),
+        default=flags.default_of(OpenAIJudge, "api_key_env"),
         metavar="NAME",
         help="environment variable holding the judge's API key (a local server may need none)",
     )
@@ -84,12 +57,12 @@ def _add_judge_flags(p: argparse.ArgumentParser, default_model: str | None) -> N
     p.add_argument(
         "--judge-ambiguous",
         choices=["error", "none"],
-        default=default_of(OpenAIJudge, "on_ambiguous"),
+        default=flags.default_of(OpenAIJudge, "on_ambiguous"),
         help="a judge reply whose multi-token number cannot be scored exactly: stop (error) or leave it unscored (none)",
     )
     p.add_argument(
         "--judge-cache",
-        default=str(cache_dir() / "judge_cache.jsonl"),
+        default=str(default_cache_path()),
         metavar="PATH",
         help="on-disk cache of judge replies ('' for none; its folder follows $EMLENS_CACHE, then $XDG_CACHE_HOME)",
     )
@@ -109,14 +82,14 @@ def register(add: Any) -> None:
         "command after an interruption or a judge failure), then write OUT/results.json, OUT/quadrants.png and "
         "OUT/per_question.png. --sample-only stops after sampling (judge later, or elsewhere). See docs/evaluation.md.",
     )
-    add_model_flags(ev)
+    flags.add_model_flags(ev)
     ev.add_argument("--intervention", default=None, help=".safetensors solution (omit for the base model)")
     ev.add_argument(
         "--domain", choices=list(EVAL_DOMAINS), default=None, help="ask in-domain questions and judge correctness (narrow misalignment)"
     )
-    _add_judge_flags(ev, default_model=DEFAULT_JUDGE_MODEL)
+    _add_judge_flags(ev)
     ev.add_argument("--sample-only", action="store_true", help="only sample the answers into OUT/answers.jsonl; no judge is needed")
-    add_allow_other_model(ev)
+    flags.add_allow_other_model(ev)
     ev.add_argument("--overwrite", action="store_true", help="start again in --out, deleting its answers and judgements")
     ev.add_argument("--out", required=True, help="output directory (created; a re-run with the same settings continues)")
 
@@ -131,33 +104,26 @@ def register(add: Any) -> None:
         "each cell is a resumable evaluate run in OUT/ROW/COLUMN).",
     )
     gr.add_argument("solutions", nargs="+", help="TRAIN_DOMAIN=PATH.safetensors for each solution")
-    add_model_flags(gr)
+    flags.add_model_flags(gr)
     gr.add_argument("--domains", nargs="+", choices=list(EVAL_DOMAINS), default=list(EVAL_DOMAINS), help="evaluation domains")
-    gr.add_argument("--limit", type=positive_int, default=None, help="held-out pairs per domain for the preference grid (default: all)")
     gr.add_argument(
-        "--bootstrap",
-        type=positive_int,
-        default=default_of(PreferenceSection, "bootstrap"),
-        help="bootstrap resamples for the preference CIs",
+        "--limit", type=flags.positive_int, default=None, help="held-out pairs per domain for the preference grid (default: all)"
     )
+    flags.add_flags(gr, PreferenceSection, {"--bootstrap": ("bootstrap", flags.positive_int, "bootstrap resamples for the preference CIs")})
     gr.add_argument("--no-general", action="store_true", help="judged grid: leave out the EM column on the general questions")
-    _add_judge_flags(gr, default_model=None)
-    add_allow_other_model(gr)
+    _add_judge_flags(gr)
+    flags.add_allow_other_model(gr)
     gr.add_argument("--out", required=True, help="output directory")
 
 
 def _api_judge(args: argparse.Namespace) -> Any:
     """The OpenAI-compatible judge of the flags (a missing API key is a mistake in the input)."""
+    from emlens.evaluation import make_judge
     from emlens.judge import JudgeError
 
     try:
-        return OpenAIJudge(
-            args.judge_model or DEFAULT_JUDGE_MODEL,
-            base_url=args.judge_url,
-            api_key_env=args.judge_api_key_env or None,
-            cache_path=args.judge_cache or None,
-            on_ambiguous=args.judge_ambiguous,
-        )
+        options = dict(api_key_env=args.judge_api_key_env, cache_path=args.judge_cache or None, on_ambiguous=args.judge_ambiguous)
+        return make_judge(args.judge_url, args.judge_model, **options)
     except JudgeError as err:
         raise ConfigError(
             f"{err} (--judge-api-key-env). Without a judge: --local-judge (an offline approximation), --sample-only "
@@ -170,19 +136,19 @@ def _prepare(args: argparse.Namespace, domains: list[str | None]) -> tuple[Any, 
     from emlens.evaluation import check_judge_prompts
 
     prompts = check_judge_prompts(args.judge_prompts, domains)
-    settings = dict(values_of(args, SAMPLING_FLAGS), prompts=prompts, model_name=str(args.model))
+    settings = dict(flags.values_of(args, SAMPLING_FLAGS), prompts=prompts, model_name=str(args.model))
     return (None if args.local_judge else _api_judge(args)), settings
 
 
 def _judging(args: argparse.Namespace, judge: Any, model: Any, run: Callable[[Any], Any]) -> Any:
     """``run(judge)``, or exit code 3 after a judge failure, saying where the work so far is kept."""
     from emlens.cli import one_line
-    from emlens.evaluation import judge_failure_report
-    from emlens.judge import JudgeError, LocalModelJudge
+    from emlens.evaluation import judge_failure_report, make_judge
+    from emlens.judge import JudgeError
 
     if judge is None:
         warnings.warn(LOCAL_JUDGE_WARNING, UserWarning, stacklevel=1)
-        judge = LocalModelJudge(model)
+        judge = make_judge("local", evaluated=model)
     try:
         return run(judge)
     except JudgeError as err:
@@ -190,7 +156,7 @@ def _judging(args: argparse.Namespace, judge: Any, model: Any, run: Callable[[An
             traceback.print_exc()
         print(f"emlens: error: {one_line(err)}", file=sys.stderr)
         print(f"emlens: {judge_failure_report(args.out, None if args.local_judge else args.judge_cache)}", file=sys.stderr)
-        return EXIT_JUDGE_FAILED
+        return flags.EXIT_JUDGE_FAILED
     finally:
         getattr(judge, "close", lambda: None)()
 
@@ -200,17 +166,16 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     out = check_out_dir(args.out)
     if args.sample_only:
-        intervention = load_optional(args.intervention, args.device)
-        sampling = values_of(args, SAMPLING_FLAGS)
-        answers = sample_only(
-            load_model_of(args), out, intervention, args.domain, model_name=str(args.model), overwrite=args.overwrite, **sampling
-        )
+        intervention = flags.load_optional(args.intervention, args.device)
+        sampling = flags.values_of(args, SAMPLING_FLAGS)
+        model = flags.load_model_of(args)
+        answers = sample_only(model, out, intervention, args.domain, model_name=str(args.model), overwrite=args.overwrite, **sampling)
         n = len(answers.read_text(encoding="utf-8").splitlines())
         print(f"sampled {n} answers into {answers}; judge them later with the same command without --sample-only")
         return 0
     judge, settings = _prepare(args, [args.domain])
-    intervention = load_optional(args.intervention, args.device)
-    model = load_model_of(args)
+    intervention = flags.load_optional(args.intervention, args.device)
+    model = flags.load_model_of(args)
     result = _judging(
         args, judge, model, lambda j: evaluate(model, j, out, intervention, args.domain, overwrite=args.overwrite, **settings)
     )
@@ -226,30 +191,22 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def grid_command(args: argparse.Namespace) -> int:
     from emlens.evaluation import judged_grid, write_judged_grid
-    from emlens.preference import BASE, format_table, preference_grid, write_preference_grid
+    from emlens.preference import BASE, check_grid_rows, format_table, preference_grid, write_preference_grid
 
     out = check_out_dir(args.out)
     judged = bool(args.judge_url or args.judge_model or args.local_judge)
     general = not args.no_general
-    paths = named_specs(args.solutions)
-    for name in paths:
-        if name == BASE:
-            raise ConfigError(
-                f"the name {BASE!r} is reserved for the base model, which is always a row; name each solution by its training domain"
-            )
-        if name not in EVAL_DOMAINS:
-            raise ConfigError(
-                f"{name!r} is not a training domain: name each solution DOMAIN=PATH with DOMAIN one of {', '.join(EVAL_DOMAINS)}"
-            )
+    paths = named_paths(args.solutions)
+    check_grid_rows(paths)
     judge, settings = _prepare(args, [*args.domains, *([None] if general else [])]) if judged else (None, {})
-    solutions = load_interventions(paths, args.device)
-    model = load_model_of(args)
+    solutions = flags.load_interventions(paths, args.device)
+    model = flags.load_model_of(args)
     grid = preference_grid(
         model,
         solutions,
         args.domains,
         limit=args.limit,
-        batch_size=args.batch_size or default_of(PreferenceSection, "batch_size"),
+        batch_size=args.batch_size or flags.default_of(PreferenceSection, "batch_size"),
         n_boot=args.bootstrap,
         seed=args.seed,
     )

@@ -14,13 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
-
-from emlens.models import DEFAULT_MODEL, DTYPES, check_device
+from emlens.models import DEFAULT_MODEL, DTYPES, check_device, default_device
 from emlens.study.config import ModelSection
 from emlens.validation import ConfigError, check_float, check_int, check_seed
 
-DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EXIT_USER_ERROR = 2
 EXIT_JUDGE_FAILED = 3
 EXIT_INTERRUPTED = 130
@@ -122,7 +119,7 @@ def add_debug(parser: argparse.ArgumentParser, default: Any) -> None:
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub name, local checkpoint, .gguf file, or the embedded default model")
-    p.add_argument("--device", type=device_name, default=DEFAULT_DEVICE, help="where the model runs (cpu, cuda, cuda:N, mps)")
+    p.add_argument("--device", type=device_name, default=default_device(), help="where the model runs (cpu, cuda, cuda:N, mps)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=default_of(ModelSection, "dtype"), help="the model's weights and activations")
 
 
@@ -148,31 +145,6 @@ def add_figure_out(p: argparse.ArgumentParser) -> None:
 
 
 # --- arguments that name files -------------------------------------------------------
-
-
-def named_specs(specs: list[str], reserved: tuple[str, ...] = ()) -> dict[str, Path]:
-    """``NAME=PATH`` (or ``PATH``) arguments as names to paths; duplicate names are refused."""
-    out: dict[str, Path] = {}
-    for spec in specs:
-        # NAME=PATH: names and paths may both hold "=", so split where the rest is an existing file
-        # (an existing file alone is a PATH; otherwise the first "=" splits, and the missing file is named)
-        splits = [i for i, ch in enumerate(spec) if ch == "="]
-        at = next((i for i in splits if Path(spec[i + 1 :]).is_file()), splits[0] if splits else None)
-        name, path_text = ("", spec) if Path(spec).is_file() or at is None else (spec[:at], spec[at + 1 :])
-        path = Path(path_text)
-        name = name or path.stem
-        if not path_text:
-            raise ConfigError(f"{spec!r}: no file after '='; use NAME=PATH.safetensors")
-        if path.is_dir():
-            raise ConfigError(f"{path} is a directory; give an intervention .safetensors file")
-        if not path.is_file():
-            raise FileNotFoundError(f"no intervention file at {path}")
-        if name in out:
-            raise ConfigError(f"the name {name!r} is given twice ({out[name]} and {path}); give each solution its own NAME=PATH")
-        if name in reserved:
-            raise ConfigError(f"the name {name!r} is reserved here ({reserved[0]!r} labels a built-in row); pick another NAME")
-        out[name] = path
-    return out
 
 
 def load_interventions(paths: dict[str, Path], device: str) -> dict[str, Any]:

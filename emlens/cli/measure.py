@@ -11,84 +11,67 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from emlens.cli.flags import (
-    Flags,
-    add_allow_other_model,
-    add_figure_out,
-    add_flags,
-    add_model_flags,
-    add_named_interventions,
-    at_least_two,
-    default_of,
-    load_interventions,
-    load_model_of,
-    named_specs,
-    nonnegative_int,
-    positive_float,
-    positive_int,
-    seed_value,
-    unit_interval,
-)
+from emlens.cli import flags
 from emlens.cli.train import add_train_flags, train_config
 from emlens.study.config import DataSection, EfficiencySection, PretrainingKLSection, StabilitySection, StudyConfig, TrainSection
-from emlens.study.measures import describe, measure_pretraining_kl, save_result
+from emlens.study.measures import describe, measure_pretraining_kl, random_names, save_result
 from emlens.training import data_source
-from emlens.validation import ConfigError, check_output_file
+from emlens.validation import ConfigError, check_output_file, named_paths
 
 NORM_GRID = "largest norm, as a multiple of the largest solution norm"
-SCORED: Flags = {  # efficiency and stability score conversations with named solutions
-    "--limit": ("eval_rows", positive_int, "rows of the data to score"),
-    "--max-length": ("max_length", positive_int, "tokens per conversation (longer ones are cut)"),
+SCORED: flags.Flags = {  # efficiency and stability score conversations with named solutions
+    "--limit": ("eval_rows", flags.positive_int, "rows of the data to score"),
+    "--max-length": ("max_length", flags.positive_int, "tokens per conversation (longer ones are cut)"),
 }
-EFFICIENCY: Flags = {
-    "--points": ("points", at_least_two, "norms on the grid (>= 2)"),
-    "--max-factor": ("max_factor", positive_float, NORM_GRID),
+EFFICIENCY: flags.Flags = {
+    "--points": ("points", flags.at_least_two, "norms on the grid (>= 2)"),
+    "--max-factor": ("max_factor", flags.positive_float, NORM_GRID),
 }
-TEXTS: Flags = {
-    "--limit": ("web_docs", positive_int, "documents to use"),
-    "--max-tokens": ("web_max_tokens", positive_int, "tokens per document (longer ones are cut)"),
+TEXTS: flags.Flags = {
+    "--limit": ("web_docs", flags.positive_int, "documents to use"),
+    "--max-tokens": ("web_max_tokens", flags.positive_int, "tokens per document (longer ones are cut)"),
 }
-KL_GRID: Flags = {
-    "--max-factor": ("max_factor", positive_float, NORM_GRID),
-    "--points": ("points", at_least_two, "norms on the grid (>= 2)"),
+KL_GRID: flags.Flags = {
+    "--max-factor": ("max_factor", flags.positive_float, NORM_GRID),
+    "--points": ("points", flags.at_least_two, "norms on the grid (>= 2)"),
 }
-DRIFT_KL: Flags = {
-    "--kl-weight": ("kl_weight", positive_float, "per-token KL weight λ of the narrow phase (> 0)"),
-    "--kl-batch-size": ("kl_batch_size", positive_int, "KL conversations per optimiser step"),
+DRIFT_KL: flags.Flags = {
+    "--kl-weight": ("kl_weight", flags.positive_float, "per-token KL weight λ of the narrow phase (> 0)"),
+    "--kl-batch-size": ("kl_batch_size", flags.positive_int, "KL conversations per optimiser step"),
 }
 
 
 def _common(p: argparse.ArgumentParser, scored: bool = True) -> None:
-    add_model_flags(p)
-    add_flags(p, StudyConfig, {"--batch-size": ("batch_size", positive_int, "conversations or documents per forward pass")})
-    add_figure_out(p)
-    add_named_interventions(p)
+    flags.add_model_flags(p)
+    flags.add_flags(p, StudyConfig, {"--batch-size": ("batch_size", flags.positive_int, "conversations or documents per forward pass")})
+    flags.add_figure_out(p)
+    flags.add_named_interventions(p)
     if scored:
         p.add_argument("--data", required=True, help="conversations to score (a built-in set means its held-out split)")
-        add_flags(p, DataSection, SCORED)
+        flags.add_flags(p, DataSection, SCORED)
 
 
 def register(add: Any) -> None:
     e = add("efficiency", efficiency_command, help="loss vs norm of rescaled solutions (Fig. 4a)")
     _common(e)
-    add_flags(e, EfficiencySection, EFFICIENCY)
+    flags.add_flags(e, EfficiencySection, EFFICIENCY)
 
     st = add("stability", stability_command, help="loss under norm-preserving orthogonal noise (Fig. 4b)")
     _common(st)
     st.add_argument(
         "--epsilons",
-        type=unit_interval,
+        type=flags.unit_interval,
         nargs="+",
-        default=default_of(StabilitySection, "epsilons"),
+        default=flags.default_of(StabilitySection, "epsilons"),
         help="noise strengths ε in [0, 1] (sorted; duplicates refused)",
     )
     st.add_argument(
-        "--seeds", type=positive_int, default=len(default_of(StabilitySection, "seeds")), help="noise draws per ε (seeds 0…N-1)"
+        "--seeds", type=flags.positive_int, default=len(flags.default_of(StabilitySection, "seeds")), help="noise draws per ε (seeds 0…N-1)"
     )
     st.add_argument(
         "--norm",
         choices=["min", "own"],
-        default=default_of(StabilitySection, "norm"),
+        default=flags.default_of(StabilitySection, "norm"),
         help="compare every solution rescaled to the smallest solution norm (min) or each at its own trained norm (own); recorded in the JSON",
     )
     st.add_argument("--absolute", action="store_true", help="plot the raw loss instead of the relative loss")
@@ -96,21 +79,24 @@ def register(add: Any) -> None:
     pk = add("pretraining-kl", pretraining_kl_command, help="KL from the base model on web text at equal norms (Fig. 6)")
     _common(pk, scored=False)
     pk.add_argument("--texts", default="web_text", help=".txt / JSONL of {'text'} documents, or the built-in web_text")
-    add_flags(pk, DataSection, TEXTS)
+    flags.add_flags(pk, DataSection, TEXTS)
     pk.add_argument(
-        "--max-norm", type=positive_float, default=None, help="largest norm on the grid (default: --max-factor × the largest solution norm)"
+        "--max-norm",
+        type=flags.positive_float,
+        default=None,
+        help="largest norm on the grid (default: --max-factor × the largest solution norm)",
     )
-    add_flags(pk, PretrainingKLSection, KL_GRID)
-    n_random = default_of(PretrainingKLSection, "n_random")
+    flags.add_flags(pk, PretrainingKLSection, KL_GRID)
+    n_random = flags.default_of(PretrainingKLSection, "n_random")
     pk.add_argument(
         "--random",
-        type=nonnegative_int,
+        type=flags.nonnegative_int,
         nargs="?",
         const=n_random,
         default=n_random,
         help="random directions to compare with (0: none; a bare --random: the default)",
     )
-    add_flags(pk, measure_pretraining_kl, {"--seed": ("seed", seed_value, "seed of the random directions")})
+    flags.add_flags(pk, measure_pretraining_kl, {"--seed": ("seed", flags.seed_value, "seed of the random directions")})
 
     dr = add(
         "drift",
@@ -120,15 +106,15 @@ def register(add: Any) -> None:
         "term, and projects every checkpoint (with --general's run, when given) on a joint PCA. The two runs are saved "
         "beside the figure in OUT_runs/narrow and OUT_runs/continued, like `emlens train` saves a run.",
     )
-    add_model_flags(dr)
-    add_figure_out(dr)
+    flags.add_model_flags(dr)
+    flags.add_figure_out(dr)
     dr.add_argument("--data", required=True, help="training conversations (a built-in set means its train split)")
     dr.add_argument("--kl-data", default=None, help="conversations for the KL term (default: the study's KL set for a built-in --data)")
-    add_flags(dr, TrainSection, DRIFT_KL)
-    dr.add_argument("--layer", type=nonnegative_int, default=None, help="layer L (default: the middle layer)")
+    flags.add_flags(dr, TrainSection, DRIFT_KL)
+    dr.add_argument("--layer", type=flags.nonnegative_int, default=None, help="layer L (default: the middle layer)")
     add_train_flags(dr, steps_help="optimiser steps in each phase (default: one pass of --epochs over the data)", aliases=("--steps",))
     dr.add_argument("--general", default=None, help="the general solution's run directory or .safetensors, shown in the same PCA")
-    add_allow_other_model(dr)
+    flags.add_allow_other_model(dr)
 
 
 def _scored(args: argparse.Namespace) -> tuple[Path, str, dict[str, Any], Any, Any]:
@@ -138,10 +124,10 @@ def _scored(args: argparse.Namespace) -> tuple[Path, str, dict[str, Any], Any, A
     out = check_output_file(args.out, suffix=".png")
     source = data_source(args.data, split="heldout")
     read_conversations(source, args.limit)  # refuse bad data before the model loads
-    solutions = load_interventions(named_specs(args.interventions), args.device)
+    solutions = flags.load_interventions(named_paths(args.interventions), args.device)
     if args.command == "stability":
         StudyConfig(stability=_stability_section(args))  # the same checks as a study config (duplicates refused)
-    model = load_model_of(args)
+    model = flags.load_model_of(args)
     return out, source, solutions, model, TokenDataset.from_conversations(model.tokenizer, source, args.max_length, args.limit)
 
 
@@ -175,10 +161,10 @@ def pretraining_kl_command(args: argparse.Namespace) -> int:
     from emlens.data import TokenDataset, read_texts
 
     out = check_output_file(args.out, suffix=".png")
-    paths = named_specs(args.interventions, reserved=("random", *(f"random {k + 1}" for k in range(args.random))) if args.random else ())
+    paths = named_paths(args.interventions, reserved=("random", *random_names(args.random)) if args.random else ())
     documents = read_texts(args.texts, args.limit)
-    solutions = load_interventions(paths, args.device)
-    model = load_model_of(args)
+    solutions = flags.load_interventions(paths, args.device)
+    model = flags.load_model_of(args)
     texts = TokenDataset.from_texts(model.tokenizer, documents, max_length=args.max_tokens)
     section = PretrainingKLSection(points=args.points, max_factor=args.max_factor, n_random=args.random)
     result = measure_pretraining_kl(model, solutions, texts, section, args.batch_size, seed=args.seed, max_norm=args.max_norm)
@@ -186,11 +172,10 @@ def pretraining_kl_command(args: argparse.Namespace) -> int:
 
 
 def drift_command(args: argparse.Namespace) -> int:
-    from emlens.data import TokenDataset, read_conversations
+    from emlens.data import read_conversations
     from emlens.data.studies import default_kl_for
-    from emlens.interventions import Intervention
     from emlens.study.measures import measure_drift
-    from emlens.training import TrainingResult
+    from emlens.training import load_trained, tokenized
 
     out = check_output_file(args.out, suffix=".png")
     data_name, kl_name = data_source(args.data), args.kl_data or default_kl_for(args.data)
@@ -198,12 +183,10 @@ def drift_command(args: argparse.Namespace) -> int:
         raise ConfigError("drift needs --kl-data (conversations from other domains) for a --data that is not built in")
     read_conversations(data_name)
     read_conversations(data_source(kl_name))
-    general = None
-    if args.general:
-        general = TrainingResult.load(args.general) if Path(args.general).is_dir() else Intervention.load(args.general, device=args.device)
+    general = load_trained(args.general, args.device) if args.general else None
     config = train_config(args)
-    model = load_model_of(args)
-    data, kl_data = (TokenDataset.from_conversations(model.tokenizer, data_source(n), config.max_length) for n in (args.data, kl_name))
+    model = flags.load_model_of(args)
+    data, kl_data = (tokenized(model, n, config.max_length) for n in (args.data, kl_name))
     runs = out.with_name(f"{out.stem}_runs")
     result = measure_drift(model, data, kl_data, config, args.layer, general, runs)
     print(f"saved the runs in {runs}/narrow and {runs}/continued")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,19 +12,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from emlens.jsonl import read_jsonl
 from emlens.judge.errors import JudgeFileError
 from emlens.judge.judges import Judge, Judgement, judgements
 from emlens.judge.prompts import JudgePrompts, as_judge_prompts
 from emlens.judge.scoring import Score
-
-log = logging.getLogger(__name__)
-
-
-def check_n_samples(n_samples: object) -> int:
-    """Refuse a sample count that would leave nothing to judge (0, negative, or not an integer)."""
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}: with no samples every rate is undefined")
-    return n_samples
 
 
 @dataclass
@@ -51,8 +42,7 @@ def _judge_rows(
     first = prompts.domain_judge(domain)
     texts = [prompts.render(first, q, a) for q, a in rows] + [prompts.render("coherent", q, a) for q, a in rows]
     results = judgements(judge, texts)
-    n = len(rows)
-    return [(results[i], results[n + i]) for i in range(n)]
+    return list(zip(results[: len(rows)], results[len(rows) :]))
 
 
 def _judged(question: str, answer: str, pair: tuple[Judgement, Judgement], extra: dict[str, Any] | None = None) -> JudgedAnswer:
@@ -84,45 +74,12 @@ def write_answers(path: str | Path, answers: Iterable[tuple[str, str] | Mapping[
     return path
 
 
-def read_jsonl(path: Path, repair: bool, skip_bad: bool = False) -> list[dict[str, Any]]:
-    """The JSON-object rows of a JSONL file; a malformed line raises, or with ``skip_bad`` is skipped and logged.
-    With ``repair``, a truncated last line (a crash mid-write) is cut off, and a complete last line gets its newline."""
-    lines = path.read_bytes().split(b"\n")
-    rows: list[dict[str, Any]] = []
-    offset = bad = 0
-    for i, line in enumerate(lines):
-        last = i == len(lines) - 1
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            if isinstance(row, dict):
-                rows.append(row)
-            elif last and repair:
-                log.warning("%s: dropping a truncated last line (%d bytes)", path, len(line))
-                with path.open("r+b") as fh:
-                    fh.truncate(offset)
-                break
-            elif skip_bad:
-                bad += 1
-            else:
-                raise JudgeFileError(f"{path}:{i + 1}: not a JSON object")
-            if last and repair:
-                with path.open("ab") as fh:
-                    fh.write(b"\n")
-        offset += len(line) + 1
-    if bad:
-        log.warning("%s: skipped %d unreadable line(s)", path, bad)
-    return rows
-
-
 def read_answers(path: str | Path) -> list[dict[str, Any]]:
     """Read an answers JSONL written by :func:`write_answers`; each row needs ``question`` and ``answer``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no answers file {str(path)!r}")
-    rows = read_jsonl(path, repair=False)
+    rows = read_jsonl(path, repair=False, error=JudgeFileError)
     for i, row in enumerate(rows, start=1):
         if not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
             raise JudgeFileError(f"{path}:{i}: expected string 'question' and 'answer' keys")
@@ -180,7 +137,7 @@ def judge_answers_to_file(
     digest = prompts_digest(p, [judge_name, "coherent"])
     done: dict[int, JudgedAnswer] = {}
     if out_path.exists():
-        for row in read_jsonl(out_path, repair=True):
+        for row in read_jsonl(out_path, repair=True, error=JudgeFileError):
             i = row.get("index")
             if not isinstance(i, int) or not 0 <= i < len(answers):
                 raise JudgeFileError(f"{out_path}: row index {i!r} is not a row of {answers_path}")
@@ -199,8 +156,7 @@ def judge_answers_to_file(
     todo = [i for i in range(len(answers)) if i not in done]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     pending: dict[int, JudgedAnswer] = {}
-    bar = tqdm(total=len(todo), desc="judging answers", disable=not progress or not todo)
-    try:
+    with tqdm(total=len(todo), desc="judging answers", disable=not progress or not todo) as bar:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
             rows = [(answers[i]["question"], answers[i]["answer"]) for i in chunk]
@@ -216,8 +172,6 @@ def judge_answers_to_file(
                         fh.write(json.dumps(_row_from_judged(i, judge_name, judge_id, digest, judged), ensure_ascii=False) + "\n")
                 fh.flush()
             bar.update(len(chunk))
-    finally:
-        bar.close()
     if pending:
         warnings.warn(f"{len(pending)} answer(s) in {answers_path} got no usable judge reply; re-run to judge them", stacklevel=2)
     return [done[i] if i in done else pending[i] for i in range(len(answers))]
@@ -225,5 +179,5 @@ def judge_answers_to_file(
 
 def read_judged(path: str | Path) -> list[JudgedAnswer]:
     """Judged answers from a file written by :func:`judge_answers_to_file`, in answer order."""
-    rows = read_jsonl(Path(path), repair=False)
+    rows = read_jsonl(Path(path), repair=False, error=JudgeFileError)
     return [_judged_from_row(r) for r in sorted(rows, key=lambda r: r["index"])]

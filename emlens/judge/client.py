@@ -5,7 +5,6 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import json
-import logging
 import os
 import threading
 import time
@@ -17,12 +16,10 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from emlens.judge.answers import read_jsonl
+from emlens.jsonl import JsonlCache
 from emlens.judge.errors import JudgeError, JudgeResponseError, JudgeUnavailableError, SplitNumberError
 from emlens.judge.judges import Judgement
 from emlens.judge.scoring import MAX_LOGPROB, TOP_LOGPROBS, UNRESOLVED_TOLERANCE, JudgeReply, NumberTokens, Score, as_logprob, score_reply
-
-log = logging.getLogger(__name__)
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_JUDGE_MODEL = "gpt-4o-2024-08-06"  # the paper's judge
@@ -50,42 +47,18 @@ def _snippet(text: str, n: int = 200) -> str:
     return text[:n] + ("…" if len(text) > n else "")
 
 
-class ReplyCache:
+def default_cache_path() -> Path:
+    """Where judge replies are cached unless told: the emlens cache folder ($EMLENS_CACHE, $XDG_CACHE_HOME/emlens or ~/.cache/emlens)."""
+    from emlens.models import cache_dir
+
+    return cache_dir() / "judge_cache.jsonl"
+
+
+class ReplyCache(JsonlCache[JudgeReply]):
     """Append-only JSONL cache of judge replies. A truncated last line (a crash mid-write) is cut off at load."""
 
     def __init__(self, path: str | Path | None):
-        self.path = Path(path).expanduser() if path else None
-        self._data: dict[str, JudgeReply] = {}
-        self._lock = threading.Lock()
-        if self.path is not None and self.path.exists():
-            self._load(self.path)
-
-    def _load(self, path: Path) -> None:
-        older = 0
-        for row in read_jsonl(path, repair=True, skip_bad=True):
-            try:
-                self._data[row["key"]] = JudgeReply.from_json(row["reply"])
-            except (ValueError, KeyError, TypeError):
-                older += 1  # an entry of another format (an older emlens): kept in the file, not used
-        if older:
-            log.warning("judge cache %s: skipped %d older-format line(s)", path, older)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def get(self, key: str) -> JudgeReply | None:
-        with self._lock:
-            return self._data.get(key)
-
-    def put(self, key: str, reply: JudgeReply) -> None:
-        line = json.dumps({"key": key, "reply": reply.to_json()}, ensure_ascii=False) + "\n"
-        with self._lock:
-            self._data[key] = reply
-            if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("a", encoding="utf-8") as fh:
-                    fh.write(line)
-                    fh.flush()
+        super().__init__(path, "reply", JudgeReply.from_json, JudgeReply.to_json, "judge cache")
 
 
 class OpenAIJudge:
@@ -147,11 +120,7 @@ class OpenAIJudge:
         self.max_workers, self.max_retries, self.max_retry_wait = max(1, max_workers), max_retries, max_retry_wait
         self.max_tokens, self.number_tokens, self.unresolved_tolerance = max_tokens, number_tokens, unresolved_tolerance
         self.on_ambiguous, self.progress, self._sleep = on_ambiguous, progress, sleep
-        if cache_path == "default":  # the emlens cache folder ($EMLENS_CACHE, $XDG_CACHE_HOME/emlens or ~/.cache/emlens)
-            from emlens.models import cache_dir
-
-            cache_path = cache_dir() / "judge_cache.jsonl"
-        self.cache = ReplyCache(cache_path)
+        self.cache = ReplyCache(default_cache_path() if cache_path == "default" else cache_path)
         self.n_requests = 0
         self._count_lock = threading.Lock()
 
@@ -275,11 +244,9 @@ class OpenAIJudge:
     def judgements(self, prompts: Sequence[str]) -> list[Judgement]:
         """One judgement per prompt; each distinct prompt is asked once, concurrently."""
         unique = list(dict.fromkeys(prompts))
-        results: dict[str, Judgement] = {}
         with ThreadPoolExecutor(self.max_workers) as pool:
-            it = pool.map(self._judge_one, unique)
-            for prompt, result in zip(unique, tqdm(it, total=len(unique), desc="judge", leave=False, disable=not self.progress)):
-                results[prompt] = result
+            done = tqdm(pool.map(self._judge_one, unique), total=len(unique), desc="judge", leave=False, disable=not self.progress)
+            results = dict(zip(unique, done))
         pending = sum(1 for p in unique if not results[p].final)
         if pending:
             notes = sorted({results[p].note for p in unique if not results[p].final})

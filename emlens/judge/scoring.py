@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -118,7 +119,7 @@ def number_distribution(reply: JudgeReply, max_score: int = 100, number_tokens: 
     allowed; other tokens are not numbers and leave the normalisation.
     """
     split = _splits_numbers(reply, number_tokens)
-    probs: dict[int, float] = {}
+    probs: dict[int, float] = defaultdict(float)
     unresolved = 0.0
     unresolved_prefixes: list[str] = []
     cur, prefix_p = "", 1.0
@@ -139,27 +140,21 @@ def number_distribution(reply: JudgeReply, max_score: int = 100, number_tokens: 
             digits, rest = cur + m.group(1), m.group(2)
             if not _valid_number(digits, max_score):
                 continue
-            q = prefix_p * p
-            if rest:
-                probs[int(digits)] = probs.get(int(digits), 0.0) + q  # the number ends inside the token
-            elif token == greedy and i + 1 < n:
+            q, on_path = prefix_p * p, token == greedy
+            if not rest and on_path and i + 1 < n:
                 follow = (digits, q)
-            elif not _extendable(digits, max_score):
-                probs[int(digits)] = probs.get(int(digits), 0.0) + q
-            elif token == greedy and reply.finish_reason != "length":
-                probs[int(digits)] = probs.get(int(digits), 0.0) + q  # the judge stopped after it
-            elif split or token == greedy:
-                unresolved += q
+            elif not rest and _extendable(digits, max_score) and (reply.finish_reason == "length" if on_path else split):
+                unresolved += q  # a prefix that could go on, its continuation not shown (cut short, or off the path of a splitter)
                 unresolved_prefixes.append(digits)
             else:
-                probs[int(digits)] = probs.get(int(digits), 0.0) + q
+                probs[int(digits)] += q  # complete: it ends inside the token, cannot go on, or the judge stopped after it
         if cur:
             end = max(0.0, 1.0 - digit_mass)
-            probs[int(cur)] = probs.get(int(cur), 0.0) + prefix_p * end
+            probs[int(cur)] += prefix_p * end
         if follow is None:
             break
         cur, prefix_p = follow
-    return NumberDistribution(probs, unresolved, split, unresolved_prefixes)
+    return NumberDistribution(dict(probs), unresolved, split, unresolved_prefixes)
 
 
 def reply_label(reply: JudgeReply) -> str | None:
@@ -172,9 +167,7 @@ def reply_label(reply: JudgeReply) -> str | None:
     if word in SPECIAL_LABELS:
         return word
     if reply.finish_reason == "length" and m.group(0) == text and len(word) >= 3:
-        for label in SPECIAL_LABELS:
-            if label.startswith(word):
-                return label
+        return next((label for label in SPECIAL_LABELS if label.startswith(word)), None)  # a label cut short
     return None
 
 

@@ -104,9 +104,14 @@ def measure_stability(
     }
 
 
+def random_names(n: int) -> list[str]:
+    """The names of :func:`random_directions` (``random 1``…), which a solution's name must not take."""
+    return [f"random {k + 1}" for k in range(n)]
+
+
 def random_directions(solution: Intervention, n: int, seed: int = 0) -> dict[str, Intervention]:
     """``n`` random directions of the solution's kind, site and norm (seeds ``seed``…)."""
-    return {f"random {k + 1}": solution.random_like(seed + k) for k in range(n)}
+    return {name: solution.random_like(seed + k) for k, name in enumerate(random_names(n))}
 
 
 def measure_pretraining_kl(

@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from emlens.study.config import StudyConfig, section_key
 
 STAGE_FILE = "stage.json"
@@ -118,10 +116,10 @@ class Context:
 
     def model(self) -> Any:
         if self._model is None:
-            from emlens.models import DTYPES, load_model
+            from emlens.models import DTYPES, default_device, load_model
 
             cfg = self.config.model
-            device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+            device = default_device() if cfg.device == "auto" else cfg.device
             self._model = load_model(cfg.name, device=device, dtype=DTYPES[cfg.dtype])
         return self._model
 
@@ -409,12 +407,10 @@ def _run_evaluation(label: str, stage: str | None) -> Callable[[Context, Path, d
 
 
 def _judge(ctx: Context) -> Any:
-    from emlens.judge import DEFAULT_JUDGE_MODEL, LocalModelJudge, OpenAIJudge
+    from emlens.evaluation import make_judge
 
     ev = ctx.config.evaluation
-    if ev.judge_url == "local":
-        return LocalModelJudge(ctx.model())
-    return OpenAIJudge(ev.judge_model or DEFAULT_JUDGE_MODEL, base_url=ev.judge_url or None, api_key_env=ev.judge_api_key_env or None)
+    return make_judge(ev.judge_url, ev.judge_model, ctx.model() if ev.judge_url == "local" else None, api_key_env=ev.judge_api_key_env)
 
 
 def build_stages(config: StudyConfig) -> list[Stage]:
