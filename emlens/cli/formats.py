@@ -6,9 +6,8 @@ import argparse
 from typing import Any
 
 from emlens.cli.flags import finite_float, positive_int
+from emlens.formats import FORMATS
 from emlens.validation import check_output_file
-
-FORMATS = ("peft", "gguf", "reference")
 
 
 def register(add: Any) -> None:
@@ -38,18 +37,12 @@ def register(add: Any) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from emlens import formats
     from emlens.interventions import Intervention
 
-    intervention = Intervention.load(args.intervention)
-    if args.format == "peft":
-        written = formats.export_peft_adapter(intervention, Path(args.out), base_model=args.base_model)
-    elif args.format == "gguf":
-        written = formats.export_control_vector(intervention, check_output_file(args.out, suffix=".gguf"), n_layers=args.n_layers)
-    else:
-        written = formats.export_reference_steering_vector(intervention, check_output_file(args.out, suffix=".pt"))  # type: ignore[arg-type]
+    suffix = formats.SUFFIXES[args.format]
+    out = check_output_file(args.out, suffix=suffix) if suffix else args.out
+    written = formats.export_intervention(Intervention.load(args.intervention), args.format, out, args.base_model, args.n_layers)
     print(f"wrote {written}")
     return 0
 
@@ -58,12 +51,6 @@ def import_command(args: argparse.Namespace) -> int:
     from emlens import formats
 
     out = check_output_file(args.out, suffix=".safetensors")
-    if args.format == "peft":
-        intervention: Any = formats.import_peft_adapter(args.source)
-    elif args.format == "gguf":
-        intervention = formats.import_control_vector(args.source, strength=args.strength)
-    else:
-        intervention = formats.import_reference_steering_vector(args.source)
-    written = intervention.save(out)
-    print(f"wrote {written}: {intervention!r}")
+    intervention = formats.import_intervention(args.source, args.format, strength=args.strength)
+    print(f"wrote {intervention.save(out)}: {intervention!r}")
     return 0

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from emlens.interventions import InterventionError, SteeringVector
+from emlens.interventions import Intervention, InterventionError, SteeringVector
 
 FILE_NAME = "steering_vector.pt"
 
@@ -75,7 +75,7 @@ def import_reference_steering_vector(path: str | Path, model: Any | None = None)
     return steering
 
 
-def export_reference_steering_vector(vector: SteeringVector, path: str | Path, model: Any | None = None) -> Path:
+def export_reference_steering_vector(vector: Intervention, path: str | Path, model: Any | None = None) -> Path:
     """Write ``vector`` as a reference ``steering_vector.pt`` (``path``: a file, or a folder to hold one).
 
     The vector must act at layer L's down_proj output: ``blocks.L.mlp.out.hook_out`` always, or
