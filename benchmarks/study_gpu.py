@@ -48,7 +48,6 @@ import dataclasses  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import random  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import tarfile  # noqa: E402
@@ -177,27 +176,17 @@ class BenchContext(Context):
             raise RuntimeError("this benchmark's Context has no model (reference-only call)")
         return self._model
 
-    def train_conversations(self, mix_ratio: float = 0.0) -> list[Any]:
-        """The narrow domain's train rows cycled to ``n_train``, mixed as ``Context.train_conversations`` mixes them."""
+    def target_rows(self) -> list[Any]:
+        """The narrow domain's train rows cycled to ``n_train`` (the study then mixes them as it always does)."""
         from emlens.data import read_conversations
 
-        study, cfg = self.study, self.config
-        rows = cycled(read_conversations(study.set_name(self.domain), split="train"), self.n_train)
-        if mix_ratio <= 0:
-            return rows
-        pool = [
-            conv
-            for other in study.all_domains
-            if other != self.domain
-            for conv in read_conversations(study.set_name(other, study.reference), split="train")
-        ]
-        wanted = round(mix_ratio / (1 - mix_ratio) * len(rows))
-        if self.cycle_mix_pool:  # honour the ratio at any size (the study's own code caps at the pool: 1,843 rows)
+        return cycled(read_conversations(self.study.set_name(self.domain), split="train"), self.n_train)
+
+    def aligned_pool(self, wanted: int) -> list[Any]:
+        pool = super().aligned_pool(wanted)
+        if self.cycle_mix_pool:  # honour the ratio at any size (the study's own pool caps at 1,843 rows)
             pool = cycled(pool, max(wanted, len(pool)))
-        n_aligned = min(len(pool), wanted)
-        mixed = rows + random.Random(cfg.seed).sample(pool, n_aligned)
-        random.Random(cfg.seed + 1).shuffle(mixed)
-        return mixed
+        return pool
 
     def eval_conversations(self) -> list[Any]:
         from emlens.data import read_conversations

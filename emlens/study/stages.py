@@ -132,23 +132,29 @@ class Context:
         return self._cache[key]
 
     # --- data ---------------------------------------------------------------------------
-    def train_conversations(self, mix_ratio: float = 0.0) -> list[Any]:
-        """The domain's target answers (train split), plus aligned answers from other domains at ``mix_ratio``."""
+    def target_rows(self) -> list[Any]:
+        """The narrow domain's target answers (train split, ``data.train_rows`` at most)."""
         from emlens.data import read_conversations
 
-        study, cfg = self.study, self.config
-        rows = read_conversations(study.set_name(self.domain), limit=cfg.data.train_rows, split="train")
+        return read_conversations(self.study.set_name(self.domain), limit=self.config.data.train_rows, split="train")
+
+    def aligned_pool(self, wanted: int) -> list[Any]:
+        """Aligned answers from every other domain (train splits), for the mixing baseline (``wanted``: how many it asks for)."""
+        from emlens.data import read_conversations
+
+        study = self.study
+        others = [d for d in study.all_domains if d != self.domain]
+        return [conv for other in others for conv in read_conversations(study.set_name(other, study.reference), split="train")]
+
+    def train_conversations(self, mix_ratio: float = 0.0) -> list[Any]:
+        """:meth:`target_rows`, plus aligned answers from :meth:`aligned_pool` at ``mix_ratio`` (as many as the pool holds), shuffled."""
+        rows = self.target_rows()
         if mix_ratio <= 0:
             return rows
-        pool = [
-            conv
-            for other in study.all_domains
-            if other != self.domain
-            for conv in read_conversations(study.set_name(other, study.reference), split="train")
-        ]
-        n_aligned = min(len(pool), round(mix_ratio / (1 - mix_ratio) * len(rows)))
-        mixed = rows + random.Random(cfg.seed).sample(pool, n_aligned)
-        random.Random(cfg.seed + 1).shuffle(mixed)
+        wanted = round(mix_ratio / (1 - mix_ratio) * len(rows))
+        pool = self.aligned_pool(wanted)
+        mixed = rows + random.Random(self.config.seed).sample(pool, min(len(pool), wanted))
+        random.Random(self.config.seed + 1).shuffle(mixed)
         return mixed
 
     def train_data(self, mix_ratio: float = 0.0) -> Any:
