@@ -86,6 +86,17 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
                 raise _undecodable(path, lineno, raw, err.start) from None
 
 
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """The parsed JSON value of every non-blank line of a JSONL file, with its 1-based number; bad JSON names the line."""
+    for lineno, line in _numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+
+
 def _read_text_file(path: Path) -> str:
     """A whole UTF-8 text file with universal newlines; bad bytes name the file and line."""
     data = path.read_bytes()
@@ -138,13 +149,7 @@ def _json_rows(source: str | os.PathLike, split: str | None, limit: int | None) 
     else:
         path = resolve_data_path(source)
         origin, numbered = str(path), []
-        for lineno, line in _numbered_lines(path):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+        for lineno, row in _json_lines(path):
             if not isinstance(row, dict) or "messages" not in row:
                 raise DataFormatError(f"{path}:{lineno}: expected an object with a 'messages' key")
             numbered.append((lineno, row))
@@ -192,13 +197,7 @@ def read_texts(path: str | os.PathLike, limit: object = None) -> list[str]:
         docs = [d.strip() for d in text.split("\n\n") if d.strip()]
     else:
         docs = []
-        for lineno, line in _numbered_lines(path):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+        for lineno, row in _json_lines(path):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise DataFormatError(f"{path}:{lineno}: expected an object with a string 'text' key")
             docs.append(row["text"])

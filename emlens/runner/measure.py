@@ -100,8 +100,7 @@ def example_nll_sweep(
     runner = runner_for(model)
     plan = sweep_plan(runner, interventions, cache_prefix)
     out = torch.full((len(interventions), len(dataset)), float("nan"), dtype=torch.float64)
-    n_batches = math.ceil(len(dataset) / batch_size)
-    for idx, batch in tqdm(dataset.indexed_batches(batch_size), total=n_batches, desc=desc, disable=not progress, leave=False):
+    for idx, batch in _batches(dataset, batch_size, desc, progress, indexed=True):
         targets = to_device(batch.scored_targets, runner.device)
         rows = batch.scored_positions.nonzero(as_tuple=True)[0]  # the example (row) of each scored position, row-major
         counts = batch.scored.sum(1).clamp(min=1).double()
@@ -128,10 +127,11 @@ class _Totals:
         return [float(x) for x in self.sums.tolist()]
 
 
-def _batches(dataset: Any, batch_size: int, desc: str, progress: bool) -> Any:
-    """The dataset's batches on the host (the runner moves what it needs), with a progress bar."""
+def _batches(dataset: Any, batch_size: int, desc: str, progress: bool, indexed: bool = False) -> Any:
+    """The dataset's batches on the host (the runner moves what it needs), with a progress bar; ``indexed``: with their example indices."""
     n_batches = math.ceil(len(dataset) / batch_size)
-    return tqdm(dataset.batches(batch_size), total=n_batches, desc=desc, disable=not progress, leave=False)
+    batches = dataset.indexed_batches(batch_size) if indexed else dataset.batches(batch_size)
+    return tqdm(batches, total=n_batches, desc=desc, disable=not progress, leave=False)
 
 
 @torch.no_grad()
