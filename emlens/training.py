@@ -317,9 +317,6 @@ def train(
         sft_cache = caches.sft if caches is not None else None
         kl_cache = caches.kl if caches is not None and use_kl else None
 
-        def cached(cache: ExampleResiduals | None, idx: list[int]) -> Tensor | None:
-            return cache.packed(idx, device) if cache is not None else None
-
         sft_batches = _BatchCycle(dataset, config.batch_size, config.seed)
         kl_batches = _BatchCycle(kl_dataset, config.kl_batch_size, config.seed + 1) if use_kl and kl_dataset is not None else None
         first = 0
@@ -341,25 +338,11 @@ def train(
                 micro = [next(sft_batches) for _ in range(config.grad_accum)]  # host batches: the runner moves what it needs
                 # token-weighted over the whole accumulated batch, so micro-batch sizes don't bias it
                 n_tokens = sum(int(b.scored.sum()) for _, b in micro)
-                micro_losses = []
-                for idx, batch in micro:
-                    logits = runner.logits(batch, batch.scored_positions, intervention, plan, cached(sft_cache, idx))
-                    loss = nll_sum(logits, to_device(batch.scored_targets, logits.device)) / max(n_tokens, 1)
-                    loss.backward()
-                    micro_losses.append(loss.detach())
-                values = {"sft": _on_one_device(micro_losses).sum()}
-                if kl_batches is not None:
-                    idx, kl_batch = next(kl_batches)
-                    real = kl_batch.attention_mask.bool()
-                    with torch.no_grad(), intervention.disabled():
-                        if kl_cache is not None:
-                            base = runner.unembed(kl_cache.base(idx).to(device))
-                        else:
-                            base = runner.logits(kl_batch, real, intervention, plan)
-                    steered = runner.logits(kl_batch, real, intervention, plan, cached(kl_cache, idx))
-                    kl = kl_per_token(base, steered).mean()  # mean over real tokens only
-                    (config.kl_weight * kl).backward()
-                    values["kl"] = kl.detach().double()
+                kl_item = next(kl_batches) if kl_batches is not None else None
+                if sft_cache is not None:  # fast path: the step's micro-batches (and KL batch) in as few forwards as fit
+                    values = _fused_step(runner, plan, intervention, micro, n_tokens, sft_cache, kl_item, kl_cache, config.kl_weight)
+                else:
+                    values = _hooked_step(runner, plan, intervention, micro, n_tokens, kl_item, config.kl_weight)
                 record: dict[str, float | int] = {"step": number, **_finite_step(intervention, values, number, last_good, checkpoints)}
                 optimizer.step()
                 scheduler.step()
@@ -384,6 +367,115 @@ def train(
     finally:
         if checkpoints is not None:
             checkpoints.close()  # releases the run directory's lock
+
+
+# A training step's micro-batches (and its KL batch) run fused, as one packed forward of up to this many
+# tokens: the same gradient as one forward per micro-batch (the loss is a sum over them), but small
+# micro-batches fill a large device (at 14B on an H200, micro-batches of 2 rows use it at a fraction).
+# Lower it with EMLENS_TRAIN_TOKENS where activation memory is short; a micro-batch larger than this
+# runs alone.
+TRAIN_TOKENS_PER_FORWARD = 4096
+
+
+def train_tokens_per_forward() -> int:
+    """The fused forward's token budget: ``EMLENS_TRAIN_TOKENS`` if set, else :data:`TRAIN_TOKENS_PER_FORWARD`."""
+    import os
+
+    raw = os.environ.get("EMLENS_TRAIN_TOKENS", "")
+    if not raw:
+        return TRAIN_TOKENS_PER_FORWARD
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"EMLENS_TRAIN_TOKENS must be a whole number of tokens >= 1, got {raw!r}")
+    return int(raw)
+
+
+Item = tuple[str, list[int], ChatBatch]
+
+
+def _fuse(items: list[Item], budget: int) -> list[list[Item]]:
+    """Consecutive items grouped into forwards of at most ``budget`` real tokens (an item larger than it alone)."""
+    groups: list[list[Item]] = []
+    size = 0
+    for item in items:
+        tokens = int(item[2].attention_mask.sum())
+        if groups and size + tokens <= budget:
+            groups[-1].append(item)
+            size += tokens
+        else:
+            groups.append([item])
+            size = tokens
+    return groups
+
+
+def _fused_step(
+    runner: Any,
+    plan: Plan,
+    intervention: Intervention,
+    micro: list[tuple[list[int], ChatBatch]],
+    n_tokens: int,
+    sft_cache: ExampleResiduals,
+    kl_item: tuple[list[int], ChatBatch] | None,
+    kl_cache: ExampleResiduals | None,
+    kl_weight: float,
+) -> dict[str, Tensor]:
+    """One step's gradient on the fast path, micro-batches fused (:data:`TRAIN_TOKENS_PER_FORWARD`); its losses."""
+    device = runner.device
+    items: list[Item] = [("sft", idx, batch) for idx, batch in micro]
+    if kl_item is not None:
+        items.append(("kl", *kl_item))
+    sft_losses: list[Tensor] = []
+    values: dict[str, Tensor] = {}
+    for group in _fuse(items, train_tokens_per_forward()):
+        parts = []
+        for what, idx, batch in group:
+            cache = sft_cache if what == "sft" else kl_cache
+            assert cache is not None
+            rows = batch.scored_positions if what == "sft" else batch.attention_mask.bool()
+            parts.append((batch, rows, cache.packed(idx, device)))
+        terms = []
+        for (what, idx, batch), logits in zip(group, runner.logits_fused(parts, intervention, plan)):
+            if what == "sft":
+                loss = nll_sum(logits, to_device(batch.scored_targets, logits.device)) / max(n_tokens, 1)
+                sft_losses.append(loss.detach())
+                terms.append(loss)
+            else:
+                assert kl_cache is not None
+                with torch.no_grad(), intervention.disabled():
+                    base = runner.unembed(kl_cache.base(idx).to(device))
+                kl = kl_per_token(base, logits).mean()  # mean over real tokens only
+                values["kl"] = kl.detach().double()
+                terms.append(kl_weight * kl)
+        torch.stack([t.to(terms[0].device) for t in terms]).sum().backward()
+    return {"sft": _on_one_device(sft_losses).sum(), **values}
+
+
+def _hooked_step(
+    runner: Any,
+    plan: Plan,
+    intervention: Intervention,
+    micro: list[tuple[list[int], ChatBatch]],
+    n_tokens: int,
+    kl_item: tuple[list[int], ChatBatch] | None,
+    kl_weight: float,
+) -> dict[str, Tensor]:
+    """One step's gradient through the whole model, one forward per micro-batch; its losses."""
+    micro_losses = []
+    for _, batch in micro:
+        logits = runner.logits(batch, batch.scored_positions, intervention, plan)
+        loss = nll_sum(logits, to_device(batch.scored_targets, logits.device)) / max(n_tokens, 1)
+        loss.backward()
+        micro_losses.append(loss.detach())
+    values = {"sft": _on_one_device(micro_losses).sum()}
+    if kl_item is not None:
+        _, kl_batch = kl_item
+        real = kl_batch.attention_mask.bool()
+        with torch.no_grad(), intervention.disabled():
+            base = runner.logits(kl_batch, real, intervention, plan)
+        steered = runner.logits(kl_batch, real, intervention, plan)
+        kl = kl_per_token(base, steered).mean()  # mean over real tokens only
+        (kl_weight * kl).backward()
+        values["kl"] = kl.detach().double()
+    return values
 
 
 class NonFiniteError(ValueError):

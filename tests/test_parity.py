@@ -177,6 +177,51 @@ def test_train_first_step_with_kl(pair: Any, data: TokenDataset, kind: str) -> N
         assert result.losses[0]["kl"] == pytest.approx(expected_kl, rel=1e-3, abs=1e-6)
 
 
+@pytest.mark.parametrize("budget", [None, 12])
+@pytest.mark.parametrize("kind", ("resid_post", "adapter"))
+def test_train_steps_with_fused_micro_batches(pair: Any, data: TokenDataset, kind: str, budget: int | None, monkeypatch: Any) -> None:
+    """Steps of micro-batches and a KL batch, fused into one forward (budget None) or several (12 tokens),
+    end where the same steps done one micro-batch at a time on plain transformers end (AdamW, linear decay)."""
+    import emlens.training
+
+    arch, reference, bridge = pair
+    if budget is not None:
+        monkeypatch.setattr(emlens.training, "TRAIN_TOKENS_PER_FORWARD", budget)
+    steps, lam = 2, 3.0
+    config = TrainConfig(lr=0.05, max_steps=steps, batch_size=1, grad_accum=2, kl_weight=lam, kl_batch_size=2,
+                         warmup_steps=0, progress=False, seed=4)
+    got = make_intervention(kind, bridge)
+    result = train(bridge, got, data, config, kl_dataset=data)
+    assert "hooked" not in result.plan, result.plan
+
+    ref = make_intervention(kind, bridge)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (steps - s) / steps)
+    sft = iter(data.indexed_batches(1, shuffle=True, seed=config.seed))
+    kl_batches = iter(data.indexed_batches(2, shuffle=True, seed=config.seed + 1))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        micro = [next(sft)[1] for _ in range(config.grad_accum)]
+        n = sum(int(b.scored.sum()) for b in micro)
+        for batch in micro:
+            with reference_edit(reference, ref):
+                logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            (F.cross_entropy(logits[:, :-1][batch.scored], batch.input_ids[:, 1:][batch.scored], reduction="sum") / n).backward()
+        kl_batch = next(kl_batches)[1]
+        real = kl_batch.attention_mask.bool()
+        with torch.no_grad():
+            base = F.log_softmax(reference(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask).logits[real], -1)
+        with reference_edit(reference, ref):
+            steered = F.log_softmax(reference(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask).logits[real], -1)
+        (lam * (base.exp() * (base - steered)).sum(-1).mean()).backward()
+        optimizer.step()
+        scheduler.step()
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{arch} {kind} {name}")
+    assert float((got.flatten() - make_intervention(kind, bridge).flatten()).norm()) > 1e-3  # it trained
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_efficiency_sweep(pair: Any, data: TokenDataset, kind: str) -> None:
     arch, reference, bridge = pair

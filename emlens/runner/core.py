@@ -276,6 +276,31 @@ class Runner:
         hidden = self.hidden(residual, batch_lengths(batch), plan.cut, self.offset_vector(intervention, plan))
         return self.unembed(hidden.index_select(0, self.packed_rows(batch, rows, hidden.device)))
 
+    def logits_fused(
+        self,
+        parts: list[tuple[ChatBatch, Tensor, Tensor]],
+        intervention: Any | None,
+        plan: Plan,
+    ) -> list[Tensor]:
+        """:meth:`logits` of several batches ``(batch, rows, cached residual)`` from one forward of their packed tokens.
+
+        Each part is a right-padded batch, its ``rows`` (``[batch, seq]``, bool) and the cached residual
+        entering block ``plan.cut`` at its real tokens (``[total, d_model]``); each result is ``[n_rows, vocab]``.
+
+        Fast plans only. Packed sequences never attend to each other, so each part's logits equal
+        its own :meth:`logits` call up to float rounding (what a larger matrix product changes);
+        training fuses the micro-batches of a step this way, so small micro-batches fill the device.
+        """
+        if not plan.fast:
+            raise ValueError(f"fused forwards need a fast plan, not the {plan.describe()}")
+        lengths = [n for batch, _, _ in parts for n in batch_lengths(batch)]
+        residual = torch.cat([resid for _, _, resid in parts]) if len(parts) > 1 else parts[0][2]
+        hidden = self.hidden(residual, lengths, plan.cut, self.offset_vector(intervention, plan))
+        out = []
+        for (batch, rows, _), piece in zip(parts, hidden.split([resid.shape[0] for _, _, resid in parts])):
+            out.append(self.unembed(piece.index_select(0, self.packed_rows(batch, rows, piece.device))))
+        return out
+
     @staticmethod
     def packed_rows(batch: ChatBatch, rows: Bool[Tensor, "batch seq"], device: str | torch.device) -> Int[Tensor, " n_rows"]:
         """Where positions ``rows`` of ``batch`` lie among its packed real tokens (an index on ``device``)."""
