@@ -389,12 +389,12 @@ def train_tokens_per_forward() -> int:
     return int(raw)
 
 
-Item = tuple[str, list[int], ChatBatch]
+StepPart = tuple[str, list[int], ChatBatch]  # ("sft" or "kl", example indices, batch)
 
 
-def _fuse(items: list[Item], budget: int) -> list[list[Item]]:
+def _fuse(items: list[StepPart], budget: int) -> list[list[StepPart]]:
     """Consecutive items grouped into forwards of at most ``budget`` real tokens (an item larger than it alone)."""
-    groups: list[list[Item]] = []
+    groups: list[list[StepPart]] = []
     size = 0
     for item in items:
         tokens = int(item[2].attention_mask.sum())
@@ -420,7 +420,7 @@ def _fused_step(
 ) -> dict[str, Tensor]:
     """One step's gradient on the fast path, micro-batches fused (:data:`TRAIN_TOKENS_PER_FORWARD`); its losses."""
     device = runner.device
-    items: list[Item] = [("sft", idx, batch) for idx, batch in micro]
+    items: list[StepPart] = [("sft", idx, batch) for idx, batch in micro]
     if kl_item is not None:
         items.append(("kl", *kl_item))
     sft_losses: list[Tensor] = []

@@ -129,3 +129,34 @@ def test_config_json_roundtrip():
         TrainConfig.from_json('{"learning_rate": 1}')
     with pytest.raises(FileNotFoundError, match="not a saved training run"):
         TrainingResult.load("/nonexistent/run")
+
+
+def test_fused_forwards_group_consecutive_items_within_the_token_budget() -> None:
+    from emlens.training import _fuse
+
+    def item(tokens: int) -> tuple[str, list[int], object]:
+        ids = torch.ones((1, tokens), dtype=torch.long)
+        return ("sft", [0], collate_like(ids))
+
+    def collate_like(ids: torch.Tensor) -> object:
+        from emlens.data import ChatBatch
+
+        return ChatBatch(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
+
+    sizes = [[int(b.attention_mask.sum()) for _, _, b in group] for group in _fuse([item(n) for n in (3, 4, 5, 9, 2, 1)], 8)]
+    assert sizes == [[3, 4], [5], [9], [2, 1]]  # in order, never split, an item over the budget alone
+    assert [len(g) for g in _fuse([item(n) for n in (3, 4, 5)], 10**6)] == [3]
+
+
+def test_train_tokens_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    from emlens.training import TRAIN_TOKENS_PER_FORWARD, train_tokens_per_forward
+    from emlens.validation import ConfigError
+
+    monkeypatch.delenv("EMLENS_TRAIN_TOKENS", raising=False)
+    assert train_tokens_per_forward() == TRAIN_TOKENS_PER_FORWARD
+    monkeypatch.setenv("EMLENS_TRAIN_TOKENS", "512")
+    assert train_tokens_per_forward() == 512
+    for bad in ("0", "-3", "lots", "1.5"):
+        monkeypatch.setenv("EMLENS_TRAIN_TOKENS", bad)
+        with pytest.raises(ConfigError, match="EMLENS_TRAIN_TOKENS"):
+            train_tokens_per_forward()
