@@ -273,8 +273,7 @@ class Runner:
             return logits.flatten(0, 1).index_select(0, to_device(rows.flatten().nonzero().squeeze(1), logits.device))
         if residual is None:
             residual = self.residual(batch.input_ids, batch.attention_mask, plan.cut)
-        hidden = self.hidden(residual, batch_lengths(batch), plan.cut, self.offset_vector(intervention, plan))
-        return self.unembed(hidden.index_select(0, self.packed_rows(batch, rows, hidden.device)))
+        return self.logits_fused([(batch, rows, residual)], intervention, plan)[0]
 
     def logits_fused(
         self,
