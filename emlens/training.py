@@ -274,6 +274,7 @@ def train(
     after every step.
     """
     config = config or TrainConfig()
+    budget = train_tokens_per_forward()  # the fused forward's size, read (and checked) before any work
     if config.kl_weight > 0 and kl_dataset is None:
         raise ValueError("kl_weight > 0 needs a kl_dataset of alternative-domain conversations")
     # config.max_length acts here: longer examples are cut (and reported, as the data readers report them)
@@ -340,7 +341,9 @@ def train(
                 n_tokens = sum(int(b.scored.sum()) for _, b in micro)
                 kl_item = next(kl_batches) if kl_batches is not None else None
                 if sft_cache is not None:  # fast path: the step's micro-batches (and KL batch) in as few forwards as fit
-                    values = _fused_step(runner, plan, intervention, micro, n_tokens, sft_cache, kl_item, kl_cache, config.kl_weight)
+                    values = _fused_step(
+                        runner, plan, intervention, micro, n_tokens, sft_cache, kl_item, kl_cache, config.kl_weight, budget
+                    )
                 else:
                     values = _hooked_step(runner, plan, intervention, micro, n_tokens, kl_item, config.kl_weight)
                 record: dict[str, float | int] = {"step": number, **_finite_step(intervention, values, number, last_good, checkpoints)}
@@ -417,15 +420,16 @@ def _fused_step(
     kl_item: tuple[list[int], ChatBatch] | None,
     kl_cache: ExampleResiduals | None,
     kl_weight: float,
+    budget: int,
 ) -> dict[str, Tensor]:
-    """One step's gradient on the fast path, micro-batches fused (:data:`TRAIN_TOKENS_PER_FORWARD`); its losses."""
+    """One step's gradient on the fast path, micro-batches fused into forwards of at most ``budget`` tokens; its losses."""
     device = runner.device
     items: list[StepPart] = [("sft", idx, batch) for idx, batch in micro]
     if kl_item is not None:
         items.append(("kl", *kl_item))
     sft_losses: list[Tensor] = []
     values: dict[str, Tensor] = {}
-    for group in _fuse(items, train_tokens_per_forward()):
+    for group in _fuse(items, budget):
         parts = []
         for what, idx, batch in group:
             cache = sft_cache if what == "sft" else kl_cache

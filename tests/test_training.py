@@ -160,3 +160,12 @@ def test_train_tokens_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("EMLENS_TRAIN_TOKENS", bad)
         with pytest.raises(ConfigError, match="EMLENS_TRAIN_TOKENS"):
             train_tokens_per_forward()
+
+
+def test_a_bad_train_tokens_env_var_stops_train_before_any_work(model, dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    from emlens.validation import ConfigError
+
+    monkeypatch.setenv("EMLENS_TRAIN_TOKENS", "many")
+    vec = SteeringVector.for_model(model, 1)
+    with pytest.raises(ConfigError, match="EMLENS_TRAIN_TOKENS"):
+        train(model, vec, dataset, TrainConfig(max_steps=1, progress=False))
