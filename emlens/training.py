@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import warnings
 from collections.abc import Callable, Sequence
@@ -65,7 +66,7 @@ def kl_to_base(model: Any, intervention: Intervention, batch: ChatBatch) -> floa
     base = runner.logits(batch, real, None, plan)
     with runner.applied(intervention, plan):
         steered = runner.logits(batch, real, intervention, plan)
-    return float(kl_per_token(base, steered).mean())
+    return float(_kl_term(base, steered))
 
 
 @no_type_check  # __post_init__ checks every field with a ConfigError naming it; a run-time type checker must not pre-empt it
@@ -382,8 +383,6 @@ TRAIN_TOKENS_PER_FORWARD = 4096
 
 def train_tokens_per_forward() -> int:
     """The fused forward's token budget: ``EMLENS_TRAIN_TOKENS`` if set, else :data:`TRAIN_TOKENS_PER_FORWARD`."""
-    import os
-
     raw = os.environ.get("EMLENS_TRAIN_TOKENS", "")
     if not raw:
         return TRAIN_TOKENS_PER_FORWARD
@@ -408,6 +407,16 @@ def _fuse(items: list[StepPart], budget: int) -> list[list[StepPart]]:
             groups.append([item])
             size = tokens
     return groups
+
+
+def _sft_term(logits: Tensor, batch: ChatBatch, n_tokens: int) -> Tensor:
+    """A micro-batch's share of the step's SFT loss: its summed NLL over the whole step's ``n_tokens`` scored tokens."""
+    return nll_sum(logits, to_device(batch.scored_targets, logits.device)) / max(n_tokens, 1)
+
+
+def _kl_term(base: Tensor, steered: Tensor) -> Tensor:
+    """``KL(p_base ‖ p_steered)`` of a batch: the mean over its real tokens (the rows given), never over padding."""
+    return kl_per_token(base, steered).mean()
 
 
 def _fused_step(
@@ -439,14 +448,14 @@ def _fused_step(
         terms = []
         for (what, idx, batch), logits in zip(group, runner.logits_fused(parts, intervention, plan)):
             if what == "sft":
-                loss = nll_sum(logits, to_device(batch.scored_targets, logits.device)) / max(n_tokens, 1)
+                loss = _sft_term(logits, batch, n_tokens)
                 sft_losses.append(loss.detach())
                 terms.append(loss)
             else:
                 assert kl_cache is not None
                 with torch.no_grad(), intervention.disabled():
                     base = runner.unembed(kl_cache.base(idx).to(device))
-                kl = kl_per_token(base, logits).mean()  # mean over real tokens only
+                kl = _kl_term(base, logits)
                 values["kl"] = kl.detach().double()
                 terms.append(kl_weight * kl)
         torch.stack([t.to(terms[0].device) for t in terms]).sum().backward()
@@ -466,7 +475,7 @@ def _hooked_step(
     micro_losses = []
     for _, batch in micro:
         logits = runner.logits(batch, batch.scored_positions, intervention, plan)
-        loss = nll_sum(logits, to_device(batch.scored_targets, logits.device)) / max(n_tokens, 1)
+        loss = _sft_term(logits, batch, n_tokens)
         loss.backward()
         micro_losses.append(loss.detach())
     values = {"sft": _on_one_device(micro_losses).sum()}
@@ -476,7 +485,7 @@ def _hooked_step(
         with torch.no_grad(), intervention.disabled():
             base = runner.logits(kl_batch, real, intervention, plan)
         steered = runner.logits(kl_batch, real, intervention, plan)
-        kl = kl_per_token(base, steered).mean()  # mean over real tokens only
+        kl = _kl_term(base, steered)
         (kl_weight * kl).backward()
         values["kl"] = kl.detach().double()
     return values
