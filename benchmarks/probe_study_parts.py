@@ -64,8 +64,7 @@ def probe_train(bridge: Any, tok: Any, steps: int, record: dict[str, Any], save:
         timed(lambda: train(bridge, SteeringVector.for_model(bridge, layer, alpha=256.0), data, TrainConfig(max_steps=1, **cfg),
                             kl_dataset=kl, caches=caches))
         result, secs = timed(lambda: train(bridge, vec, data, TrainConfig(max_steps=steps + 1, **cfg), kl_dataset=kl, caches=caches))
-        first = [e for e in data.examples[: 16 * steps]]
-        tokens = sum(len(e.input_ids) for e in first)
+        tokens = sum(len(e.input_ids) for e in data.examples[: 16 * steps])
         record["train"].append({
             "kl_weight": kl_weight, "steps": steps + 1, "seconds": round(secs, 2), "s_per_step": round(secs / (steps + 1), 4),
             "sft_tokens_per_s": round(tokens / secs * (steps + 1) / steps, 1), "cache_build_s": round(build_s, 2),
