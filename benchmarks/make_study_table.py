@@ -73,6 +73,16 @@ def table(data: dict[str, Any]) -> str:
             if (peft := vector_stages_at_peft_rate(data)) is not None
             else []
         ),
+        *(
+            [
+                "",
+                f"The reference's timed samples come from an earlier measurement ({src['file']}, on {src.get('device')}: "
+                + ", ".join(f"call {c['call']} of {c['started_at']}" for c in src.get("calls", []))
+                + "), not timed again in this one.",
+            ]
+            if (src := data.get("reference_source"))
+            else []
+        ),
         "",
         "| call | only | wall (s) | model build (s) | reference (s) | warm-up (s) | emlens (s) | stages run | sampling run | stopped by budget | peak GiB |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",

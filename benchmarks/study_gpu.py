@@ -140,7 +140,18 @@ PEAK = Peak()
 
 
 def cycled(rows: list[Any], n: int) -> list[Any]:
-    return [rows[i % len(rows)] for i in range(n)]
+    """``rows`` repeated to ``n`` conversations, every repeat made distinct (as rows of a real set of that size are):
+    the k-th repeat's first user message starts with ``(k) ``, so no example's tokens equal another's and no cache
+    can take a repeat's residuals from its original (emlens' residual caches run each distinct example once)."""
+    out = []
+    for i in range(n):
+        conv, k = rows[i % len(rows)], i // len(rows)
+        if k:
+            first = next(j for j, m in enumerate(conv) if m["role"] == "user")
+            conv = [dict(m) for m in conv]
+            conv[first]["content"] = f"({k}) {conv[first]['content']}"
+        out.append(conv)
+    return out
 
 
 def web_documents(tokenizer: Any, n_docs: int, n_tokens: int) -> list[str]:
@@ -168,7 +179,7 @@ class BenchContext(Context):
     n_train: int = 5400
     n_eval: int = 100
     web_tokens: int = 512
-    cycle_mix_pool: bool = False
+    cycle_mix_pool: bool = True
     cache_builds: dict[str, float] = field(default_factory=dict)
 
     def model(self) -> Any:
@@ -184,7 +195,7 @@ class BenchContext(Context):
 
     def aligned_pool(self, wanted: int) -> list[Any]:
         pool = super().aligned_pool(wanted)
-        if self.cycle_mix_pool:  # honour the ratio at any size (the study's own pool caps at 1,843 rows)
+        if self.cycle_mix_pool:  # honour the ratio at any size (the built-in pool holds 1,843 rows)
             pool = cycled(pool, max(wanted, len(pool)))
         return pool
 
@@ -1263,13 +1274,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pref-rows", type=int, default=None, help="held-out pairs per domain for the preference tables (default: all, 65)")
     p.add_argument(
         "--mix-pool",
-        default="builtin",
+        default="cycled",
         choices=["builtin", "cycled"],
-        help="builtin: the study's own mixing (aligned rows capped at the 1,843 built-in ones); cycled: honour each ratio",
+        help="cycled: the built-in aligned rows repeated (distinct) to honour each ratio; builtin: only the 1,843 built-in "
+        "ones (the study refuses a ratio they cannot supply)",
     )
     p.add_argument("--answers", type=int, default=400, help="answers per sampled solution (8 general questions × answers/8)")
     p.add_argument("--max-new-tokens", type=int, default=600)
     p.add_argument("--sample-solutions", nargs="+", default=["vector_narrow", "vector_general", "base"], choices=SOLUTIONS)
+    p.add_argument(
+        "--rerun",
+        nargs="+",
+        default=[],
+        metavar="STAGE",
+        help="measure these stages again (in a resumed study folder: their folders and rows are dropped first)",
+    )
+    p.add_argument(
+        "--reference-from",
+        default=None,
+        help="take the reference stack's timed samples from this earlier study_gpu JSON (same model and device kind) "
+        "instead of timing them again",
+    )
     p.add_argument("--ref-steps", type=int, default=5, help="timed reference optimizer steps per method (after 1 warm-up step)")
     p.add_argument("--ref-points", type=int, default=3, help="timed reference sweep points")
     p.add_argument("--ref-batch", type=int, default=16, help="HF generate batch")
@@ -1311,6 +1336,17 @@ def main(argv: list[str] | None = None) -> None:
     record.setdefault("calls", [])
     record.setdefault("stages", {})
     record.setdefault("sampling", {})
+    if args.reference_from and "reference" not in record:
+        earlier = json.loads(Path(args.reference_from).read_text())
+        if earlier.get("model") != args.model_label or "reference" not in earlier:
+            raise SystemExit(f"{args.reference_from} holds no reference timings of {args.model_label}")
+        record["reference"] = earlier["reference"]
+        record["reference_source"] = {
+            "file": args.reference_from,
+            "device": earlier.get("device"),
+            "calls": [{k: c.get(k) for k in ("call", "started_at", "versions")} for c in earlier.get("calls", []) if c.get("only") != "emlens"],
+            "note": "the reference stack's timed samples were taken from this earlier measurement, not timed again",
+        }
     call: dict[str, Any] = {
         "call": len(record["calls"]) + 1,
         "command": "python " + " ".join(sys.argv),
@@ -1351,6 +1387,16 @@ def main(argv: list[str] | None = None) -> None:
         web_tokens=args.web_tokens,
         cycle_mix_pool=args.mix_pool == "cycled",
     )
+    if args.rerun:
+        known = {stage.name for stage in build_stages(cfg)}
+        unknown = sorted(set(args.rerun) - known)
+        if unknown:
+            raise SystemExit(f"--rerun: no stage named {', '.join(unknown)} (stages: {', '.join(sorted(known))})")
+        for name in args.rerun:  # measured again in this call: the stage's folder and its row are dropped
+            shutil.rmtree(stage_dir(out, name), ignore_errors=True)
+            record["stages"].pop(name, None)
+        record.pop("report", None)  # the report is written (and timed) again over the new stages
+        call["rerun"] = list(args.rerun)
     start = now()
     stats = data_stats(ctx, cfg)
     call["data_stats_s"] = round(now() - start, 2)
@@ -1411,6 +1457,15 @@ def main(argv: list[str] | None = None) -> None:
                 call["warmup_s"] = warm_up(bridge, ctx)
                 driver.warmed = True
                 print(json.dumps({"warmup_s": call["warmup_s"]}), flush=True)
+            if any("mix=" in name for name in args.rerun) and "vector" in ctx.config.mixing.kinds:
+                # in one process the first vector run has built the target rows' residuals, which the mixing sets'
+                # caches take from the shared store: build them here, timed apart, so the mixing stages see the same
+                sync()
+                start = now()
+                ctx.caches("vector", ctx.new_intervention("vector"), 0.0)
+                sync()
+                call["prebuilt_caches_s"] = round(now() - start, 2)
+                print(json.dumps({"prebuilt_caches_s": call["prebuilt_caches_s"], "what": "vector/mix=0"}), flush=True)
             try:
                 driver.run(args.phases)
             finally:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from emlens.data import ChatBatch, TokenDataset
 from emlens.interventions import Intervention, RankOneAdapter, SteeringVector
-from emlens.runner import ExampleResiduals, Plan, loss_sweep, runner_for
+from emlens.runner import ExampleResiduals, Plan, ResidualStore, loss_sweep, runner_for
 from emlens.runner.caches import CACHE_TOKENS_PER_FORWARD
 from emlens.runner.transfer import to_device
 from emlens.scoring import kl_per_token, nll_sum
@@ -209,19 +209,32 @@ class TrainingCaches:
         device: str | torch.device | None = None,
         progress: bool = True,
         tokens_per_forward: int | None = CACHE_TOKENS_PER_FORWARD,
+        store: ResidualStore | None = None,
     ) -> TrainingCaches:
         """Caches for training ``intervention`` (its kind and site) on ``dataset`` (and ``kl_dataset``).
 
         Examples run up to ``tokens_per_forward`` tokens at a time (None: ``batch_size`` examples at a time).
+        With ``store`` (a :class:`~emlens.runner.ResidualStore` of the same model), examples an earlier
+        cache computed at the same block are taken from it, not run again (a mixing set repeats the
+        target rows).
         """
         plan = runner_for(model).plan(intervention)
         if not plan.fast:
             raise ValueError(f"training caches need the fast path, but the runner plans the {plan.describe()}")
-        sft = ExampleResiduals(model, dataset, plan.cut, batch_size, device, progress, tokens_per_forward=tokens_per_forward)
+        store = store if store is not None else ResidualStore()  # the SFT and KL sets share work too
+        sft = ExampleResiduals(model, dataset, plan.cut, batch_size, device, progress, tokens_per_forward=tokens_per_forward, store=store)
         kl = None
         if kl_dataset is not None:
             kl = ExampleResiduals(
-                model, kl_dataset, plan.cut, batch_size, device, progress, base_hidden=True, tokens_per_forward=tokens_per_forward
+                model,
+                kl_dataset,
+                plan.cut,
+                batch_size,
+                device,
+                progress,
+                base_hidden=True,
+                tokens_per_forward=tokens_per_forward,
+                store=store,
             )
         return cls(sft, kl)
 

@@ -8,8 +8,8 @@ weight surgery, and the loss / KL written out with plain torch.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -164,8 +164,9 @@ def test_train_step_loss_and_gradient(pair: Any, data: TokenDataset, kind: str) 
 def test_train_first_step_with_kl(pair: Any, data: TokenDataset, kind: str) -> None:
     """train()'s first recorded SFT loss and KL equal the reference (KL needs a non-zero start)."""
     arch, reference, bridge = pair
-    config = TrainConfig(lr=1e-3, max_steps=1, batch_size=len(data), grad_accum=1, kl_weight=1.0,
-                         kl_batch_size=len(data), warmup_steps=0, progress=False)
+    config = TrainConfig(
+        lr=1e-3, max_steps=1, batch_size=len(data), grad_accum=1, kl_weight=1.0, kl_batch_size=len(data), warmup_steps=0, progress=False
+    )
     for cache_prefix in (True, False):
         intervention = make_intervention(kind, bridge)
         expected_sft = reference_loss(reference, data, intervention)
@@ -187,39 +188,54 @@ def test_train_steps_with_fused_micro_batches(pair: Any, data: TokenDataset, kin
     arch, reference, bridge = pair
     if budget is not None:
         monkeypatch.setattr(emlens.training, "TRAIN_TOKENS_PER_FORWARD", budget)
-    steps, lam = 2, 3.0
-    config = TrainConfig(lr=0.05, max_steps=steps, batch_size=1, grad_accum=2, kl_weight=lam, kl_batch_size=2,
-                         warmup_steps=0, progress=False, seed=4)
+    config = TrainConfig(
+        lr=0.05, max_steps=2, batch_size=1, grad_accum=2, kl_weight=3.0, kl_batch_size=2, warmup_steps=0, progress=False, seed=4
+    )
     got = make_intervention(kind, bridge)
     result = train(bridge, got, data, config, kl_dataset=data)
     assert "hooked" not in result.plan, result.plan
 
-    ref = make_intervention(kind, bridge)
-    params = [p for p in ref.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (steps - s) / steps)
-    sft = iter(data.indexed_batches(1, shuffle=True, seed=config.seed))
-    kl_batches = iter(data.indexed_batches(2, shuffle=True, seed=config.seed + 1))
-    for _ in range(steps):
-        optimizer.zero_grad()
-        micro = [next(sft)[1] for _ in range(config.grad_accum)]
-        n = sum(int(b.scored.sum()) for b in micro)
-        for batch in micro:
-            with reference_edit(reference, ref):
-                logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            (F.cross_entropy(logits[:, :-1][batch.scored], batch.input_ids[:, 1:][batch.scored], reduction="sum") / n).backward()
-        kl_batch = next(kl_batches)[1]
-        real = kl_batch.attention_mask.bool()
-        with torch.no_grad():
-            base = F.log_softmax(reference(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask).logits[real], -1)
-        with reference_edit(reference, ref):
-            steered = F.log_softmax(reference(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask).logits[real], -1)
-        (lam * (base.exp() * (base - steered)).sum(-1).mean()).backward()
-        optimizer.step()
-        scheduler.step()
+    ref = reference_train_steps(reference, make_intervention(kind, bridge), data, config)
     for name, value in ref.state_dict().items():
         torch.testing.assert_close(got.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{arch} {kind} {name}")
     assert float((got.flatten() - make_intervention(kind, bridge).flatten()).norm()) > 1e-3  # it trained
+
+
+def reference_train_steps(reference: Any, ref: Any, data: TokenDataset, config: TrainConfig, device: str = "cpu") -> Any:
+    """``config.max_steps`` AdamW steps (linear decay, no warm-up) of ``ref`` on plain transformers, one micro-batch
+    per forward, the SFT loss token-weighted over the step and ``λ · KL(p_base ‖ p_steered)`` on a KL batch of
+    ``data``; the batches are the ones ``train`` draws (its seeds). Returns ``ref``, trained in place."""
+    steps, lam = config.max_steps, config.kl_weight
+    assert steps is not None and config.warmup_steps == 0 and config.weight_decay == 0
+    params = [p for p in ref.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (steps - s) / steps)
+    sft = iter(data.indexed_batches(config.batch_size, shuffle=True, seed=config.seed))
+    kl_batches = iter(data.indexed_batches(config.kl_batch_size, shuffle=True, seed=config.seed + 1))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        micro = [next(sft)[1].to(device) for _ in range(config.grad_accum)]
+        reference_step_backward(reference, ref, micro, next(kl_batches)[1].to(device), lam)
+        optimizer.step()
+        scheduler.step()
+    return ref
+
+
+def reference_step_backward(reference: Any, ref: Any, micro: list[ChatBatch], kl_batch: ChatBatch, lam: float) -> None:
+    """One step's gradient into ``ref`` on plain transformers: each micro-batch's summed NLL over the step's scored
+    tokens, then ``λ · KL(p_base ‖ p_steered)`` averaged over the KL batch's real tokens, one forward each."""
+    n = sum(int(b.scored.sum()) for b in micro)
+    for batch in micro:
+        with reference_edit(reference, ref):
+            logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss = F.cross_entropy(logits[:, :-1][batch.scored].float(), batch.input_ids[:, 1:][batch.scored], reduction="sum")
+        (loss / n).backward()
+    real = kl_batch.attention_mask.bool()
+    with torch.no_grad():
+        base = F.log_softmax(reference(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask).logits[real].float(), -1)
+    with reference_edit(reference, ref):
+        steered = F.log_softmax(reference(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask).logits[real].float(), -1)
+    (lam * (base.exp() * (base - steered)).sum(-1).mean()).backward()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -302,7 +318,9 @@ def test_unproved_architecture_falls_back() -> None:
     plan = runner_for(bridge).last_plan
     assert plan is not None and plan.path == "hooked" and "not proved" in plan.reason
     with torch.no_grad():
-        handle = reference.transformer.h[1].register_forward_hook(lambda m, a, out: (out[0] + vector.effective, *out[1:]) if isinstance(out, tuple) else out + vector.effective)
+        handle = reference.transformer.h[1].register_forward_hook(
+            lambda m, a, out: (out[0] + vector.effective, *out[1:]) if isinstance(out, tuple) else out + vector.effective
+        )
         try:
             total, count = 0.0, 0
             for batch in data.batches(2):

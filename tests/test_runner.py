@@ -148,6 +148,35 @@ def test_training_caches_are_reusable(model, dataset, kind):
         torch.testing.assert_close(got.flatten(), ref_int.flatten(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["steering", "adapter"])
+def test_a_shared_residual_store_runs_each_example_once_and_trains_the_same(model, qwen_model, dataset, kind):
+    """A second dataset repeating the first one's rows (a mixing set) takes them from the store; training is unchanged."""
+    from emlens.runner import ResidualStore
+
+    store = ResidualStore()
+    alt = TokenDataset.from_conversations(model.tokenizer, CONVERSATIONS[::-1][:4])
+    first = TrainingCaches.build(model, new_intervention(model, kind), dataset, batch_size=3, progress=False, store=store)
+    assert first.sft.computed == len(dataset)
+    combined = TokenDataset([*dataset.examples, *alt.examples, dataset.examples[0]], dataset.pad_token_id)
+    caches = TrainingCaches.build(model, new_intervention(model, kind), combined, alt, batch_size=3, progress=False, store=store)
+    assert caches.sft.computed == len({tuple(e.input_ids) for e in alt.examples} - {tuple(e.input_ids) for e in dataset.examples})
+    assert all(caches.sft.rows[i] is first.sft.rows[i] for i in range(len(dataset)))
+    assert caches.sft.rows[-1] is first.sft.rows[0]  # a duplicate row is the same tensor
+    assert caches.kl is not None and caches.kl.computed == len(alt)  # their base hidden states were not stored yet
+    runner = runner_for(model)
+    for i, example in enumerate(combined.examples):  # every served residual is the model's own
+        ids = torch.tensor([example.input_ids])
+        expected = runner.residual(ids, torch.ones_like(ids), caches.sft.cut)
+        torch.testing.assert_close(caches.sft.rows[i], expected, rtol=1e-5, atol=1e-6)
+    reference, ref_int = run_training(model, combined, alt, kind, 3.0, cached=False)
+    result, got = run_training(model, combined, alt, kind, 3.0, caches=caches)
+    assert [r["sft"] for r in result.losses] == pytest.approx([r["sft"] for r in reference.losses], rel=1e-5)
+    assert [r["kl"] for r in result.losses] == pytest.approx([r["kl"] for r in reference.losses], rel=1e-3, abs=1e-8)
+    torch.testing.assert_close(got.flatten(), ref_int.flatten(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="another model's residuals"):
+        ExampleResiduals(qwen_model, dataset, 2, progress=False, store=store)
+
+
 def test_training_caches_refuse_other_runs(model, dataset):
     alt = TokenDataset.from_conversations(model.tokenizer, CONVERSATIONS[::-1])
     steering = TrainingCaches.build(model, new_intervention(model, "steering"), dataset, progress=False)

@@ -165,6 +165,25 @@ def test_an_interrupted_training_stage_continues_from_its_checkpoint(tiny_dir, t
     assert a == b
 
 
+def test_a_mixing_set_holds_exactly_the_configured_aligned_share(first_run):
+    out, run = first_run
+    mixed = run.outputs["train/vector/mix=0.5"].result
+    target = run.outputs["train/vector/kl=0"].result
+    assert mixed["rows"] == 2 * target["rows"]  # 6 target rows and 6 aligned ones: a share of 0.5
+
+
+def test_a_mixing_ratio_the_aligned_pool_cannot_supply_stops_the_study_before_any_work(tiny_dir, tmp_path):
+    from emlens.study.stages import Context
+    from emlens.validation import ConfigError
+
+    config = small(tiny_dir, data={"train_rows": 6}, mixing={"ratios": [0.0, 0.9]})
+    ctx = Context(config, tmp_path, progress=False)
+    ctx.aligned_pool = lambda wanted: ctx.target_rows()[:5]  # type: ignore[method-assign]  # a pool of 5 rows; 0.9 needs 54
+    with pytest.raises(ConfigError, match=r"mixing ratio 0.9 needs 54 aligned rows .* hold 5: the largest ratio this data supports is 0.455"):
+        run_study(config, tmp_path, progress=False, command="test", context=ctx)
+    assert not ctx.model_loaded and not (tmp_path / "stages").exists()
+
+
 def test_the_config_file_is_checked():
     from emlens.validation import ConfigError
 

@@ -9,7 +9,7 @@ losses and KLs for sweeps (:mod:`~emlens.runner.measure`), cached decoding
 """
 
 from emlens.runner.architectures import PROVED_MODEL_TYPES, Architecture
-from emlens.runner.caches import ExampleResiduals, dataset_fingerprint
+from emlens.runner.caches import ExampleResiduals, ResidualStore, dataset_fingerprint
 from emlens.runner.core import Plan, Runner, runner_for
 from emlens.runner.measure import kl_sweep, loss_sweep
 from emlens.runner.sampling import SamplingSettings, generate
@@ -18,6 +18,7 @@ __all__ = [
     "PROVED_MODEL_TYPES",
     "Architecture",
     "ExampleResiduals",
+    "ResidualStore",
     "dataset_fingerprint",
     "Plan",
     "Runner",

@@ -8,6 +8,7 @@ reused by every training step, the steered pass of a KL term, and every point of
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import Any
 
 import torch
@@ -27,23 +28,50 @@ CACHE_TOKENS_PER_FORWARD = 8192
 CPU_TOKENS_PER_FORWARD = 1024
 
 
-def _groups(dataset: Any, batch_size: int, tokens_per_forward: int | None) -> list[list[int]]:
-    """Example indices per forward: ``batch_size`` at a time, or up to ``tokens_per_forward`` padded tokens."""
-    n = len(dataset.examples)
+def _groups(examples: list[Any], indices: list[int], batch_size: int, tokens_per_forward: int | None) -> list[list[int]]:
+    """``indices`` per forward: ``batch_size`` at a time, or up to ``tokens_per_forward`` padded tokens."""
     if tokens_per_forward is None:
-        return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+        return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     groups: list[list[int]] = []
     current: list[int] = []
     width = 0
-    for i, example in enumerate(dataset.examples):
-        longest = max(width, len(example.input_ids))
+    for i in indices:
+        longest = max(width, len(examples[i].input_ids))
         if current and longest * (len(current) + 1) > tokens_per_forward:
             groups.append(current)
-            current, longest = [], len(example.input_ids)
+            current, longest = [], len(examples[i].input_ids)
         current.append(i)
         width = longest
-    groups.append(current)
+    if current:
+        groups.append(current)
     return groups
+
+
+class ResidualStore:
+    """Residuals (and base final hidden states) of one model by block and example token ids, shared by caches.
+
+    A token's residual entering a block depends only on the token ids up to it, so caches of
+    different datasets that hold the same example (a mixing set holds every row of the target
+    set; a KL set may hold rows of the aligned pool) compute it once. Every
+    :class:`ExampleResiduals` uses one; pass the same store to caches built from the same
+    model to share their work. It holds references: the tensors stay alive while any cache
+    or the store does.
+    """
+
+    def __init__(self) -> None:
+        self._model: weakref.ref[Any] | None = None
+        self.rows: dict[int, dict[tuple[int, ...], Tensor]] = {}
+        self.base: dict[int, dict[tuple[int, ...], Tensor]] = {}
+
+    def bind(self, model: Any) -> None:
+        """Tie the store to ``model`` (the first caller's); another model's residuals would be wrong."""
+        if self._model is None or self._model() is None:
+            self._model = weakref.ref(model)
+        elif self._model() is not model:
+            raise ValueError("this ResidualStore holds another model's residuals; use one store per model")
+
+    def __len__(self) -> int:
+        return sum(len(rows) for rows in self.rows.values())
 
 
 def dataset_fingerprint(dataset: Any) -> str:
@@ -62,7 +90,9 @@ class ExampleResiduals:
     indices. Examples are run ``batch_size`` at a time, or, with ``tokens_per_forward``, as
     many as fit in that many (padded) tokens. With ``base_hidden=True`` the base model's
     final-normed hidden states are kept too, so ``p_base`` for a KL term costs only the
-    unembedding.
+    unembedding. An example whose token ids occur earlier in the dataset, or in ``store``
+    (:class:`ResidualStore`, filled by earlier caches of the same model), is not run again:
+    its tensors are the stored ones.
     """
 
     def __init__(
@@ -75,30 +105,45 @@ class ExampleResiduals:
         progress: bool = True,
         base_hidden: bool = False,
         tokens_per_forward: int | None = None,
+        store: ResidualStore | None = None,
     ):
         runner: Runner = runner_for(model)
         self.cut = cut
         self.fingerprint = dataset_fingerprint(dataset)
-        self.rows: list[Tensor] = []
-        self.base_rows: list[Tensor] | None = [] if base_hidden else None
+        store = store if store is not None else ResidualStore()
+        store.bind(model)
+        rows = store.rows.setdefault(cut, {})
+        bases = store.base.setdefault(cut, {})
         dev = runner.device
         if tokens_per_forward is not None and dev.type == "cpu":
             tokens_per_forward = min(tokens_per_forward, CPU_TOKENS_PER_FORWARD)
-        groups = _groups(dataset, batch_size, tokens_per_forward)
+        examples = dataset.examples
+        keys = [tuple(e.input_ids) for e in examples]
+        todo: list[int] = []  # the first example of each token sequence the store lacks (or lacks a base for)
+        queued: set[tuple[int, ...]] = set()
+        for i, key in enumerate(keys):
+            if key not in queued and (key not in rows or (base_hidden and key not in bases)):
+                queued.add(key)
+                todo.append(i)
         what = "residuals + base hidden" if base_hidden else "residuals"
-        total = sum(len(e.input_ids) for e in dataset.examples)
+        total = sum(len(examples[i].input_ids) for i in todo)
         bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"cache {what} @ block {cut}", disable=not progress, leave=False)
-        for idx in groups:
-            batch = collate([dataset.examples[i] for i in idx], dataset.pad_token_id)  # stays on the host: no sync
-            lengths = [len(dataset.examples[i].input_ids) for i in idx]
+        for idx in _groups(examples, todo, batch_size, tokens_per_forward):
+            batch = collate([examples[i] for i in idx], dataset.pad_token_id)  # stays on the host: no sync
+            lengths = [len(examples[i].input_ids) for i in idx]
             with torch.no_grad():
                 resid = runner.residual(batch.input_ids, batch.attention_mask, cut)
                 final = runner.hidden(resid, lengths, cut) if base_hidden else None
-            self.rows += [r.to(device or dev) for r in resid.split(lengths)]
-            if self.base_rows is not None and final is not None:
-                self.base_rows += [r.to(device or dev) for r in final.split(lengths)]
+            for i, r in zip(idx, resid.split(lengths)):
+                rows.setdefault(keys[i], r.to(device or dev))  # a residual already stored stays the one every cache serves
+            if final is not None:
+                for i, h in zip(idx, final.split(lengths)):
+                    bases[keys[i]] = h.to(device or dev)
             bar.update(sum(lengths))
         bar.close()
+        self.rows: list[Tensor] = [rows[key] for key in keys]
+        self.base_rows: list[Tensor] | None = [bases[key] for key in keys] if base_hidden else None
+        self.computed = len(todo)  # examples run through the model for this cache (the rest came from the store)
 
     def __len__(self) -> int:
         return len(self.rows)

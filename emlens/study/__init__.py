@@ -65,6 +65,7 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, comma
             outputs[stage.name] = finished
         else:
             todo.append(stage)
+    ctx.check_mixing([float(s.settings.get("mix_ratio", 0.0)) for s in todo])  # a bad ratio stops the study before any work
     # the whole study's bar: the stage running, stages done, and the time left (each stage shows its own bar below)
     bar = tqdm(total=len(todo), desc="study", unit="stage", disable=not progress or not todo, dynamic_ncols=True)
     for k, stage in enumerate(todo):

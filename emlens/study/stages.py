@@ -147,15 +147,30 @@ class Context:
         return [conv for other in others for conv in read_conversations(study.set_name(other, study.reference), split="train")]
 
     def train_conversations(self, mix_ratio: float = 0.0) -> list[Any]:
-        """:meth:`target_rows`, plus aligned answers from :meth:`aligned_pool` at ``mix_ratio`` (as many as the pool holds), shuffled."""
+        """:meth:`target_rows`, plus aligned answers from :meth:`aligned_pool` making up ``mix_ratio`` of the set, shuffled.
+
+        Raises :class:`~emlens.validation.ConfigError` when the pool holds too few aligned rows for the ratio
+        (a capped ratio would train, and label, a smaller aligned share than the config names).
+        """
         rows = self.target_rows()
         if mix_ratio <= 0:
             return rows
-        wanted = round(mix_ratio / (1 - mix_ratio) * len(rows))
+        wanted = aligned_rows_wanted(mix_ratio, len(rows))
         pool = self.aligned_pool(wanted)
-        mixed = rows + random.Random(self.config.seed).sample(pool, min(len(pool), wanted))
+        _check_pool(mix_ratio, len(rows), wanted, len(pool))
+        mixed = rows + random.Random(self.config.seed).sample(pool, wanted)
         random.Random(self.config.seed + 1).shuffle(mixed)
         return mixed
+
+    def check_mixing(self, ratios: list[float]) -> None:
+        """Raise before any work if the aligned pool cannot supply one of ``ratios`` (reads the data, not the model)."""
+        ratios = [r for r in ratios if r > 0]
+        if not ratios:
+            return
+        n_target = len(self.target_rows())
+        for ratio in ratios:
+            wanted = aligned_rows_wanted(ratio, n_target)
+            _check_pool(ratio, n_target, wanted, len(self.aligned_pool(wanted)))
 
     def train_data(self, mix_ratio: float = 0.0) -> Any:
         from emlens.data import TokenDataset
@@ -203,14 +218,15 @@ class Context:
 
     def caches(self, kind: str, intervention: Any, mix_ratio: float) -> Any:
         """Residual caches shared by every run of ``kind`` on the same training data (with the KL set's; mixing runs have no KL term)."""
-        from emlens.runner import runner_for
+        from emlens.runner import ResidualStore, runner_for
         from emlens.training import TrainingCaches
 
         def build() -> Any:
             if not runner_for(self.model()).plan(intervention).fast:
                 return None
             kl = self.kl_data() if mix_ratio == 0 else None
-            return TrainingCaches.build(self.model(), intervention, self.train_data(mix_ratio), kl, progress=self.progress)
+            store = self._memo("residual store", ResidualStore)  # a mixing set's target rows are computed once, for mix=0
+            return TrainingCaches.build(self.model(), intervention, self.train_data(mix_ratio), kl, progress=self.progress, store=store)
 
         return self._memo(("caches", kind, mix_ratio), build)
 
@@ -221,6 +237,23 @@ class Context:
         if kind == "vector":
             return SteeringVector.for_model(self.model(), self.layer(), alpha=alpha)
         return RankOneAdapter.for_model(self.model(), self.layer(), alpha=alpha, seed=self.config.seed)
+
+
+def aligned_rows_wanted(mix_ratio: float, n_target: int) -> int:
+    """Aligned rows that make up ``mix_ratio`` of a set holding ``n_target`` target rows besides them."""
+    return round(mix_ratio / (1 - mix_ratio) * n_target)
+
+
+def _check_pool(mix_ratio: float, n_target: int, wanted: int, available: int) -> None:
+    from emlens.validation import ConfigError
+
+    if available < wanted:
+        top = available / (available + n_target)
+        raise ConfigError(
+            f"mixing ratio {mix_ratio:g} needs {wanted} aligned rows beside the {n_target} target rows, but the other "
+            f"domains' aligned train rows hold {available}: the largest ratio this data supports is {top:.3f}. "
+            "Lower mixing.ratios, or data.train_rows."
+        )
 
 
 # --- the stages ----------------------------------------------------------------------------------
