@@ -9,6 +9,8 @@ Random-init Qwen2.5-14B config (bf16) wrapped with ``bridge_from_hf`` and SmolLM
   ``--rows`` on the 8 general questions' chat prompts (left padded, as the study samples), ``--new`` tokens against
   2 tokens: milliseconds per decode step; then the same with every row the same prompt (no padding: no mask); then
   a torch.profiler table of a few decode steps.
+* ``decode_paths``: decode steps alone (a profile of 5 steps after the prefill and 4 steps), and transformers'
+  ``generate`` with a static KV cache, eager and auto-compiled (CUDA graphs), in ms per step.
 
     python benchmarks/probe_study_parts.py --tokenizer .tok_smollm2 --out $OUT/probe.json
 """
@@ -106,6 +108,55 @@ def probe_decode(bridge: Any, tok: Any, rows: int, new: int, record: dict[str, A
     save()
 
 
+def probe_decode_paths(bridge: Any, tok: Any, rows: int, new: int, record: dict[str, Any], save: Any) -> None:
+    """Decode steps alone: a profile of 5 steps of transformers' dynamic-cache ``generate`` (after the prefill and
+    4 steps), then ``generate`` with a static cache, eager and auto-compiled (CUDA graphs), in ms per step."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+    from transformers import LogitsProcessor, LogitsProcessorList, StaticCache
+
+    from emlens.evaluation import GENERAL_QUESTIONS
+    from emlens.runner import runner_for
+    from emlens.runner.sampling import plain_attention
+
+    plain = runner_for(bridge).plain
+    prompts = chat_prompts(tok, list(GENERAL_QUESTIONS), max(1, rows // len(GENERAL_QUESTIONS)))
+    ids, mask = left_padded(prompts, tok.pad_token_id, str(bridge.cfg.device))
+    kwargs: dict[str, Any] = dict(attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=tok.pad_token_id)
+
+    class StepProfiler(LogitsProcessor):
+        def __init__(self, prof: Any) -> None:
+            self.prof = prof
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            self.prof.step()
+            return scores
+
+    record.setdefault("decode_paths", [])
+    with plain_attention(plain), torch.no_grad():
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=schedule(wait=3, warmup=2, active=5)) as prof:
+            plain.generate(ids, max_new_tokens=12, logits_processor=LogitsProcessorList([StepProfiler(prof)]), **kwargs)
+            sync()
+        record["decode_steps_profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        print(record["decode_steps_profile"], flush=True)
+        save()
+        length = ids.shape[1] + new
+        for compiled in (False, True):
+            def gen(n: int) -> Any:
+                cache = StaticCache(config=plain.config, max_cache_len=length)
+                return plain.generate(ids, max_new_tokens=n, cache=cache, disable_compile=not compiled, **kwargs)
+
+            _, first = timed(lambda: gen(2))
+            _, s2 = timed(lambda: gen(2))
+            _, sn = timed(lambda: gen(new))
+            record["decode_paths"].append({
+                "cache": "static", "compiled": compiled, "rows": ids.shape[0], "prompt_width": ids.shape[1], "new": new,
+                "first_call_s": round(first, 2), "s_2": round(s2, 3), f"s_{new}": round(sn, 3),
+                "ms_per_step": round(1000 * (sn - s2) / (new - 2), 2), "peak_GiB": peak_gib(),
+            })
+            print(json.dumps(record["decode_paths"][-1]), flush=True)
+            save()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", required=True)
@@ -134,6 +185,8 @@ def main() -> None:
     for part in args.parts:
         if part == "decode":
             probe_decode(bridge, tok, args.rows, args.new, record, save)
+        elif part == "decode_paths":
+            probe_decode_paths(bridge, tok, args.rows, args.new, record, save)
         else:
             probe_train(bridge, tok, args.train_steps, record, save)
     save()
