@@ -1388,14 +1388,17 @@ def main(argv: list[str] | None = None) -> None:
         cycle_mix_pool=args.mix_pool == "cycled",
     )
     if args.rerun:
-        known = {stage.name for stage in build_stages(cfg)}
+        known = {stage.name for stage in build_stages(cfg)} | {f"sampling/{label}" for label in SOLUTIONS}
         unknown = sorted(set(args.rerun) - known)
         if unknown:
             raise SystemExit(f"--rerun: no stage named {', '.join(unknown)} (stages: {', '.join(sorted(known))})")
         for name in args.rerun:  # measured again in this call: the stage's folder and its row are dropped
+            if name.startswith("sampling/"):
+                record["sampling"].pop(name.split("/", 1)[1], None)
+                continue
             shutil.rmtree(stage_dir(out, name), ignore_errors=True)
             record["stages"].pop(name, None)
-        record.pop("report", None)  # the report is written (and timed) again over the new stages
+            record.pop("report", None)  # the report is written (and timed) again over the new stages
         call["rerun"] = list(args.rerun)
     start = now()
     stats = data_stats(ctx, cfg)
