@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from emlens.cli import flags
+from emlens.cli.runs import data_source
 from emlens.cli.train import add_train_flags, train_config
 from emlens.study.config import DataSection, EfficiencySection, PretrainingKLSection, StabilitySection, StudyConfig, TrainSection
 from emlens.study.measures import describe, measure_pretraining_kl, random_names, save_result
-from emlens.training import data_source
 from emlens.validation import ConfigError, check_output_file, named_paths
 
 NORM_GRID = "largest norm, as a multiple of the largest solution norm"
@@ -172,10 +172,10 @@ def pretraining_kl_command(args: argparse.Namespace) -> int:
 
 
 def drift_command(args: argparse.Namespace) -> int:
+    from emlens.cli.runs import load_trained, tokenized
     from emlens.data import read_conversations
     from emlens.data.studies import default_kl_for
     from emlens.study.measures import measure_drift
-    from emlens.training import load_trained, tokenized
 
     out = check_output_file(args.out, suffix=".png")
     data_name, kl_name = data_source(args.data), args.kl_data or default_kl_for(args.data)

@@ -7,8 +7,9 @@ import shutil
 from typing import Any
 
 from emlens.cli import flags
+from emlens.cli.runs import INTERVENTION_KINDS, data_source
 from emlens.interventions import SteeringVector
-from emlens.training import INTERVENTION_KINDS, TrainConfig, data_source
+from emlens.training import TrainConfig
 from emlens.validation import check_run_dir
 
 KL_FLAGS: flags.Flags = {
@@ -75,8 +76,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from emlens.cli.runs import continuation, intervention_to_train, kl_set, tokenized
     from emlens.data import read_conversations
-    from emlens.training import continuation, intervention_to_train, kl_set, tokenized, train
+    from emlens.training import train
 
     out = check_run_dir(args.out, args.resume, args.overwrite)
     config = train_config(args)
