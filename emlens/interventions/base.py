@@ -116,6 +116,36 @@ def _check_width(tensor: Tensor, expected: int, what: str, hook_name: str) -> No
         raise InterventionError(f"{what} has width {expected} but the activation at {hook_name} has width {tensor.shape[-1]}")
 
 
+def input_output_hooks(
+    owner: Intervention,
+    in_name: str,
+    out_name: str,
+    read: Callable[[Tensor], Tensor],
+    update: Callable[[Tensor, Tensor], Tensor],
+) -> list[tuple[str, HookFn]]:
+    """The hook pair of an edit to a module's output computed from its input (an adapter's ``x W + s · x A B``).
+
+    While ``owner`` is enabled, the ``in_name`` hook keeps ``read(input)`` and the ``out_name`` hook returns
+    ``update(kept, output)``; an output whose input hook did not fire first raises.
+    """
+    captured: dict[str, Tensor] = {}
+
+    def read_input(act: Tensor, hook: Any) -> None:
+        if owner.enabled:
+            captured["h"] = read(act)
+        return None
+
+    def add_update(act: Tensor, hook: Any) -> Tensor | None:
+        if not owner.enabled:
+            return None
+        h = captured.pop("h", None)
+        if h is None:
+            raise InterventionError(f"{in_name} did not fire before {out_name}")
+        return update(h, act)
+
+    return [(in_name, read_input), (out_name, add_update)]
+
+
 class Intervention(nn.Module, ABC):
     """Base class: something that edits a model's forward pass through named hooks."""
 
@@ -654,25 +684,16 @@ class RankOneAdapter(Intervention):
             )
 
     def fwd_hooks(self) -> list[tuple[str, HookFn]]:
-        captured: dict[str, Tensor] = {}
+        def read(act: Tensor) -> Tensor:
+            _check_width(act, self.d_mlp, "adapter factor a", self.in_hook)
+            return act
 
-        def read_input(act: Tensor, hook: Any) -> None:
-            if self.enabled:
-                _check_width(act, self.d_mlp, "adapter factor a", self.in_hook)
-                captured["h"] = act
-            return None
-
-        def add_update(act: Tensor, hook: Any) -> Tensor | None:
-            if not self.enabled:
-                return None
-            h = captured.pop("h", None)
-            if h is None:
-                raise InterventionError(f"{self.in_hook} did not fire before {self.out_hook}")
+        def update(h: Tensor, act: Tensor) -> Tensor:
             _check_width(act, self.d_model, "adapter factor b", self.out_hook)
             coeff = h @ self.a.to(device=h.device, dtype=h.dtype)  # [batch, pos]
             return act + self.scale * coeff.unsqueeze(-1).to(act.device) * self.b.to(device=act.device, dtype=act.dtype)
 
-        return [(self.in_hook, read_input), (self.out_hook, add_update)]
+        return input_output_hooks(self, self.in_hook, self.out_hook, read, update)
 
     def metadata(self) -> dict[str, Any]:
         return {

@@ -30,6 +30,7 @@ from emlens.interventions.base import (
     InterventionError,
     _check_finite_number,
     _check_norm,
+    input_output_hooks,
     register_intervention,
 )
 from emlens.runner.architectures import PROJECTION_MODULES
@@ -358,25 +359,17 @@ class LoRAAdapter(Intervention):
         key = site_key(layer, proj)
         d_in, d_out = self.dims[proj]
         in_name, out_name = self._hook_name(layer, proj, "in"), self._hook_name(layer, proj, "out")
-        captured: dict[str, Tensor] = {}
 
-        def read_input(act: Tensor, hook: Any) -> None:
-            if self.enabled:
-                # TransformerLens shows o_proj's input split into heads: [..., n_heads, d_head]
-                h = act if act.shape[-1] == d_in else act.flatten(-2)
-                if h.shape[-1] != d_in:
-                    raise InterventionError(
-                        f"LoRA factor A of {key} has width {d_in} but the activation at {in_name} has shape {tuple(act.shape)}"
-                    )
-                captured["h"] = h
-            return None
+        def read(act: Tensor) -> Tensor:
+            # TransformerLens shows o_proj's input split into heads: [..., n_heads, d_head]
+            h = act if act.shape[-1] == d_in else act.flatten(-2)
+            if h.shape[-1] != d_in:
+                raise InterventionError(
+                    f"LoRA factor A of {key} has width {d_in} but the activation at {in_name} has shape {tuple(act.shape)}"
+                )
+            return h
 
-        def add_update(act: Tensor, hook: Any) -> Tensor | None:
-            if not self.enabled:
-                return None
-            h = captured.pop("h", None)
-            if h is None:
-                raise InterventionError(f"{in_name} did not fire before {out_name}")
+        def update(h: Tensor, act: Tensor) -> Tensor:
             a = self.A[key].to(device=h.device, dtype=h.dtype)
             b = self.B[key].to(device=act.device, dtype=act.dtype)
             delta = (h @ a.T).to(act.device) @ b.T * self.scale
@@ -388,7 +381,7 @@ class LoRAAdapter(Intervention):
                 delta = delta.view(act.shape)
             return act + delta
 
-        return [(in_name, read_input), (out_name, add_update)]
+        return input_output_hooks(self, in_name, out_name, read, update)
 
     # --- saving ---------------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
