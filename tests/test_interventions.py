@@ -162,3 +162,16 @@ def test_works_on_qwen2_architecture(qwen_model, token_ids):
     base = qwen_model(token_ids)
     with vec.applied(qwen_model):
         assert (qwen_model(token_ids) - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["rank_one", "lora"])
+def test_an_adapter_output_hook_without_its_input_hook_raises_and_a_disabled_adapter_does_nothing(model, kind):
+    from emlens import LoRAAdapter
+
+    adapter = RankOneAdapter.for_model(model, 1) if kind == "rank_one" else LoRAAdapter.for_model(model, [1], ["down_proj"], rank=2)
+    (in_name, read_input), (out_name, add_update) = adapter.fwd_hooks()
+    out = torch.zeros(1, 3, model.cfg.d_model)
+    with pytest.raises(InterventionError, match=f"{in_name} did not fire before {out_name}"):
+        add_update(out, None)
+    with adapter.disabled():
+        assert read_input(torch.zeros(1, 3, model.cfg.d_mlp), None) is None and add_update(out, None) is None
