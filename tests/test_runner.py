@@ -177,6 +177,16 @@ def test_a_shared_residual_store_runs_each_example_once_and_trains_the_same(mode
         ExampleResiduals(qwen_model, dataset, 2, progress=False, store=store)
 
 
+def test_a_cache_built_for_another_device_gets_its_own_copies_of_stored_rows(model, dataset):
+    from emlens.runner import ResidualStore
+
+    store = ResidualStore()
+    first = ExampleResiduals(model, dataset, 2, progress=False, store=store)
+    moved = ExampleResiduals(model, dataset, 2, device="meta", progress=False, store=store)
+    assert moved.computed == 0 and all(r.device.type == "meta" for r in moved.rows)
+    assert all(r.device.type == "cpu" for r in first.rows)  # the store's tensors stay where they were
+
+
 def test_training_caches_refuse_other_runs(model, dataset):
     alt = TokenDataset.from_conversations(model.tokenizer, CONVERSATIONS[::-1])
     steering = TrainingCaches.build(model, new_intervention(model, "steering"), dataset, progress=False)

@@ -141,8 +141,10 @@ class ExampleResiduals:
                     bases[keys[i]] = h.to(device or dev)
             bar.update(sum(lengths))
         bar.close()
-        self.rows: list[Tensor] = [rows[key] for key in keys]
-        self.base_rows: list[Tensor] | None = [bases[key] for key in keys] if base_hidden else None
+        # a stored tensor another cache put elsewhere is moved (copied) to this cache's device; else it is shared
+        place = (lambda t: t) if device is None else (lambda t: t.to(device))
+        self.rows: list[Tensor] = [place(rows[key]) for key in keys]
+        self.base_rows: list[Tensor] | None = [place(bases[key]) for key in keys] if base_hidden else None
         self.computed = len(todo)  # examples run through the model for this cache (the rest came from the store)
 
     def __len__(self) -> int:
