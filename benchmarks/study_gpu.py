@@ -2,9 +2,12 @@
 
 emlens side: the real ``emlens.study.run_study`` on a random-init Qwen2.5 config (``bench_gpu.QWEN_CONFIGS``, bf16)
 wrapped with ``bridge_from_hf`` and SmolLM2's tokenizer (its 49,152 ids are valid Qwen ids), through a ``Context``
-whose data has the paper's sizes: the built-in medical train rows cycled to ``--train-rows`` (5,400) conversations of
-at most 256 tokens, trained one epoch at micro-batch 2 × grad-accum 8 (``paper.toml``); ``--kl-rows`` (1,000) KL rows;
-``--eval-rows`` (100) held-out rows (the 65 built-in ones cycled) for the sweeps; ``--web-docs`` (100) documents of
+whose data has the paper's sizes: the built-in medical train rows repeated to ``--train-rows`` (5,400) conversations
+of at most 256 tokens (every repeat made distinct by a ``(k)`` before its first user message, as the rows of a real set
+are, so that no residual cache can take a repeat's work from its original), trained one epoch at micro-batch
+2 × grad-accum 8 (``paper.toml``); the mixing baseline's aligned rows repeated the same way to honour each ratio
+(``--mix-pool``); ``--kl-rows`` (1,000) KL rows; ``--eval-rows`` (100) held-out rows (the 65 built-in ones repeated)
+for the sweeps; ``--web-docs`` (100) documents of
 exactly ``--web-tokens`` (512) tokens for the pre-training KL (built-in documents joined until they fill 512 tokens;
 they average 376). Every grid comes from ``paper.toml``. The study samples answers only when a judge is configured,
 so sampling is timed here as a separate step after the study's stages, with the study's own trained solutions:
