@@ -152,25 +152,27 @@ class Context:
         Raises :class:`~emlens.validation.ConfigError` when the pool holds too few aligned rows for the ratio
         (a capped ratio would train, and label, a smaller aligned share than the config names).
         """
+        from emlens.validation import ConfigError
+
         rows = self.target_rows()
         if mix_ratio <= 0:
             return rows
-        wanted = aligned_rows_wanted(mix_ratio, len(rows))
+        wanted = round(mix_ratio / (1 - mix_ratio) * len(rows))  # aligned rows that make up mix_ratio of the set
         pool = self.aligned_pool(wanted)
-        _check_pool(mix_ratio, len(rows), wanted, len(pool))
+        if len(pool) < wanted:
+            raise ConfigError(
+                f"mixing ratio {mix_ratio:g} needs {wanted} aligned rows beside the {len(rows)} target rows, but the other "
+                f"domains' aligned train rows hold {len(pool)}: the largest ratio this data supports is "
+                f"{len(pool) / (len(pool) + len(rows)):.3f}. Lower mixing.ratios, or data.train_rows."
+            )
         mixed = rows + random.Random(self.config.seed).sample(pool, wanted)
         random.Random(self.config.seed + 1).shuffle(mixed)
         return mixed
 
     def check_mixing(self, ratios: list[float]) -> None:
         """Raise before any work if the aligned pool cannot supply one of ``ratios`` (reads the data, not the model)."""
-        ratios = [r for r in ratios if r > 0]
-        if not ratios:
-            return
-        n_target = len(self.target_rows())
         for ratio in ratios:
-            wanted = aligned_rows_wanted(ratio, n_target)
-            _check_pool(ratio, n_target, wanted, len(self.aligned_pool(wanted)))
+            self.train_conversations(ratio)  # raises a ConfigError for a ratio the pool cannot supply
 
     def train_data(self, mix_ratio: float = 0.0) -> Any:
         from emlens.data import TokenDataset
@@ -237,23 +239,6 @@ class Context:
         if kind == "vector":
             return SteeringVector.for_model(self.model(), self.layer(), alpha=alpha)
         return RankOneAdapter.for_model(self.model(), self.layer(), alpha=alpha, seed=self.config.seed)
-
-
-def aligned_rows_wanted(mix_ratio: float, n_target: int) -> int:
-    """Aligned rows that make up ``mix_ratio`` of a set holding ``n_target`` target rows besides them."""
-    return round(mix_ratio / (1 - mix_ratio) * n_target)
-
-
-def _check_pool(mix_ratio: float, n_target: int, wanted: int, available: int) -> None:
-    from emlens.validation import ConfigError
-
-    if available < wanted:
-        top = available / (available + n_target)
-        raise ConfigError(
-            f"mixing ratio {mix_ratio:g} needs {wanted} aligned rows beside the {n_target} target rows, but the other "
-            f"domains' aligned train rows hold {available}: the largest ratio this data supports is {top:.3f}. "
-            "Lower mixing.ratios, or data.train_rows."
-        )
 
 
 # --- the stages ----------------------------------------------------------------------------------
