@@ -201,6 +201,28 @@ def test_train_steps_with_fused_micro_batches(pair: Any, data: TokenDataset, kin
     assert float((got.flatten() - make_intervention(kind, bridge).flatten()).norm()) > 1e-3  # it trained
 
 
+@pytest.mark.parametrize("kind", ("resid_post", "adapter"))
+def test_training_through_caches_that_share_a_residual_store(pair: Any, data: TokenDataset, kind: str) -> None:
+    """Caches whose rows come from an earlier cache's store (a mixing set repeating the target rows; its KL set is
+    the same rows again, needing their base hidden states) train as plain transformers does."""
+    from emlens.runner import ResidualStore
+    from emlens.training import TrainingCaches
+
+    arch, reference, bridge = pair
+    config = TrainConfig(
+        lr=0.05, max_steps=2, batch_size=1, grad_accum=2, kl_weight=3.0, kl_batch_size=2, warmup_steps=0, progress=False, seed=4
+    )
+    store = ResidualStore()
+    TrainingCaches.build(bridge, make_intervention(kind, bridge), data.subset(range(0, len(data), 2)), progress=False, store=store)
+    caches = TrainingCaches.build(bridge, make_intervention(kind, bridge), data, data, progress=False, store=store)
+    assert caches.sft.computed == len(data) // 2 and caches.kl is not None and caches.kl.computed == len(data)
+    got = make_intervention(kind, bridge)
+    train(bridge, got, data, config, kl_dataset=data, caches=caches)
+    ref = reference_train_steps(reference, make_intervention(kind, bridge), data, config)
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{arch} {kind} {name}")
+
+
 def reference_train_steps(reference: Any, ref: Any, data: TokenDataset, config: TrainConfig, device: str = "cpu") -> Any:
     """``config.max_steps`` AdamW steps (linear decay, no warm-up) of ``ref`` on plain transformers, one micro-batch
     per forward, the SFT loss token-weighted over the step and ``λ · KL(p_base ‖ p_steered)`` on a KL batch of
