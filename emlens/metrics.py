@@ -19,7 +19,7 @@ import torch
 from emlens.data import TokenDataset
 from emlens.geometry import PCAResult, cosine_similarity, pca
 from emlens.interventions import Intervention
-from emlens.runner import kl_sweep, loss_sweep
+from emlens.runner import kl_sweep, loss_sweep, runner_for
 from emlens.training import TrainConfig, TrainingCaches, TrainingResult, train
 from emlens.validation import check_grid
 
@@ -140,16 +140,33 @@ def pretraining_significance(
     batch_size: int = 8,
     progress: bool = True,
     cache_prefix: bool = True,
+    plans: dict[str, str] | None = None,
 ) -> dict[str, list[float]]:
-    """KL from the base model on plain text for each named intervention's direction at each norm."""
+    """KL from the base model on plain text for each named intervention's direction at each norm.
+
+    Interventions that act the same way (kind and sites) are swept together: the text's prefix
+    residuals and the base distribution are computed once for all their points. Each point's KL is
+    the same computation as in a sweep of that intervention alone. ``plans``, if given, is filled
+    with each name's execution plan (``Plan.describe()``).
+    """
     norms = check_grid("norms", norms, minimum=0)
-    out: dict[str, list[float]] = {}
+    groups: dict[tuple[Any, ...], list[str]] = {}
     for name, intervention in interventions.items():
         intervention.check_model(model)
         _refuse_zero(intervention, f"pre-training KL ({name})")
-        points = [_at_norm(intervention, n) for n in norms]
-        out[name] = kl_sweep(model, texts, points, batch_size, cache_prefix, progress, desc=f"pre-training KL {name}")
-    return out
+        acts = (intervention.kind, tuple(intervention.hook_names()), intervention.residual_offset() is None)
+        groups.setdefault(acts, []).append(name)
+    out: dict[str, list[float]] = {}
+    for names in groups.values():
+        points = [_at_norm(interventions[name], n) for name in names for n in norms]
+        desc = f"pre-training KL {names[0]}" if len(names) == 1 else f"pre-training KL ({len(names)} directions)"
+        flat = kl_sweep(model, texts, points, batch_size, cache_prefix, progress, desc=desc)
+        plan = runner_for(model).last_plan
+        for k, name in enumerate(names):
+            out[name] = flat[k * len(norms) : (k + 1) * len(norms)]
+            if plans is not None:
+                plans[name] = plan.describe() if plan is not None else "not recorded"
+    return {name: out[name] for name in interventions}
 
 
 @dataclass

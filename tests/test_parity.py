@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from emlens import RankOneAdapter, SteeringVector, TokenDataset, TrainConfig, evaluate_loss, train
 from emlens.data import ChatBatch
-from emlens.metrics import efficiency, mean_kl, stability
+from emlens.metrics import efficiency, mean_kl, pretraining_significance, stability
 from emlens.runner import runner_for
 from emlens.runner.sampling import SamplingSettings, generate_batch
 from emlens.scoring import nll_sum
@@ -291,6 +291,26 @@ def test_pretraining_kl(pair: Any, data: TokenDataset, kind: str) -> None:
     expected = reference_kl(reference, data, intervention)
     assert mean_kl(bridge, intervention, data, batch_size=2) == pytest.approx(expected, rel=1e-3, abs=1e-7)
     assert mean_kl(bridge, intervention, data, batch_size=2, cache_prefix=False) == pytest.approx(expected, rel=1e-3, abs=1e-7)
+
+
+def test_pretraining_kl_of_several_directions_swept_together(pair: Any, data: TokenDataset) -> None:
+    """Directions of one kind and site share one sweep (one base pass); mixed kinds split into groups."""
+    arch, reference, bridge = pair
+    named = {
+        "vector a": make_intervention("resid_post", bridge, seed=0),
+        "adapter": make_intervention("adapter", bridge, seed=3),
+        "vector b": make_intervention("resid_post", bridge, seed=1),
+    }
+    norms = [0.0, 1.0, 3.0]
+    plans: dict[str, str] = {}
+    got = pretraining_significance(bridge, named, data, norms, batch_size=2, progress=False, plans=plans)
+    assert list(got) == list(named) and set(plans) == set(named)
+    for name, intervention in named.items():
+        assert got[name][0] == 0.0
+        expected = [reference_kl(reference, data, intervention.scaled_to(n)) for n in norms[1:]]
+        assert got[name][1:] == pytest.approx(expected, rel=1e-3, abs=1e-7), name
+        alone = pretraining_significance(bridge, {name: intervention}, data, norms, batch_size=2, progress=False)[name]
+        assert got[name] == alone, name  # the same computation per point as a sweep of that direction alone
 
 
 @pytest.mark.parametrize("kind", KINDS)

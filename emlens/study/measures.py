@@ -133,11 +133,8 @@ def measure_pretraining_kl(
         named.update(random_directions(next(iter(solutions.values())), section.n_random, seed))
     top = max_norm if max_norm is not None else section.max_factor * max(v.norm for v in solutions.values())
     norms = [float(x) for x in np.linspace(0.0, top, section.points)]
-    curves: dict[str, list[float]] = {}
     plans: dict[str, str] = {}
-    for name, solution in named.items():
-        curves[name] = pretraining_significance(model, {name: solution}, texts, norms, batch_size, progress)[name]
-        plans[name] = _plan(model)
+    curves = pretraining_significance(model, named, texts, norms, batch_size, progress, plans=plans)
     randoms = [curves[k] for k in named if k.startswith("random")]
     out: dict[str, Any] = {
         "measure": "pretraining_kl",
