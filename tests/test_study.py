@@ -268,3 +268,18 @@ def test_a_judged_study_adds_the_evaluation_stages_and_quadrants(tiny_dir, tmp_p
     assert result["general"]["n_answers"] == 8 and "misaligned_rate" in result["narrow"]["rates"]
     md = (tmp_path / "report.md").read_text()
     assert "## Judged evaluation" in md and "quadrants.png" in md
+
+
+def test_the_narrowness_ratio_is_undefined_when_the_other_domains_do_not_move_the_same_way():
+    """A negative or zero mean out-of-domain shift gives no ratio (n/a with a note), not a negative number or ∞."""
+    from emlens.study.report import RATIO_NOTE, _f, _ratio_note, narrowness
+
+    def row(inside, *others):
+        return {"trained": {"mean": inside}, **{f"other {k}": {"mean": v} for k, v in enumerate(others)}}
+
+    stats = narrowness({"broad": row(0.3, 0.2, 0.1), "opposite": row(0.01, -0.05, -0.03), "still": row(0.1, 0.0, 0.0)}, "trained")
+    assert stats["broad"]["ratio"] == pytest.approx(2.0)
+    assert stats["opposite"]["ratio"] is None and stats["opposite"]["out_of_domain"] == pytest.approx(-0.04)
+    assert stats["still"]["ratio"] is None
+    assert _f(stats["opposite"]["ratio"], 2) == "n/a"
+    assert _ratio_note(stats) == [RATIO_NOTE, ""] and _ratio_note({"broad": stats["broad"]}) == []

@@ -60,15 +60,29 @@ def shift_table(pref: dict[str, Any], base: str = "base", n_boot: int = 2000, se
     return out
 
 
-def narrowness(shifts: Mapping[str, Mapping[str, Any]], trained: str) -> dict[str, dict[str, float]]:
-    """In-domain shift, mean out-of-domain shift and their ratio per solution (a narrow solution has a large ratio)."""
-    out = {}
+def narrowness(shifts: Mapping[str, Mapping[str, Any]], trained: str) -> dict[str, dict[str, float | None]]:
+    """In-domain shift, mean out-of-domain shift and their ratio per solution (a narrow solution has a large ratio).
+
+    The ratio is ``None`` (reported "n/a") unless the mean out-of-domain shift is positive: when the other
+    domains move the other way on average, or not at all, a quotient would read as "less narrow than
+    general" (a negative number) or as infinitely narrow, and neither is what happened. The two shifts
+    stay in the result.
+    """
+    out: dict[str, dict[str, float | None]] = {}
     for name, row in shifts.items():
         inside = row[trained]["mean"]
         others = [cell["mean"] for d, cell in row.items() if d != trained]
         outside = float(np.mean(others)) if others else float("nan")
-        out[name] = {"in_domain": inside, "out_of_domain": outside, "ratio": inside / outside if outside else float("inf")}
+        out[name] = {"in_domain": inside, "out_of_domain": outside, "ratio": inside / outside if outside > 0 else None}
     return out
+
+
+RATIO_NOTE = "Ratio n/a: the other domains' mean shift is not positive, so a quotient would not measure narrowness."
+
+
+def _ratio_note(stats: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The note under a table whose ratio column has an undefined entry (none otherwise)."""
+    return [RATIO_NOTE, ""] if any(s.get("ratio") is None for s in stats.values()) else []
 
 
 def _f(x: Any, digits: int = 3) -> str:
@@ -239,6 +253,7 @@ def write_report(
             "",
             _table(header, trows),
             "",
+            *_ratio_note(narrow_stats),
             f"![preference]({FIGURES}/{fig.name}) ![preference grid]({FIGURES}/{grid.name})",
             "",
         ]
@@ -274,6 +289,7 @@ def write_report(
         md += [
             _table(["λ", "norm", "cosine to general", "in-domain shift", "mean out-of-domain shift", "ratio"], trows),
             "",
+            *_ratio_note(stats),
             f"![KL sweep]({FIGURES}/{fig.name})",
             "",
         ]
@@ -306,6 +322,7 @@ def write_report(
             "",
             _table(["aligned share", "in-domain shift", "out-of-domain shift", "ratio"], trows),
             "",
+            *_ratio_note(stats),
             f"![mixing]({FIGURES}/{fig.name})",
             "",
         ]
