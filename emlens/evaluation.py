@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from emlens.interventions import Intervention
+from emlens.jsonl import json_safe
 from emlens.judge import (
     ALIGNMENT_PROMPT,
     COHERENCE_PROMPT,
@@ -291,17 +292,6 @@ def per_question_rates(judged: Sequence[JudgedAnswer], questions: Sequence[str] 
     return {q: misalignment_rates(rows, **thresholds) for q, rows in by_question.items()}
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities become ``null`` (strict JSON); tuples become lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 # ----------------------------------------------------------------------------- the protocol, resumable
 
 
@@ -347,7 +337,7 @@ class EvaluationResult:
         return self.n_pending == 0
 
     def as_dict(self) -> dict[str, Any]:
-        return _json_safe(
+        return json_safe(
             {
                 "label": self.label,
                 "domain": self.domain,
@@ -426,7 +416,7 @@ def _check_settings(out_dir: Path, settings: dict[str, Any], overwrite: bool) ->
     elif (out_dir / ANSWERS_FILE).exists():
         raise EvaluationDirError(f"{out_dir / ANSWERS_FILE} exists but {path} does not; use another output directory or overwrite it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(settings), indent=2), encoding="utf-8")
+    path.write_text(json.dumps(json_safe(settings), indent=2), encoding="utf-8")
 
 
 def evaluate(

@@ -4,13 +4,36 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON: NaN and infinities become ``null``, NumPy scalars Python numbers, tuples lists.
+
+    Python's ``json`` writes NaN as the bare word ``NaN``, which strict parsers (and most languages) refuse;
+    an undefined number is ``null`` instead, and the text beside it says why.
+    """
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # NumPy and torch scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps_strict(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of :func:`json_safe` ``(value)``, refusing anything non-finite that slipped through."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
 
 
 def read_jsonl(path: Path, repair: bool, skip_bad: bool = False, error: type[Exception] = ValueError) -> list[dict[str, Any]]:

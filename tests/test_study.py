@@ -7,6 +7,8 @@ code paths are the ones the full study runs.
 from __future__ import annotations
 
 import json
+from http.server import BaseHTTPRequestHandler
+from typing import Any, ClassVar
 
 import pytest
 
@@ -283,3 +285,71 @@ def test_the_narrowness_ratio_is_undefined_when_the_other_domains_do_not_move_th
     assert stats["still"]["ratio"] is None
     assert _f(stats["opposite"]["ratio"], 2) == "n/a"
     assert _ratio_note(stats) == [RATIO_NOTE, ""] and _ratio_note({"broad": stats["broad"]}) == []
+
+
+class UnusableThenUsableJudge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible judge whose replies are unusable (a positive logprob) until ``usable`` is set."""
+
+    usable: ClassVar[bool] = False
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        token, logprob = ("80", -0.01) if type(self).usable else ("80", 0.5)
+        top = {"token": token, "logprob": logprob, "bytes": None}
+        payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": token},
+             "logprobs": {"content": [{**top, "top_logprobs": [top]}]}}]}  # fmt: skip
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_a_judge_that_leaves_answers_unscored_leaves_the_stage_unfinished_and_a_rerun_judges_them(tiny_dir, tmp_path):
+    """Rates from part of the answers are never reported as final, nor cached: the stage stays open until judged."""
+    from emlens.study.stages import IncompleteEvaluation, stage_dir
+    from tests.conftest import serve
+
+    UnusableThenUsableJudge.usable = False
+    server = serve(UnusableThenUsableJudge)
+    url = next(server)
+    try:
+        config = small(
+            tiny_dir,
+            kinds=["vector"],
+            drift={"kinds": []},
+            kl_sweep={"kinds": []},
+            mixing={"kinds": []},
+            evaluation={"judge_url": url, "judge_model": "stub", "n_samples": 1, "max_new_tokens": 3},
+        )
+        with pytest.warns(UserWarning), pytest.raises(IncompleteEvaluation, match="run `emlens reproduce` again"):
+            run_study(config, tmp_path, progress=False, command="test")
+        meta = json.loads((stage_dir(tmp_path, "evaluation/base") / "stage.json").read_text())
+        assert meta["finished"] is False
+        UnusableThenUsableJudge.usable = True  # the judge is fixed: the same command judges what is left
+        run = run_study(config, tmp_path, progress=False, command="test")
+        result = run.outputs["evaluation/base"].result
+        assert result["general"]["n_pending"] == 0 and result["general"]["rates"]["n_scored"] == 8
+        assert "| 8/8 |" in (tmp_path / "report.md").read_text()
+    finally:
+        next(server, None)
+
+
+def test_the_report_and_every_stage_result_are_strict_json(first_run):
+    """No NaN or Infinity (invalid JSON) anywhere: an undefined number is null (drift's first cosine, for one)."""
+    out, _ = first_run
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-finite JSON constant {constant}")
+
+    files = [out / "report.json", *sorted((out / "stages").glob("*/result.json"))]
+    assert len(files) > 10
+    for path in files:
+        json.loads(path.read_text(), parse_constant=refuse)
+    drift = json.loads((out / "report.json").read_text())["stages"]["drift/vector"]["result"]
+    assert drift["cosine_to_general"][0] is None  # the zero-initialised checkpoint has no direction

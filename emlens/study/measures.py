@@ -19,6 +19,7 @@ import numpy as np
 
 from emlens.data import TokenDataset
 from emlens.interventions import Intervention
+from emlens.jsonl import dumps_strict
 from emlens.metrics import efficiency, norm_grid, pretraining_significance, stability
 from emlens.runner import runner_for
 from emlens.study.config import EfficiencySection, PreferenceSection, PretrainingKLSection, StabilitySection
@@ -221,11 +222,10 @@ def stability_curves(result: dict[str, Any], relative: bool = True) -> dict[str,
 
 def write_result(result: dict[str, Any], path: str | Path) -> Path:
     """A result as JSON (beside a figure: ``x.png`` → ``x.json``)."""
-    import json
 
     path = Path(path).with_suffix(".json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    path.write_text(dumps_strict(result, indent=2, ensure_ascii=False), encoding="utf-8")  # NaN → null
     return path
 
 

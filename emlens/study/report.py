@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from emlens.jsonl import dumps_strict
 from emlens.preference import bootstrap_ci
 from emlens.study.config import StudyConfig
 from emlens.study.stages import StageOutput, general_name, narrow_name
@@ -338,10 +339,13 @@ def write_report(
                     res["solution"],
                     _f(g.get("misaligned_rate")),
                     _f(g.get("coherent_rate")),
+                    f"{g.get('n_scored')}/{res['general'].get('n_answers')}",
                     _f(nrow.get("misaligned_rate")) if nrow else "–",
+                    f"{nrow.get('n_scored')}/{res['narrow'].get('n_answers')}" if nrow else "–",
                 ]
             )
-        md += ["## Judged evaluation", "", _table(["solution", "EM rate", "coherent rate", f"narrow rate ({domain})"], trows), ""]
+        header = ["solution", "EM rate", "coherent rate", "scored / answers", f"narrow rate ({domain})", "scored / answers"]
+        md += ["## Judged evaluation", "", _table(header, trows), ""]
         quadrants = []
         for name in evals:
             for column in ("general", domain):
@@ -382,7 +386,7 @@ def write_report(
         "summary": numbers,
         "stages": {o.name: {"key": o.key, "seconds": o.seconds, "cached": o.cached, "result": o.result} for o in outputs.values()},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=float), encoding="utf-8")
+    (out / "report.json").write_text(dumps_strict(report, indent=2, ensure_ascii=False), encoding="utf-8")  # NaN → null
     path = out / "report.md"
     path.write_text("\n".join(md), encoding="utf-8")
     return path

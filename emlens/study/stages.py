@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emlens.jsonl import dumps_strict
 from emlens.study.config import StudyConfig, section_key
 
 STAGE_FILE = "stage.json"
@@ -413,6 +414,7 @@ def _run_evaluation(label: str, stage: str | None) -> Callable[[Context, Path, d
             ctx.model(), judge, directory / "general", solution, None, model_name=ctx.config.model.name, progress=ctx.progress, **settings
         )
         out["general"] = general.as_dict()
+        results = [general]
         if ctx.config.study == "misalignment":
             narrow = evaluate(
                 ctx.model(),
@@ -425,9 +427,23 @@ def _run_evaluation(label: str, stage: str | None) -> Callable[[Context, Path, d
                 **settings,
             )
             out["narrow"] = narrow.as_dict()
+            results.append(narrow)
+        problems = [f"{r.label}: {r.problem()}" for r in results if r.n_pending]
+        if problems:
+            # left unfinished: a cached stage would report rates from part of the answers, and never judge the rest
+            # (answers the judge did reply to but could not score are final: the report counts them, "scored / answers")
+            raise IncompleteEvaluation(
+                f"{label}: judged rates would come from part of the answers ("
+                + "; ".join(problems)
+                + "). The answers and judgements are kept; run `emlens reproduce` again with the same settings to judge the rest."
+            )
         return out
 
     return run
+
+
+class IncompleteEvaluation(RuntimeError):
+    """A judged evaluation stage whose judge left answers unscored: the stage stays unfinished."""
 
 
 def _judge(ctx: Context) -> Any:
@@ -552,7 +568,7 @@ def read_finished(directory: Path, key: str) -> StageOutput | None:
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=float), encoding="utf-8")
+    tmp.write_text(dumps_strict(data, indent=2, ensure_ascii=False), encoding="utf-8")  # NaN → null
     os.replace(tmp, path)
 
 
