@@ -44,6 +44,16 @@ def test_every_flag_has_help_and_help_shows_defaults(capsys):
     assert "--norm" in commands["stability"]._option_string_actions
 
 
+def test_the_top_level_help_and_every_subcommands_help_print(capsys):
+    """argparse formats help with %: a bare % in any help text crashes `emlens --help` (it did, with "95%")."""
+    parser, _ = build_parser()
+    for argv in [["--help"], *[[name, "--help"] for name in _subparsers(parser)]]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0, argv
+    assert "reproduce" in capsys.readouterr().out
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])

@@ -18,7 +18,7 @@ def register(add: Any) -> None:
     p = add(
         "preference",
         preference_command,
-        help="judge-free metric: preference for the harmful (or technical) answer per domain, 95% bootstrap CIs",
+        help="judge-free metric: preference for the harmful (or technical) answer per domain, 95%% bootstrap CIs",
         description="margin = NLL(correct) − NLL(harmful) per assistant token on held-out question pairs (technical prose: "
         "NLL(plain) − NLL(technical)); higher means the model prefers the harmful / technical answer. The base model is "
         "always included. A .json with every number is written beside the figure.",
