@@ -255,6 +255,25 @@ def test_a_partial_study_can_be_reported(first_run, tiny_dir, tmp_path):
     assert "train/vector/kl=6.6" not in json.loads((partial / "report.json").read_text())["stages"]
 
 
+def test_a_rewritten_report_leaves_out_stages_stored_under_other_settings(first_run, tiny_dir, tmp_path):
+    """--report-only with a changed setting must not pair the new config with the old settings' numbers."""
+    import shutil
+
+    from emlens.study import rewrite_report
+
+    out, run = first_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    config = small(tiny_dir)
+    config.stability.seeds = [*config.stability.seeds, 99]
+    with pytest.warns(UserWarning, match="left out of the report: stability/vector"):
+        rewrite_report(config, copy, command="changed seeds")
+    report = json.loads((copy / "report.json").read_text())
+    assert not any(name.startswith("stability/") for name in report["stages"])
+    assert set(report["stages"]) == {n for n in run.outputs if not n.startswith("stability/")}
+    assert report["identity"]["left_out"] == [n for n in run.outputs if n.startswith("stability/")]
+
+
 def test_a_judged_study_adds_the_evaluation_stages_and_quadrants(tiny_dir, tmp_path):
     config = small(
         tiny_dir,

@@ -18,7 +18,17 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from emlens.study.config import PAPER_CONFIG, StudyConfig
-from emlens.study.stages import Context, StageOutput, build_stages, identity_of, read_finished, run_stage, stage_dir, stage_key
+from emlens.study.stages import (
+    STAGE_FILE,
+    Context,
+    StageOutput,
+    build_stages,
+    identity_of,
+    read_finished,
+    run_stage,
+    stage_dir,
+    stage_key,
+)
 
 __all__ = ["PAPER_CONFIG", "StudyConfig", "StudyRun", "run_study", "rewrite_report"]
 
@@ -86,25 +96,33 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, comma
 def rewrite_report(config: StudyConfig, out: str | Path, command: str | None = None) -> Path:
     """Write the report again from the finished stages in ``out`` (no model, nothing recomputed).
 
-    Every finished stage of ``config`` found in ``out`` is reported as it was stored, whatever key it
-    was stored under (``report.json`` lists each stage's key); stages not found are left out.
+    Only stages stored under the key ``config`` gives them now are reported: a stage run with other
+    settings (or other data, model or emlens version, or other upstream stages) is left out with a
+    warning, as are stages not found, so the report never pairs a config with numbers it did not make.
     """
-    import json
+    import warnings
 
     from emlens.study.report import write_report
-    from emlens.study.stages import RESULT_FILE, STAGE_FILE
 
     out = Path(out)
+    identity = identity_of(config)
+    keys: dict[str, str] = {}
     outputs: dict[str, StageOutput] = {}
+    stale: list[str] = []
     for stage in build_stages(config):
-        directory = stage_dir(out, stage.name)
-        try:
-            meta = json.loads((directory / STAGE_FILE).read_text())
-            result = json.loads((directory / RESULT_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        if meta.get("finished"):
-            outputs[stage.name] = StageOutput(stage.name, directory, meta["key"], result, float(meta.get("seconds", 0.0)), cached=True)
-    identity = {"note": "report rewritten from stored stages", "stage_keys": {k: o.key for k, o in outputs.items()}}
+        keys[stage.name] = stage_key(stage, identity, [keys[d] for d in stage.deps])
+        finished = read_finished(stage_dir(out, stage.name), keys[stage.name])
+        if finished is not None:
+            outputs[stage.name] = finished
+        elif (stage_dir(out, stage.name) / STAGE_FILE).exists():
+            stale.append(stage.name)
+    if stale:
+        warnings.warn(
+            f"{len(stale)} stage(s) in {out} were not finished under this config's settings and are left out of the report: "
+            + ", ".join(stale)
+            + " (run `emlens reproduce` with this config to compute them)",
+            stacklevel=2,
+        )
+    identity = {**identity, "note": "report rewritten from stored stages", "left_out": stale}
     wall = sum(o.seconds for o in outputs.values())
     return write_report(config, outputs, identity, out, command or "emlens reproduce --report-only", wall)
