@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -134,6 +135,35 @@ def test_keys_cover_the_data_and_the_model(tiny_dir, monkeypatch):
     assert stages.identity_of(other)["model"] != before["model"]
     keys = {s.name: stages.stage_key(s, before, []) for s in build_stages(config)}
     assert len(set(keys.values())) == len(keys)  # no two stages share a key
+
+
+def test_keys_cover_emlens_own_code(tiny_dir, tmp_path, monkeypatch):
+    """An edit to emlens' sources re-keys every stage (the release number alone never changed between commits)."""
+    import shutil
+
+    from emlens.study import stages
+
+    root = tmp_path / "pkg"
+    shutil.copytree(Path(stages.__file__).resolve().parent.parent, root / "emlens", ignore=shutil.ignore_patterns("__pycache__", "builtin"))
+
+    def version_of(tree: Path) -> str:
+        stages._version.cache_clear()
+        monkeypatch.setattr(stages, "__file__", str(tree / "emlens" / "study" / "stages.py"))
+        return stages._version()
+
+    try:
+        before = version_of(root)
+        metrics = root / "emlens" / "metrics.py"
+        metrics.write_text(metrics.read_text() + "\n# an edit\n")
+        after = version_of(root)
+    finally:
+        stages._version.cache_clear()
+    assert before != after and before.split(" ")[0] == after.split(" ")[0]  # same release, other sources
+    config = small(tiny_dir)
+    identity = {**stages.identity_of(config), "emlens": before}
+    edited = {**identity, "emlens": after}
+    for stage in build_stages(config):
+        assert stages.stage_key(stage, identity, []) != stages.stage_key(stage, edited, [])
 
 
 def test_an_interrupted_training_stage_continues_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch):

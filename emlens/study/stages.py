@@ -15,6 +15,7 @@ took) once it finished, its ``result.json`` and its files. On a re-run:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -58,13 +59,24 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)
 def _version() -> str:
+    """emlens' version and a hash of its source files: stages stored by other code are stale.
+
+    The release number alone stays the same across the commits of a development install, while any
+    of them may change how a number is computed, so the code itself is part of every stage's key.
+    """
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("emlens")
+        release = version("emlens")
     except PackageNotFoundError:  # pragma: no cover - a source tree that was not installed
-        return "source"
+        release = "source"
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".toml", ".yaml") and "__pycache__" not in p.parts):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"{release} (sources {digest.hexdigest()[:16]})"
 
 
 def model_identity(name: str) -> dict[str, Any]:
