@@ -402,3 +402,16 @@ def test_the_report_and_every_stage_result_are_strict_json(first_run):
         json.loads(path.read_text(), parse_constant=refuse)
     drift = json.loads((out / "report.json").read_text())["stages"]["drift/vector"]["result"]
     assert drift["cosine_to_general"][0] is None  # the zero-initialised checkpoint has no direction
+
+
+def test_the_studys_layer_is_the_thin_commands_middle_layer_for_every_block_count():
+    """reproduce (layer_fraction 0.5) and the thin commands (default_layer) pick the same block, odd counts too."""
+    from types import SimpleNamespace
+
+    from emlens.models import default_layer
+    from emlens.study.config import ModelSection
+
+    section = ModelSection(layer_fraction=0.5)
+    for n in range(1, 81):
+        assert section.layer(n) == default_layer(SimpleNamespace(cfg=SimpleNamespace(n_layers=n))), n
+    assert section.layer(48) == 24 and ModelSection(layer_fraction=0.75).layer(48) == 36

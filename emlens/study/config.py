@@ -36,7 +36,9 @@ class ModelSection:
     layer_fraction: float = 0.5  # the paper's layer 24 of 48
 
     def layer(self, n_layers: int) -> int:
-        return min(n_layers - 1, int(round(self.layer_fraction * n_layers)))
+        """Block ``floor(layer_fraction · n_layers)``: 0.5 gives :func:`emlens.models.default_layer`, the middle
+        block every thin command and intervention uses (24 of 48), for odd block counts too."""
+        return min(n_layers - 1, int(self.layer_fraction * n_layers + 1e-9))
 
 
 @dataclass
