@@ -106,3 +106,18 @@ def test_adapter_drift_uses_the_frobenius_geometry(model, dataset):
     for k in range(3):
         sign = 1.0 if abs(ours[:, k] - theirs[:, k]).max() <= abs(ours[:, k] + theirs[:, k]).max() else -1.0
         assert ours[:, k] == pytest.approx(sign * theirs[:, k], abs=1e-5 * max(1.0, float(abs(theirs).max())))
+
+
+def test_the_study_efficiency_measures_the_loss_at_the_smaller_solution_norm(model, dataset, trained):
+    """The report compares solutions at the smaller trained norm: measured there, not interpolated on the grid."""
+    from emlens.study.config import EfficiencySection
+    from emlens.study.measures import measure_efficiency
+
+    other = SteeringVector.from_vector(torch.randn(model.cfg.d_model), 1)
+    other = other.scaled_to(trained.norm * 1.37)
+    result = measure_efficiency(model, {"a": trained, "b": other}, dataset, EfficiencySection(points=4), progress=False)
+    at = result["at_smallest_norm"]
+    assert at["norm"] == pytest.approx(trained.norm) and at["norm"] not in result["norms"]
+    for name, solution in (("a", trained), ("b", other)):
+        assert at["loss"][name] == pytest.approx(evaluate_loss(model, dataset, solution.scaled_to(at["norm"])), rel=1e-5)
+        assert len(result["loss"][name]) == len(result["norms"]) == 4

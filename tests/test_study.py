@@ -151,16 +151,18 @@ def test_keys_cover_emlens_own_code(tiny_dir, tmp_path, monkeypatch):
         monkeypatch.setattr(stages, "__file__", str(tree / "emlens" / "study" / "stages.py"))
         return stages._version()
 
+    config = small(tiny_dir)
+    identity = stages.identity_of(config)
     try:
         before = version_of(root)
         metrics = root / "emlens" / "metrics.py"
         metrics.write_text(metrics.read_text() + "\n# an edit\n")
         after = version_of(root)
     finally:
-        stages._version.cache_clear()
+        monkeypatch.undo()
+        stages._version.cache_clear()  # the next caller hashes the real sources again
     assert before != after and before.split(" ")[0] == after.split(" ")[0]  # same release, other sources
-    config = small(tiny_dir)
-    identity = {**stages.identity_of(config), "emlens": before}
+    identity = {**identity, "emlens": before}
     edited = {**identity, "emlens": after}
     for stage in build_stages(config):
         assert stages.stage_key(stage, identity, []) != stages.stage_key(stage, edited, [])

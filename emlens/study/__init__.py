@@ -124,5 +124,5 @@ def rewrite_report(config: StudyConfig, out: str | Path, command: str | None = N
             stacklevel=2,
         )
     identity = {**identity, "note": "report rewritten from stored stages", "left_out": stale}
-    wall = sum(o.seconds for o in outputs.values())
+    wall = float(sum(o.seconds for o in outputs.values()))
     return write_report(config, outputs, identity, out, command or "emlens reproduce --report-only", wall)

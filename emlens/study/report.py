@@ -150,11 +150,16 @@ def write_report(
             fig = plotting.plot_efficiency(
                 eff["norms"], eff["loss"], figs / f"efficiency_{kind}.png", title=f"Efficiency, {kind} (Fig. 4a)"
             )
-            common = min(eff["solution_norms"].values())
-            at = {name: float(np.interp(common, eff["norms"], curve)) for name, curve in eff["loss"].items()}
-            numbers[f"efficiency/{kind}"] = {"at_norm": common, "loss": at}
+            measured = eff.get("at_smallest_norm")
+            if measured:
+                common, at, how = measured["norm"], dict(measured["loss"]), "the smaller trained norm"
+            else:  # a result stored before the loss was measured at that norm: read off the grid, and said so
+                common = min(eff["solution_norms"].values())
+                at = {name: float(np.interp(common, eff["norms"], curve)) for name, curve in eff["loss"].items()}
+                how = "the smaller trained norm; interpolated on the norm grid"
+            numbers[f"efficiency/{kind}"] = {"at_norm": common, "loss": at, "measured": bool(measured)}
             md += [
-                f"**Efficiency** ({eff['settings']['rows']} held-out rows): loss at norm {common:.2f} (the smaller trained norm): "
+                f"**Efficiency** ({eff['settings']['rows']} held-out rows): loss at norm {common:.2f} ({how}): "
                 + ", ".join(f"{k} {v:.3f}" for k, v in at.items())
                 + f". ![efficiency]({FIGURES}/{fig.name})",
                 "",
