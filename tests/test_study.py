@@ -417,3 +417,25 @@ def test_the_studys_layer_is_the_thin_commands_middle_layer_for_every_block_coun
     for n in range(1, 81):
         assert section.layer(n) == default_layer(SimpleNamespace(cfg=SimpleNamespace(n_layers=n))), n
     assert section.layer(48) == 24 and ModelSection(layer_fraction=0.75).layer(48) == 36
+
+
+def test_the_ratio_needs_an_out_of_domain_shift_distinguishable_from_zero():
+    """A tiny positive mean out-of-domain shift whose CI reaches zero gives n/a, not a ratio of hundreds."""
+    import numpy as np
+
+    from emlens.study.report import mean_of_domains_ci, narrowness
+
+    rng = np.random.default_rng(0)
+    diffs = {
+        "noisy": {"trained": 0.3 + 0.01 * rng.standard_normal(40), "a": 0.002 + 0.05 * rng.standard_normal(40), "b": 0.05 * rng.standard_normal(12)},
+        "clear": {"trained": 0.3 + 0.01 * rng.standard_normal(40), "a": 0.1 + 0.01 * rng.standard_normal(40), "b": 0.2 + 0.01 * rng.standard_normal(12)},
+    }
+    shifts = {n: {d: {"mean": float(v.mean())} for d, v in row.items()} for n, row in diffs.items()}
+    stats = narrowness(shifts, "trained", diffs, n_boot=500, seed=1)
+    assert stats["noisy"]["ratio"] is None and stats["noisy"]["out_of_domain_ci"][0] <= 0
+    clear = stats["clear"]
+    # the mean of the two domains' means, not the pooled mean of their 52 questions (the domains differ in size)
+    assert clear["out_of_domain"] == pytest.approx((diffs["clear"]["a"].mean() + diffs["clear"]["b"].mean()) / 2)
+    assert clear["ratio"] == pytest.approx(clear["in_domain"] / clear["out_of_domain"])
+    lo, hi = mean_of_domains_ci([diffs["clear"]["a"], diffs["clear"]["b"]], 500, 1)
+    assert lo < clear["out_of_domain"] < hi and clear["out_of_domain_ci"] == [lo, hi]

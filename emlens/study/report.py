@@ -46,39 +46,69 @@ def _hardware() -> dict[str, Any]:
     return info
 
 
+def domain_diffs(pref: dict[str, Any], base: str = "base") -> dict[str, dict[str, np.ndarray]]:
+    """Each solution's per-question margin minus the base model's, per domain (paired: the same questions)."""
+    results = pref["results"]
+    return {
+        name: {d: np.asarray(cell["margins"]) - np.asarray(results[base][d]["margins"]) for d, cell in row.items()}
+        for name, row in results.items()
+        if name != base
+    }
+
+
 def shift_table(pref: dict[str, Any], base: str = "base", n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
     """Each solution's margin minus the base model's, per domain, with a paired 95% bootstrap CI over questions."""
-    results = pref["results"]
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for name, row in results.items():
-        if name == base:
-            continue
+    for name, row in domain_diffs(pref, base).items():
         out[name] = {}
-        for domain, cell in row.items():
-            diff = np.asarray(cell["margins"]) - np.asarray(results[base][domain]["margins"])
+        for domain, diff in row.items():
             lo, hi = bootstrap_ci(diff, n_boot, seed)
             out[name][domain] = {"mean": float(diff.mean()), "ci": [lo, hi]}
     return out
 
 
-def narrowness(shifts: Mapping[str, Mapping[str, Any]], trained: str) -> dict[str, dict[str, float | None]]:
-    """In-domain shift, mean out-of-domain shift and their ratio per solution (a narrow solution has a large ratio).
+def mean_of_domains_ci(diffs: list[np.ndarray], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """95% bootstrap CI of the mean of per-domain mean shifts: questions resampled within each domain."""
+    if not diffs or any(d.size == 0 for d in diffs):
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = np.mean([d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1) for d in diffs], axis=0)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return (float(lo), float(hi))
 
-    The ratio is ``None`` (reported "n/a") unless the mean out-of-domain shift is positive: when the other
-    domains move the other way on average, or not at all, a quotient would read as "less narrow than
-    general" (a negative number) or as infinitely narrow, and neither is what happened. The two shifts
-    stay in the result.
+
+def narrowness(
+    shifts: Mapping[str, Mapping[str, Any]],
+    trained: str,
+    diffs: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """In-domain shift, mean out-of-domain shift (the mean of the other domains' means) and their ratio per solution.
+
+    A narrow solution has a large ratio. The ratio is ``None`` (reported "n/a") unless the mean out-of-domain
+    shift is positive and, when the per-question ``diffs`` are given, its 95% CI (questions resampled within
+    each domain) lies above zero: when the other domains move the other way on average, not at all, or by
+    an amount indistinguishable from zero, a quotient reads as "less narrow than general" (a negative number)
+    or as arbitrarily narrow (a huge one), and neither is what happened. The shifts stay in the result.
     """
-    out: dict[str, dict[str, float | None]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, row in shifts.items():
         inside = row[trained]["mean"]
-        others = [cell["mean"] for d, cell in row.items() if d != trained]
-        outside = float(np.mean(others)) if others else float("nan")
-        out[name] = {"in_domain": inside, "out_of_domain": outside, "ratio": inside / outside if outside > 0 else None}
+        others = [d for d in row if d != trained]
+        outside = float(np.mean([row[d]["mean"] for d in others])) if others else float("nan")
+        ci = mean_of_domains_ci([np.asarray(diffs[name][d]) for d in others], n_boot, seed) if diffs is not None else None
+        defined = outside > 0 and (ci is None or ci[0] > 0)
+        out[name] = {"in_domain": inside, "out_of_domain": outside, "ratio": inside / outside if defined else None}
+        if ci is not None:
+            out[name]["out_of_domain_ci"] = list(ci)
     return out
 
 
-RATIO_NOTE = "Ratio n/a: the other domains' mean shift is not positive, so a quotient would not measure narrowness."
+RATIO_NOTE = (
+    "Ratio n/a: the other domains' mean shift is not above zero (its 95% CI reaches zero or below), so a quotient "
+    "would not measure narrowness."
+)
 
 
 def _ratio_note(stats: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -224,7 +254,7 @@ def write_report(
     pref = r.get("preference/main")
     if pref:
         shifts = shift_table(pref, n_boot=config.preference.bootstrap, seed=config.seed)
-        narrow_stats = narrowness(shifts, domain)
+        narrow_stats = narrowness(shifts, domain, domain_diffs(pref), n_boot=config.preference.bootstrap, seed=config.seed)
         numbers["preference/main"] = {"shift": shifts, "narrowness": narrow_stats}
         res = pref["results"]
         domains = list(next(iter(res.values())))
@@ -277,7 +307,13 @@ def write_report(
         trows = []
         stats: dict[str, Any] = {}
         if spref:
-            stats = narrowness(shift_table(spref, n_boot=config.preference.bootstrap, seed=config.seed), domain)
+            stats = narrowness(
+                shift_table(spref, n_boot=config.preference.bootstrap, seed=config.seed),
+                domain,
+                domain_diffs(spref),
+                n_boot=config.preference.bootstrap,
+                seed=config.seed,
+            )
         for w in sweep["weights"]:
             label = f"λ={w:g}"
             s = stats.get(label, {})
@@ -304,29 +340,25 @@ def write_report(
         if not mpref:
             continue
         shifts = shift_table(mpref, n_boot=config.preference.bootstrap, seed=config.seed)
-        stats = narrowness(shifts, domain)
+        stats = narrowness(shifts, domain, domain_diffs(mpref), n_boot=config.preference.bootstrap, seed=config.seed)
         ratios = config.mixing.ratios
         inside = [(shifts[f"mix={x:g}"][domain]["mean"], *shifts[f"mix={x:g}"][domain]["ci"]) for x in ratios]
-        outside = []
-        for x in ratios:
-            row = shifts[f"mix={x:g}"]
-            diffs = [
-                np.asarray(mpref["results"][f"mix={x:g}"][d]["margins"]) - np.asarray(mpref["results"]["base"][d]["margins"])
-                for d in row
-                if d != domain
-            ]
-            pooled = np.concatenate(diffs) if diffs else np.array([np.nan])
-            lo, hi = bootstrap_ci(pooled, config.preference.bootstrap, config.seed)
-            outside.append((float(pooled.mean()), lo, hi))
+        # the other domains: the mean of their mean shifts (as in every table's ratio), CI resampling within each domain
+        outside = [(stats[f"mix={x:g}"]["out_of_domain"], *stats[f"mix={x:g}"]["out_of_domain_ci"]) for x in ratios]
         fig = plotting.plot_mixing(
-            ratios, {f"{domain} (trained domain)": inside, "other domains (pooled)": outside}, figs / f"mixing_{kind}.png"
+            ratios, {f"{domain} (trained domain)": inside, "other domains (mean of domains)": outside}, figs / f"mixing_{kind}.png"
         )
-        numbers[f"mixing/{kind}"] = {"ratios": ratios, "in_domain": inside, "out_of_domain": outside}
+        numbers[f"mixing/{kind}"] = {
+            "ratios": ratios,
+            "in_domain": inside,
+            "out_of_domain": outside,
+            "ratio": [stats[f"mix={x:g}"]["ratio"] for x in ratios],
+        }
         trows = [[f"{x:g}", _f(a[0]), _f(b[0]), _f(stats[f"mix={x:g}"]["ratio"], 2)] for x, a, b in zip(ratios, inside, outside)]
         md += [
             f"## Mixing baseline ({kind}, no KL)",
             "",
-            _table(["aligned share", "in-domain shift", "out-of-domain shift", "ratio"], trows),
+            _table(["aligned share", "in-domain shift", "mean out-of-domain shift", "ratio"], trows),
             "",
             *_ratio_note(stats),
             f"![mixing]({FIGURES}/{fig.name})",
