@@ -87,9 +87,15 @@ class StabilityResult:
         return float(self.losses[:, 0].mean()) if self.epsilons[0] == 0 else float("nan")
 
     def relative(self) -> np.ndarray:
-        """``100·(L_ε − L_0)/(L_base − L_0)`` per seed: 0 = unharmed, 100 = back to the base model's loss."""
+        """``100·(L_ε − L_0)/(L_base − L_0)`` per seed: 0 = unharmed, 100 = back to the base model's loss.
+
+        NaN for a seed whose solution does not lower the loss below the base model's (``L_0 ≥ L_base``):
+        there is no gain to lose, and the quotient would flip sign or divide by zero without a word.
+        """
         clean = self.losses[:, :1]
-        return 100.0 * (self.losses - clean) / (self.base_loss - clean)
+        gain = self.base_loss - clean
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(gain > 0, 100.0 * (self.losses - clean) / np.where(gain > 0, gain, 1.0), np.nan)
 
 
 def stability(

@@ -121,3 +121,13 @@ def test_the_study_efficiency_measures_the_loss_at_the_smaller_solution_norm(mod
     for name, solution in (("a", trained), ("b", other)):
         assert at["loss"][name] == pytest.approx(evaluate_loss(model, dataset, solution.scaled_to(at["norm"])), rel=1e-5)
         assert len(result["loss"][name]) == len(result["norms"]) == 4
+
+
+def test_relative_stability_is_undefined_for_a_seed_without_a_gain_over_the_base_model():
+    """L_0 ≥ L_base: no gain to lose; the quotient would divide by zero or flip its sign, so it is NaN."""
+    from emlens.metrics import StabilityResult
+
+    losses = np.array([[3.0, 3.5, 4.0], [4.2, 4.3, 4.4], [4.0, 4.1, 4.2]])  # seeds: a gain of 1, a loss of 0.2, none
+    rel = StabilityResult([0.0, 0.5, 1.0], losses, base_loss=4.0).relative()
+    assert rel[0].tolist() == pytest.approx([0.0, 50.0, 100.0])
+    assert np.isnan(rel[1]).all() and np.isnan(rel[2]).all()
