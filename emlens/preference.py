@@ -197,6 +197,15 @@ def paired_datasets(
         )
     h_pos = {row: i for i, row in enumerate(harmful.source_rows)}
     c_pos = {row: i for i, row in enumerate(correct.source_rows)}
+    cut = [r for r in kept if max_length in (len(harmful.examples[h_pos[r]].input_ids), len(correct.examples[c_pos[r]].input_ids))]
+    if cut:
+        warnings.warn(
+            f"{domain}: {len(cut)} of {len(kept)} kept pair(s) have an answer that reaches max_length={max_length} and may be "
+            "cut short, so their per-token margins compare a part of one answer with the whole other; raise max_length "
+            "to compare whole answers",
+            PairingWarning,
+            stacklevel=2,
+        )
     prompts = ["\n".join(text for _, text in _prompt_key(pairs[row][0])) for row in kept]
     groups = list(range(len(kept)))  # one question per pair: the bootstrap resamples questions
     return PairedSet(domain, prompts, harmful.subset([h_pos[r] for r in kept]), correct.subset([c_pos[r] for r in kept]), groups)

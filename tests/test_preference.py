@@ -55,6 +55,20 @@ def test_technical_prose_pairs_technical_with_plain(model):
     assert len(pairs) == 2 and pairs.prompts[0] == tech[0][0]["content"]
 
 
+def test_a_pair_whose_answer_is_cut_by_max_length_is_named_in_a_warning(model):
+    """Per-token margins of a cut answer compare part of it with the whole other answer: say so, never silently."""
+    import warnings as w
+
+    with w.catch_warnings(record=True) as seen:
+        w.simplefilter("always")
+        paired_datasets(model.tokenizer, "vehicles", limit=4, max_length=4096)
+    assert not [x for x in seen if issubclass(x.category, PairingWarning)]
+    longest = max(len(e.input_ids) for e in paired_datasets(model.tokenizer, "vehicles", limit=4, max_length=4096).harmful.examples)
+    with pytest.warns(PairingWarning, match=r"reaches max_length=.* cut short"):
+        pairs = paired_datasets(model.tokenizer, "vehicles", limit=4, max_length=longest - 1)
+    assert len(pairs) >= 1
+
+
 def test_pairing_ignores_row_order_and_reports_orphans(tmp_path, model):
     def conv(q, a):
         return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
