@@ -56,6 +56,7 @@ def test_cli_train_adapter(tiny_checkpoint, tmp_path):
     assert main(["train", "--model", str(tiny_checkpoint), "--data", "sports_harmful", "--kind", "adapter",
                  "--layer", "1", "--limit", "4", "--max-steps", "2", "--grad-accum", "1", "--out", str(out)]) == 0
     assert type(load_intervention(out / "intervention.safetensors")).__name__ == "RankOneAdapter"
+    assert json.loads((out / "config.json").read_text())["lr"] == 2e-5  # the paper's adapter rate, as emlens reproduce uses
 
 
 def test_cli_reports_bad_input(tiny_checkpoint, tmp_path, capsys):

@@ -39,7 +39,7 @@ def test_every_flag_has_help_and_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    assert "(default: 0.0001)" in text and "--warmup" in text and "(default: 5)" in text
+    assert "(default: 0.0001 for a steering" in " ".join(text.split()) and "--warmup" in text and "(default: 5)" in text
     assert {"--layer", "--seed", "--max-steps"} <= set(commands["drift"]._option_string_actions)
     assert "--norm" in commands["stability"]._option_string_actions
 

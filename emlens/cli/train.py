@@ -8,7 +8,8 @@ from typing import Any
 
 from emlens.cli import flags
 from emlens.cli.runs import INTERVENTION_KINDS, data_source
-from emlens.interventions import SteeringVector
+from emlens.interventions import RankOneAdapter, SteeringVector
+from emlens.study.config import adapter_defaults
 from emlens.training import TrainConfig
 from emlens.validation import check_run_dir
 
@@ -64,6 +65,12 @@ def register(add: Any) -> None:
     )
     flags.add_flags(t, TrainConfig, KL_FLAGS)
     add_train_flags(t)
+    lr = t._option_string_actions["--lr"]  # the study's defaults: the paper's rate for each kind
+    lr.default = None
+    lr.help = (
+        f"learning rate (AdamW) (default: {flags.default_of(TrainConfig, 'lr'):g} for a steering vector, "
+        f"{adapter_defaults().lr:g} for an adapter: the paper's, as in emlens reproduce)"
+    )
     t.add_argument("--limit", type=flags.positive_int, default=None, help="use only the first N training conversations (default: all)")
     t.add_argument("--resume", default=None, help="directory of an earlier run to continue from")
     t.add_argument("--out", required=True, help="output directory for the run")
@@ -71,8 +78,12 @@ def register(add: Any) -> None:
     t.add_argument("--overwrite", action="store_true", help="write into --out even if it already holds files")
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(max_steps=args.max_steps, **flags.values_of(args, TRAIN_FLAGS), **flags.values_of(args, KL_FLAGS))
+def train_config(args: argparse.Namespace, adapter: bool = False) -> TrainConfig:
+    """The run's config; ``--lr`` left out (``None``, the train command's default) takes the study's rate for the kind."""
+    values = {**flags.values_of(args, TRAIN_FLAGS), **flags.values_of(args, KL_FLAGS)}
+    if values.get("lr") is None:
+        values["lr"] = adapter_defaults().lr if adapter else flags.default_of(TrainConfig, "lr")
+    return TrainConfig(max_steps=args.max_steps, **values)
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -93,6 +104,7 @@ def train_command(args: argparse.Namespace) -> int:
     model = flags.load_model_of(args)
     resumed = interrupted if previous is None else previous.intervention
     intervention = intervention_to_train(model, resumed, args.kind, args.layer, args.hook, args.alpha, args.seed)
+    config = train_config(args, adapter=intervention.kind == RankOneAdapter.kind)
     data = tokenized(model, args.data, config.max_length, args.limit)
     kl_data = tokenized(model, kl_source, config.max_length) if kl_source and args.kl_weight > 0 else None
     if (args.overwrite and interrupted is None) or previous is not None:
