@@ -394,11 +394,11 @@ def format_table(table: PreferenceTable) -> str:
 
 def write_preference_grid(grid: PreferenceTable, out_dir: str | Path, **info: Any) -> Path:
     """Write ``preference_grid.png`` and ``preference_grid.json`` (``info`` and every cell) in ``out_dir``."""
-    import json
+    from emlens.jsonl import dumps_strict
 
     out = Path(out_dir)
     plot_preference_grid(grid, out / "preference_grid.png")
-    (out / "preference_grid.json").write_text(json.dumps({**info, "results": table_as_dict(grid)}, indent=2))
+    (out / "preference_grid.json").write_text(dumps_strict({**info, "results": table_as_dict(grid)}, indent=2))
     return out / "preference_grid.json"
 
 

@@ -180,7 +180,10 @@ def test_grid_and_preference_commands(tiny_checkpoint, flaky_judge, tmp_path, ca
     assert main(["grid", *specs, "--model", str(tiny_checkpoint), "--device", "cpu", "--domains", "medical", "sports",
                  "--limit", "4", "--bootstrap", "50", "--n-samples", "1", "--max-new-tokens", "4", "--judge-url", flaky_judge,
                  "--judge-model", "stub", "--judge-cache", "", "--out", str(out)]) == 0
-    pref = json.loads((out / "preference_grid.json").read_text())["results"]
+    saved = json.loads((out / "preference_grid.json").read_text())
+    assert {"measure", "settings", "results", "plans"} <= set(saved)  # the shape every measure command writes
+    assert saved["measure"] == "preference_grid" and set(saved["plans"]) == {"base", "medical", "sports"}
+    pref = saved["results"]
     assert list(pref) == ["base", "medical", "sports"] and all(list(row) == ["medical", "sports"] for row in pref.values())
     cells = json.loads((out / "grid.json").read_text())
     assert list(cells) == ["base", "medical", "sports"]

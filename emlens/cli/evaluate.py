@@ -214,7 +214,18 @@ def grid_command(args: argparse.Namespace) -> int:
         "preference margin = NLL(correct) − NLL(harmful) per assistant token; rows: evaluation domains, columns: solutions (by training domain)"
     )
     print(format_table(grid))
-    write_preference_grid(grid, out, model=args.model, limit=args.limit)
+    from emlens.runner import runner_for
+
+    write_preference_grid(  # the shape every measure command writes: measure, settings, results, plans
+        grid,
+        out,
+        measure="preference_grid",
+        settings={"domains": list(args.domains), "limit": args.limit, "bootstrap": args.bootstrap, "seed": args.seed, "split": "heldout"},
+        margin="NLL(correct) - NLL(harmful), mean per assistant token; rows: solutions by training domain, columns: evaluation domains",
+        ci="95% percentile bootstrap over questions",
+        plans={name: runner_for(model).plan(sol).describe() for name, sol in {BASE: None, **solutions}.items()},
+        model=str(args.model),
+    )
     print(f"wrote {out}/preference_grid.png and preference_grid.json")
     if not judged:
         return 0
