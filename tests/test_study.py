@@ -439,3 +439,12 @@ def test_the_ratio_needs_an_out_of_domain_shift_distinguishable_from_zero():
     assert clear["ratio"] == pytest.approx(clear["in_domain"] / clear["out_of_domain"])
     lo, hi = mean_of_domains_ci([diffs["clear"]["a"], diffs["clear"]["b"]], 500, 1)
     assert lo < clear["out_of_domain"] < hi and clear["out_of_domain_ci"] == [lo, hi]
+
+
+def test_report_numbers_print_undefined_values_as_na_and_no_negative_zero():
+    import numpy as np
+
+    from emlens.study.report import _f
+
+    assert _f(-0.00001, 1) == "0.0" and _f(-0.2, 1) == "-0.2"
+    assert _f(np.float32("nan")) == "n/a" and _f(None) == "n/a" and _f(np.float32(1.23456)) == "1.235"

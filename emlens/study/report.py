@@ -117,11 +117,14 @@ def _ratio_note(stats: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def _f(x: Any, digits: int = 3) -> str:
+    """A number for a table: n/a when undefined (None, NaN), and no "-0.000" for a value that rounds to zero."""
     if x is None:
         return "n/a"
-    if isinstance(x, float) and not np.isfinite(x):
+    x = float(x)  # NumPy scalars of any width too
+    if not np.isfinite(x):
         return "n/a" if np.isnan(x) else ("∞" if x > 0 else "−∞")
-    return f"{x:.{digits}f}"
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -190,7 +193,7 @@ def write_report(
             numbers[f"efficiency/{kind}"] = {"at_norm": common, "loss": at, "measured": bool(measured)}
             md += [
                 f"**Efficiency** ({eff['settings']['rows']} held-out rows): loss at norm {common:.2f} ({how}): "
-                + ", ".join(f"{k} {v:.3f}" for k, v in at.items())
+                + ", ".join(f"{k} {_f(v)}" for k, v in at.items())
                 + f". ![efficiency]({FIGURES}/{fig.name})",
                 "",
             ]
@@ -225,7 +228,7 @@ def write_report(
             numbers[f"pretraining_kl/{kind}"] = {"at_norm": top, "kl": vals}
             md += [
                 f"**Pre-training KL** ({pk['settings']['documents']} web documents) at norm {top:.2f}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in vals.items())
+                + ", ".join(f"{k} {_f(v, 4)}" for k, v in vals.items())
                 + f" nats/token. ![pre-training KL]({FIGURES}/{fig.name})",
                 "",
             ]
