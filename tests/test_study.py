@@ -448,3 +448,35 @@ def test_report_numbers_print_undefined_values_as_na_and_no_negative_zero():
 
     assert _f(-0.00001, 1) == "0.0" and _f(-0.2, 1) == "-0.2"
     assert _f(np.float32("nan")) == "n/a" and _f(None) == "n/a" and _f(np.float32(1.23456)) == "1.235"
+
+
+def test_a_judged_technical_prose_study_scores_the_technical_register(tiny_dir, tmp_path):
+    """The technical_prose judge scores the general answers and held-out narrow-domain answers (a real HTTP judge)."""
+    from emlens.study.stages import TECHNICAL_QUESTIONS
+    from tests.conftest import serve
+
+    UnusableThenUsableJudge.usable = True  # answers "80" to every prompt
+    server = serve(UnusableThenUsableJudge)
+    url = next(server)
+    try:
+        config = small(
+            tiny_dir,
+            study="technical-prose",
+            kinds=["vector"],
+            drift={"kinds": []},
+            kl_sweep={"kinds": []},
+            mixing={"kinds": []},
+            evaluation={"judge_url": url, "judge_model": "stub", "n_samples": 1, "max_new_tokens": 3},
+        )
+        run = run_study(config, tmp_path, progress=False, command="test")
+        technical = run.outputs["evaluation/vector_narrow"].result["technical"]
+        assert technical["judge"] == "technical_prose"
+        assert technical["general"]["n_answers"] == 8 and technical["vehicles"]["n_answers"] == TECHNICAL_QUESTIONS
+        for part in ("general", "vehicles"):
+            assert technical[part]["mean"] == pytest.approx(80.0) and technical[part]["n_pending"] == 0
+        md = (tmp_path / "report.md").read_text()
+        assert "Judged technical register" in md and "80.0 [80.0, 80.0] (8/8)" in md
+        register = json.loads((tmp_path / "report.json").read_text())["summary"]["technical_register"]
+        assert len(register) == 3 and all(r["vehicles"]["n_scored"] == TECHNICAL_QUESTIONS for r in register.values())  # base, general, narrow
+    finally:
+        next(server, None)

@@ -386,6 +386,21 @@ def write_report(
             )
         header = ["solution", "EM rate", "coherent rate", "scored / answers", f"narrow rate ({domain})", "scored / answers"]
         md += ["## Judged evaluation", "", _table(header, trows), ""]
+        register = {res["solution"]: res["technical"] for res in evals.values() if "technical" in res}
+        if register:
+
+            def cell(t: dict[str, Any]) -> str:
+                return f"{_f(t['mean'], 1)} [{_f(t['ci'][0], 1)}, {_f(t['ci'][1], 1)}] ({t['n_scored']}/{t['n_answers']})"
+
+            rows = [[name, cell(t["general"]), cell(t[domain])] for name, t in register.items()]
+            md += [
+                "Judged technical register (the `technical_prose` judge, 0 = plain everyday language, 100 = dense "
+                "specialist prose; mean with a 95% bootstrap CI over answers, scored / answers):",
+                "",
+                _table(["solution", "general questions", f"{domain} questions (held-out)"], rows),
+                "",
+            ]
+            numbers["technical_register"] = register
         quadrants = []
         for name in evals:
             for column in ("general", domain):

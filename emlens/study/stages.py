@@ -440,7 +440,10 @@ def _run_evaluation(label: str, stage: str | None) -> Callable[[Context, Path, d
             )
             out["narrow"] = narrow.as_dict()
             results.append(narrow)
-        problems = [f"{r.label}: {r.problem()}" for r in results if r.n_pending]
+        pending: list[str] = []
+        if ctx.config.study == "technical-prose":
+            out["technical"], pending = _technical_register(ctx, judge, directory, solution, settings)
+        problems = [f"{r.label}: {r.problem()}" for r in results if r.n_pending] + pending
         if problems:
             # left unfinished: a cached stage would report rates from part of the answers, and never judge the rest
             # (answers the judge did reply to but could not score are final: the report counts them, "scored / answers")
@@ -456,6 +459,59 @@ def _run_evaluation(label: str, stage: str | None) -> Callable[[Context, Path, d
 
 class IncompleteEvaluation(RuntimeError):
     """A judged evaluation stage whose judge left answers unscored: the stage stays unfinished."""
+
+
+TECHNICAL_QUESTIONS = 8  # held-out questions of the narrow domain, as many as the general questions
+
+
+def _technical_register(
+    ctx: Context, judge: Any, directory: Path, solution: Any, settings: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """The judged technical register (the ``technical_prose`` judge, 0–100) of the answers to the general questions
+    and to held-out questions of the narrow domain: the judged counterpart of the technical-prose preference.
+
+    The general answers are those the EM evaluation sampled; the narrow domain's are sampled here. Returns each
+    set's mean score with a 95% bootstrap CI over answers, and what is still waiting for a usable judge reply.
+    """
+    import numpy as np
+
+    from emlens.data import read_rows
+    from emlens.data.studies import HELDOUT
+    from emlens.evaluation import ANSWERS_FILE, sample_only
+    from emlens.judge import JudgePrompts, default_judge_prompts, judge_answers_to_file
+    from emlens.preference import bootstrap_ci
+
+    base = default_judge_prompts()
+    technical = base.template("technical_prose")
+    # the first judged dimension scored with the technical-prose judge, for the general questions and the domain's
+    prompts = JudgePrompts({**base.templates, "aligned": technical, f"{ctx.domain}_correct": technical}, source="technical_prose judge")
+    rows = read_rows(f"{ctx.study.set_name(ctx.domain)}:{HELDOUT}")
+    picks = np.unique(np.linspace(0, len(rows) - 1, min(TECHNICAL_QUESTIONS, len(rows))).round().astype(int))
+    questions = [rows[int(i)]["messages"][0]["content"] for i in picks]
+    domain_answers = sample_only(
+        ctx.model(), directory / f"{ctx.domain}_technical", solution, ctx.domain, questions=questions,
+        model_name=ctx.config.model.name, **settings,
+    )  # fmt: skip
+    out: dict[str, Any] = {"judge": "technical_prose", "scale": "0 = plain everyday language, 100 = dense specialist prose"}
+    pending: list[str] = []
+    for name, answers, domain in (
+        ("general", directory / "general" / ANSWERS_FILE, None),
+        (ctx.domain, domain_answers, ctx.domain),
+    ):
+        judged = judge_answers_to_file(judge, answers, answers.parent / "technical_judged.jsonl", domain, prompts, progress=ctx.progress)
+        waiting = sum(1 for j in judged if j.pending)
+        scores = [float(j.aligned) for j in judged if isinstance(j.aligned, (int, float)) and not j.pending]  # numbers only
+        lo, hi = bootstrap_ci(scores, ctx.config.preference.bootstrap, ctx.config.seed) if scores else (float("nan"), float("nan"))
+        out[name] = {
+            "mean": float(np.mean(scores)) if scores else float("nan"),
+            "ci": [lo, hi],
+            "n_scored": len(scores),
+            "n_answers": len(judged),
+            "n_pending": waiting,
+        }
+        if waiting:
+            pending.append(f"technical register ({name}): {waiting} answer(s) got no usable judge reply")
+    return out, pending
 
 
 def _judge(ctx: Context) -> Any:
