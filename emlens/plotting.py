@@ -66,7 +66,14 @@ def plot_efficiency(
     norms: Sequence[float], curves: Mapping[str, Sequence[float]], path: str | Path, title: str = "Efficiency (Fig. 4a)"
 ) -> Path:
     """Loss vs norm for several solutions (lower at equal norm = more efficient)."""
-    return _curves(norms, curves, path, "norm of the solution (‖α·v‖ or mean ‖scale·B·A‖_F)", "loss (nats per assistant token)", title)
+    return _curves(
+        norms,
+        curves,
+        path,
+        "norm of the solution, residual-stream units (‖α·v‖, or mean ‖scale·B·A‖_F)",
+        "loss (nats per assistant token)",
+        title,
+    )
 
 
 def plot_stability(
@@ -91,7 +98,14 @@ def plot_pretraining_kl(
     norms: Sequence[float], curves: Mapping[str, Sequence[float]], path: str | Path, title: str = "Pre-training significance (Fig. 6)"
 ) -> Path:
     """KL(p_base ‖ p_steered) on web text vs norm, per direction."""
-    return _curves(norms, curves, path, "norm of the solution", "mean KL(p_base ‖ p_steered) on web text (nats per token)", title)
+    return _curves(
+        norms,
+        curves,
+        path,
+        "norm of the solution, residual-stream units",
+        "mean KL(p_base ‖ p_steered) on web text (nats per token)",
+        title,
+    )
 
 
 def plot_trajectories(

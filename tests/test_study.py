@@ -319,6 +319,7 @@ def test_a_judged_study_adds_the_evaluation_stages_and_quadrants(tiny_dir, tmp_p
     assert {"evaluation/base", "evaluation/vector_general", "evaluation/vector_narrow"} <= set(run.outputs)
     result = run.outputs["evaluation/vector_narrow"].result
     assert result["general"]["n_answers"] == 8 and "misaligned_rate" in result["narrow"]["rates"]
+    assert result["plan"].startswith(("offset path", "hooked path", "prefix path"))  # which path sampled the answers
     md = (tmp_path / "report.md").read_text()
     assert "## Judged evaluation" in md and "quadrants.png" in md
 

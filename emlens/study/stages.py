@@ -418,7 +418,11 @@ def _run_evaluation(label: str, stage: str | None) -> Callable[[Context, Path, d
         solution = None if stage is None else _load_solution(upstream[stage], _device(ctx))
         ev = ctx.config.evaluation
         judge = _judge(ctx)
-        out: dict[str, Any] = {"solution": label}
+        from emlens.runner import runner_for
+        from emlens.runner.sampling import sampling_plan
+
+        # the path every answer of this stage is sampled by (planned, not read back: resumed answers were sampled before)
+        out: dict[str, Any] = {"solution": label, "plan": sampling_plan(runner_for(ctx.model()), solution).describe()}
         settings: dict[str, Any] = dict(
             n_samples=ev.n_samples, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p, seed=ctx.config.seed
         )
