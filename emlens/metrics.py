@@ -20,9 +20,11 @@ from emlens.data import TokenDataset
 from emlens.geometry import PCAResult, cosine_similarity, pca
 from emlens.interventions import Intervention
 from emlens.runner import kl_sweep, loss_sweep, runner_for
-from emlens.study.config import PAPER_EPSILONS  # the ε grid, defined once (with the study's other defaults)
 from emlens.training import TrainConfig, TrainingCaches, TrainingResult, train
 from emlens.validation import check_grid
+
+# the paper's stability grid, defined once: the study's config (emlens/study/config.py) takes it from here
+PAPER_EPSILONS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def norm_grid(interventions: Sequence[Intervention], n_points: int = 11, max_factor: float = 2.0) -> list[float]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emlens.metrics import PAPER_EPSILONS
 from emlens.models import DTYPES
 from emlens.validation import ConfigError, check_choice, check_float, check_grid, check_int, check_optional_int
 
@@ -24,7 +25,6 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 PAPER_CONFIG = Path(__file__).parent / "paper.toml"
-PAPER_EPSILONS = (0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 KINDS = ("vector", "adapter")
 
 

@@ -51,7 +51,8 @@ def measure_efficiency(
     extra = [] if common in norms else [common]  # a grid point already is a measurement there
     for name, solution in solutions.items():
         losses = efficiency(model, solution, data, [*norms, *extra], batch_size, progress)
-        curves[name], at_common[name] = losses[: len(norms)], losses[len(norms) :][0] if extra else losses[norms.index(common)]
+        curves[name] = losses[: len(norms)]
+        at_common[name] = losses[-1] if extra else losses[norms.index(common)]
         plans[name] = _plan(model)
     return {
         "measure": "efficiency",
