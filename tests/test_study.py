@@ -481,3 +481,46 @@ def test_a_judged_technical_prose_study_scores_the_technical_register(tiny_dir, 
         assert len(register) == 3 and all(r["vehicles"]["n_scored"] == TECHNICAL_QUESTIONS for r in register.values())  # base, general, narrow
     finally:
         next(server, None)
+
+
+def test_emlens_reproduce_with_a_judge_that_leaves_answers_unscored_exits_3_and_keeps_the_work(tiny_dir, tmp_path, capsys):
+    """The command line says what happened in one line (exit 3, as `emlens evaluate`), no traceback; a re-run finishes."""
+    from emlens.cli import EXIT_JUDGE_FAILED, main
+    from tests.conftest import serve
+
+    def toml(raw: dict, prefix: str = "") -> str:
+        flat = "".join(f"{k} = {json.dumps(v)}\n" for k, v in raw.items() if not isinstance(v, dict))
+        tables = "".join(f"\n[{prefix}{k}]\n" + toml(v, f"{prefix}{k}.") for k, v in raw.items() if isinstance(v, dict))
+        return flat + tables
+
+    UnusableThenUsableJudge.usable = False
+    server = serve(UnusableThenUsableJudge)
+    url = next(server)
+    try:
+        raw = {
+            "study": "misalignment",
+            "kinds": ["vector"],
+            "model": {"name": str(tiny_dir), "device": "cpu"},
+            "data": {"train_rows": 4, "kl_rows": 4, "eval_rows": 2, "web_docs": 1, "web_max_tokens": 32, "max_length": 640},
+            "train": {"vector": {"lr": 1e-2, "max_steps": 2, "batch_size": 2, "grad_accum": 1, "warmup_steps": 0, "kl_batch_size": 2, "alpha": 4.0}},
+            "drift": {"kinds": []},
+            "kl_sweep": {"kinds": []},
+            "mixing": {"kinds": []},
+            "efficiency": {"points": 2},
+            "stability": {"epsilons": [0.0, 0.5], "seeds": [0]},
+            "pretraining_kl": {"points": 2, "n_random": 1},
+            "preference": {"rows": 2, "bootstrap": 20},
+            "evaluation": {"judge_url": url, "judge_model": "stub", "n_samples": 1, "max_new_tokens": 2},
+        }
+        config = tmp_path / "study.toml"
+        config.write_text(toml(raw))
+        argv = ["reproduce", "--config", str(config), "--out", str(tmp_path / "out")]
+        assert main(argv) == EXIT_JUDGE_FAILED
+        err = capsys.readouterr().err
+        assert "judged rates would come from part of the answers" in err and "Traceback" not in err
+        assert "run the same command again to continue" in err
+        UnusableThenUsableJudge.usable = True
+        assert main(argv) == 0
+        assert "reused from" in capsys.readouterr().out
+    finally:
+        next(server, None)

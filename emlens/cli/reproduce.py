@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
+from emlens.cli.flags import EXIT_JUDGE_FAILED
 from emlens.data.studies import STUDIES
 
 
@@ -52,6 +54,20 @@ def reproduce_command(args: argparse.Namespace) -> int:
 
         print(f"report: {rewrite_report(config, out)}")
         return 0
-    run = run_study(config, Path(out))
+    from emlens.judge import JudgeError
+    from emlens.study.stages import IncompleteEvaluation
+
+    try:
+        run = run_study(config, Path(out))
+    except (JudgeError, IncompleteEvaluation) as err:  # as `emlens evaluate`: one line, exit code 3, the work so far kept
+        from emlens.cli import one_line
+
+        if getattr(args, "debug", False):
+            import traceback
+
+            traceback.print_exc()
+        print(f"emlens: error: {one_line(err)}", file=sys.stderr)
+        print(f"emlens: every finished stage is kept in {out}/stages; run the same command again to continue", file=sys.stderr)
+        return EXIT_JUDGE_FAILED
     print(f"{len(run.ran)} stage(s) ran, {len(run.cached)} reused from {out}/stages; report: {run.report} (numbers: {out}/report.json)")
     return 0
