@@ -19,7 +19,7 @@ import torch
 from emlens.data import TokenDataset
 from emlens.geometry import PCAResult, cosine_similarity, pca
 from emlens.interventions import Intervention
-from emlens.runner import kl_sweep, loss_sweep, runner_for
+from emlens.runner import acts_alike, kl_sweep, loss_sweep, runner_for
 from emlens.training import TrainConfig, TrainingCaches, TrainingResult, train
 from emlens.validation import check_grid
 
@@ -161,8 +161,7 @@ def pretraining_significance(
     for name, intervention in interventions.items():
         intervention.check_model(model)
         _refuse_zero(intervention, f"pre-training KL ({name})")
-        acts = (intervention.kind, tuple(intervention.hook_names()), intervention.residual_offset() is None)
-        groups.setdefault(acts, []).append(name)
+        groups.setdefault(acts_alike(intervention), []).append(name)
     out: dict[str, list[float]] = {}
     for names in groups.values():
         points = [_at_norm(interventions[name], n) for name in names for n in norms]

@@ -31,7 +31,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from emlens.data import Conversation, DataFormatError, TokenDataset, read_rows
+from emlens.data import Conversation, DataFormatError, TokenDataset, evenly_spaced, read_rows
 from emlens.data.studies import MISALIGNMENT
 from emlens.interventions import Intervention
 from emlens.validation import ConfigError
@@ -180,9 +180,7 @@ def paired_datasets(
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-        if limit < len(located):
-            picks = np.unique(np.linspace(0, len(located) - 1, limit).round().astype(int))
-            located = [located[int(i)] for i in picks]
+        located = [located[i] for i in evenly_spaced(len(located), limit)]
     pairs = [(h, c) for _, h, c in located]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # truncation drops are handled below, for both sides at once
@@ -322,7 +320,7 @@ def preference_table(
     progress: bool = True,
 ) -> PreferenceTable:
     """``table[name][domain]``: the preference margin of each named solution (``None`` = base model) per domain."""
-    from emlens.runner.measure import example_nll_sweep
+    from emlens.runner.measure import acts_alike, example_nll_sweep
 
     pair_sets = {d: paired_datasets(model.tokenizer, d, limit, max_length) for d in domains}
     table: PreferenceTable = {name: {} for name in interventions}
@@ -330,9 +328,7 @@ def preference_table(
     # solutions of one kind and site share each batch's work below them (as a metric sweep does)
     groups: dict[tuple[Any, ...], list[str]] = {}
     for name in names:
-        iv = interventions[name]
-        key = () if iv is None else (iv.kind, tuple(iv.hook_names()), iv.residual_offset() is None)
-        groups.setdefault(key, []).append(name)
+        groups.setdefault(acts_alike(interventions[name]), []).append(name)
     jobs = [(d, members) for d in domains for members in groups.values()]
     for d, members in tqdm(jobs, desc="preference", disable=not progress):
         points = [interventions[n] for n in members]

@@ -77,6 +77,15 @@ def one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def judge_failed(args: argparse.Namespace, err: BaseException, kept: str) -> int:
+    """After a judge failure: the error in one line (the traceback with --debug), where the work so far is kept, exit 3."""
+    if getattr(args, "debug", False):
+        traceback.print_exc()
+    print(f"emlens: error: {one_line(err)}", file=sys.stderr)
+    print(f"emlens: {kept}", file=sys.stderr)
+    return EXIT_JUDGE_FAILED
+
+
 @contextlib.contextmanager
 def _tidy_warnings(args: argparse.Namespace) -> Iterator[None]:
     """Warnings print once each as ``emlens: warning: ...`` (in Python's usual form with --debug)."""

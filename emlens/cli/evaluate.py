@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -142,7 +140,7 @@ def _prepare(args: argparse.Namespace, domains: list[str | None]) -> tuple[Any, 
 
 def _judging(args: argparse.Namespace, judge: Any, model: Any, run: Callable[[Any], Any]) -> Any:
     """``run(judge)``, or exit code 3 after a judge failure, saying where the work so far is kept."""
-    from emlens.cli import one_line
+    from emlens.cli import judge_failed
     from emlens.evaluation import judge_failure_report, make_judge
     from emlens.judge import JudgeError
 
@@ -152,11 +150,7 @@ def _judging(args: argparse.Namespace, judge: Any, model: Any, run: Callable[[An
     try:
         return run(judge)
     except JudgeError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"emlens: error: {one_line(err)}", file=sys.stderr)
-        print(f"emlens: {judge_failure_report(args.out, None if args.local_judge else args.judge_cache)}", file=sys.stderr)
-        return flags.EXIT_JUDGE_FAILED
+        return judge_failed(args, err, judge_failure_report(args.out, None if args.local_judge else args.judge_cache))
     finally:
         getattr(judge, "close", lambda: None)()
 

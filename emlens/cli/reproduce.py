@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from emlens.cli.flags import EXIT_JUDGE_FAILED
 from emlens.data.studies import STUDIES
 
 
@@ -60,14 +58,8 @@ def reproduce_command(args: argparse.Namespace) -> int:
     try:
         run = run_study(config, Path(out))
     except (JudgeError, IncompleteEvaluation) as err:  # as `emlens evaluate`: one line, exit code 3, the work so far kept
-        from emlens.cli import one_line
+        from emlens.cli import judge_failed
 
-        if getattr(args, "debug", False):
-            import traceback
-
-            traceback.print_exc()
-        print(f"emlens: error: {one_line(err)}", file=sys.stderr)
-        print(f"emlens: every finished stage is kept in {out}/stages; run the same command again to continue", file=sys.stderr)
-        return EXIT_JUDGE_FAILED
+        return judge_failed(args, err, f"every finished stage is kept in {out}/stages; run the same command again to continue")
     print(f"{len(run.ran)} stage(s) ran, {len(run.cached)} reused from {out}/stages; report: {run.report} (numbers: {out}/report.json)")
     return 0

@@ -170,6 +170,15 @@ def _json_rows(source: str | os.PathLike, split: str | None, limit: int | None) 
     return origin, rows
 
 
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)``, first and last included (every index when ``k >= n``)."""
+    import numpy as np
+
+    if k >= n:
+        return list(range(n))
+    return [int(i) for i in np.unique(np.linspace(0, n - 1, k).round().astype(int))]
+
+
 def read_rows(source: str | os.PathLike, split: str | None = None, limit: object = None) -> list[dict[str, Any]]:
     """The rows of a JSONL source as objects (``messages`` validated; ``id``, ``split``, ``domain`` kept when present)."""
     return [row for _, row in _json_rows(source, split, check_optional_int("limit", limit, minimum=1))[1]]

@@ -11,7 +11,7 @@ losses and KLs for sweeps (:mod:`~emlens.runner.measure`), cached decoding
 from emlens.runner.architectures import PROVED_MODEL_TYPES, Architecture
 from emlens.runner.caches import ExampleResiduals, ResidualStore, dataset_fingerprint
 from emlens.runner.core import Plan, Runner, runner_for
-from emlens.runner.measure import kl_sweep, loss_sweep
+from emlens.runner.measure import acts_alike, kl_sweep, loss_sweep
 from emlens.runner.sampling import SamplingSettings, generate
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "Plan",
     "Runner",
     "runner_for",
+    "acts_alike",
     "kl_sweep",
     "loss_sweep",
     "SamplingSettings",

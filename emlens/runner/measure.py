@@ -19,9 +19,20 @@ from emlens.runner.transfer import to_device
 from emlens.scoring import kl_per_token, nll_per_token, nll_sum
 
 
+def acts_alike(intervention: Any | None) -> tuple[Any, ...]:
+    """What decides whether interventions can share one sweep: kind, sites, and whether they offset the residual.
+
+    Interventions with equal keys run on one plan (the base model, ``None``, has its own key); callers group
+    their points by it, and :func:`sweep_plan` falls back to the hooked path for points whose keys differ.
+    """
+    if intervention is None:
+        return ()
+    return (intervention.kind, tuple(intervention.hook_names()), intervention.residual_offset() is None)
+
+
 def sweep_plan(runner: Runner, interventions: Sequence[Any | None], cache_prefix: bool) -> Plan:
     """One plan for every point of a sweep: planned once (the foreign-hook scan walks the whole model);
-    every other point is checked against the model and must act the same way (kind and sites)."""
+    every other point is checked against the model and must act the same way (:func:`acts_alike`)."""
     real = [i for i in interventions if i is not None]
     if not real:
         return runner.plan(None, cache_prefix)
@@ -29,8 +40,7 @@ def sweep_plan(runner: Runner, interventions: Sequence[Any | None], cache_prefix
     plan = runner.plan(first, cache_prefix)
     for other in real[1:]:
         other.check_model(runner.model)
-        same = other.kind == first.kind and other.hook_names() == first.hook_names()
-        if not same or (other.residual_offset() is None) != (first.residual_offset() is None):
+        if acts_alike(other) != acts_alike(first):
             plan = Plan("hooked", 0, "the sweep's points act at different sites")
     runner.last_plan = plan
     return plan

@@ -21,6 +21,7 @@ from emlens.study.config import PAPER_CONFIG, StudyConfig
 from emlens.study.stages import (
     STAGE_FILE,
     Context,
+    Stage,
     StageOutput,
     build_stages,
     identity_of,
@@ -50,6 +51,22 @@ class StudyRun:
         return [name for name, o in self.outputs.items() if o.cached]
 
 
+def _stored_stages(stages: list[Stage], identity: dict[str, Any], out: Path) -> tuple[dict[str, str], dict[str, StageOutput], list[Stage]]:
+    """Every stage's key (from its settings, the identity and its upstream keys), the stages stored finished under
+    that key in ``out``, and the others, in order."""
+    keys: dict[str, str] = {}
+    outputs: dict[str, StageOutput] = {}
+    missing: list[Stage] = []
+    for stage in stages:
+        keys[stage.name] = stage_key(stage, identity, [keys[d] for d in stage.deps])
+        finished = read_finished(stage_dir(out, stage.name), keys[stage.name])
+        if finished is not None:
+            outputs[stage.name] = finished
+        else:
+            missing.append(stage)
+    return keys, outputs, missing
+
+
 def run_study(config: StudyConfig, out: str | Path, progress: bool = True, command: str | None = None, context: Any = None) -> StudyRun:
     """Run (or resume) every stage of ``config`` in ``out`` and write the report there.
 
@@ -65,16 +82,7 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, comma
     ctx = context or Context(config, out, progress)
     stages = build_stages(config)
     identity = identity_of(config)
-    keys: dict[str, str] = {}
-    outputs: dict[str, StageOutput] = {}
-    todo = []
-    for stage in stages:
-        keys[stage.name] = stage_key(stage, identity, [keys[d] for d in stage.deps])
-        finished = read_finished(stage_dir(out, stage.name), keys[stage.name])
-        if finished is not None:
-            outputs[stage.name] = finished
-        else:
-            todo.append(stage)
+    keys, outputs, todo = _stored_stages(stages, identity, out)
     ctx.check_mixing([float(s.settings.get("mix_ratio", 0.0)) for s in todo])  # a bad ratio stops the study before any work
     # the whole study's bar: the stage running, stages done, and the time left (each stage shows its own bar below)
     bar = tqdm(total=len(todo), desc="study", unit="stage", disable=not progress or not todo, dynamic_ncols=True)
@@ -106,16 +114,8 @@ def rewrite_report(config: StudyConfig, out: str | Path, command: str | None = N
 
     out = Path(out)
     identity = identity_of(config)
-    keys: dict[str, str] = {}
-    outputs: dict[str, StageOutput] = {}
-    stale: list[str] = []
-    for stage in build_stages(config):
-        keys[stage.name] = stage_key(stage, identity, [keys[d] for d in stage.deps])
-        finished = read_finished(stage_dir(out, stage.name), keys[stage.name])
-        if finished is not None:
-            outputs[stage.name] = finished
-        elif (stage_dir(out, stage.name) / STAGE_FILE).exists():
-            stale.append(stage.name)
+    _, outputs, missing = _stored_stages(build_stages(config), identity, out)
+    stale = [stage.name for stage in missing if (stage_dir(out, stage.name) / STAGE_FILE).exists()]  # stored, other key
     if stale:
         warnings.warn(
             f"{len(stale)} stage(s) in {out} were not finished under this config's settings and are left out of the report: "

@@ -479,9 +479,9 @@ def _technical_register(
     """
     import numpy as np
 
-    from emlens.data import read_rows
+    from emlens.data import evenly_spaced, read_rows
     from emlens.data.studies import HELDOUT
-    from emlens.evaluation import ANSWERS_FILE, sample_only
+    from emlens.evaluation import ANSWERS_FILE, is_number, sample_only
     from emlens.judge import JudgePrompts, default_judge_prompts, judge_answers_to_file
     from emlens.preference import bootstrap_ci
 
@@ -490,8 +490,7 @@ def _technical_register(
     # the first judged dimension scored with the technical-prose judge, for the general questions and the domain's
     prompts = JudgePrompts({**base.templates, "aligned": technical, f"{ctx.domain}_correct": technical}, source="technical_prose judge")
     rows = read_rows(f"{ctx.study.set_name(ctx.domain)}:{HELDOUT}")
-    picks = np.unique(np.linspace(0, len(rows) - 1, min(TECHNICAL_QUESTIONS, len(rows))).round().astype(int))
-    questions = [rows[int(i)]["messages"][0]["content"] for i in picks]
+    questions = [rows[i]["messages"][0]["content"] for i in evenly_spaced(len(rows), TECHNICAL_QUESTIONS)]
     domain_answers = sample_only(
         ctx.model(), directory / f"{ctx.domain}_technical", solution, ctx.domain, questions=questions,
         model_name=ctx.config.model.name, **settings,
@@ -504,7 +503,7 @@ def _technical_register(
     ):
         judged = judge_answers_to_file(judge, answers, answers.parent / "technical_judged.jsonl", domain, prompts, progress=ctx.progress)
         waiting = sum(1 for j in judged if j.pending)
-        scores = [float(j.aligned) for j in judged if isinstance(j.aligned, (int, float)) and not j.pending]  # numbers only
+        scores = [float(j.aligned) for j in judged if is_number(j.aligned) and not j.pending]  # labels and None excluded
         lo, hi = bootstrap_ci(scores, ctx.config.preference.bootstrap, ctx.config.seed) if scores else (float("nan"), float("nan"))
         out[name] = {
             "mean": float(np.mean(scores)) if scores else float("nan"),
