@@ -56,6 +56,16 @@ def small(tiny_dir, **changes) -> StudyConfig:
     return from_dict(raw)
 
 
+def vector_only(tiny_dir, **changes) -> StudyConfig:
+    """:func:`small` with the steering vector's general and narrow runs and their measures only (no drift, sweep, mixing)."""
+    return small(tiny_dir, kinds=["vector"], drift={"kinds": []}, kl_sweep={"kinds": []}, mixing={"kinds": []}, **changes)
+
+
+def judged(url: str) -> dict:
+    """The evaluation section for a judge at ``url``: one answer per question, three new tokens."""
+    return {"judge_url": url, "n_samples": 1, "max_new_tokens": 3, **({} if url == "local" else {"judge_model": "stub"})}
+
+
 @pytest.fixture(scope="module")
 def first_run(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
@@ -172,7 +182,7 @@ def test_an_interrupted_training_stage_continues_from_its_checkpoint(tiny_dir, t
     from emlens import training
     from emlens.study import stages
 
-    config = small(tiny_dir, kinds=["vector"], drift={"kinds": []}, kl_sweep={"kinds": []}, mixing={"kinds": []})
+    config = vector_only(tiny_dir)
     straight = run_study(config, tmp_path / "straight", progress=False, command="test")
     real_train = training.train
     steps_run: list[int] = []
@@ -233,7 +243,7 @@ def test_the_config_file_is_checked():
 
 
 def test_technical_prose_study_builds_its_stages(tiny_dir, tmp_path):
-    config = small(tiny_dir, study="technical-prose", kinds=["vector"], drift={"kinds": []}, kl_sweep={"kinds": []}, mixing={"kinds": []})
+    config = vector_only(tiny_dir, study="technical-prose")
     run = run_study(config, tmp_path, progress=False, command="test")
     pref = run.outputs["preference/main"].result
     assert set(pref["settings"]["domains"]) == {"vehicles", "astronomy", "cooking", "gardening", "photography"}
@@ -307,14 +317,7 @@ def test_a_rewritten_report_leaves_out_stages_stored_under_other_settings(first_
 
 
 def test_a_judged_study_adds_the_evaluation_stages_and_quadrants(tiny_dir, tmp_path):
-    config = small(
-        tiny_dir,
-        kinds=["vector"],
-        drift={"kinds": []},
-        kl_sweep={"kinds": []},
-        mixing={"kinds": []},
-        evaluation={"judge_url": "local", "n_samples": 1, "max_new_tokens": 3},
-    )
+    config = vector_only(tiny_dir, evaluation=judged("local"))
     run = run_study(config, tmp_path, progress=False, command="test")
     assert {"evaluation/base", "evaluation/vector_general", "evaluation/vector_narrow"} <= set(run.outputs)
     result = run.outputs["evaluation/vector_narrow"].result
@@ -362,34 +365,29 @@ class UnusableThenUsableJudge(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def test_a_judge_that_leaves_answers_unscored_leaves_the_stage_unfinished_and_a_rerun_judges_them(tiny_dir, tmp_path):
-    """Rates from part of the answers are never reported as final, nor cached: the stage stays open until judged."""
-    from emlens.study.stages import IncompleteEvaluation, stage_dir
+@pytest.fixture()
+def http_judge():
+    """The URL of a real OpenAI-compatible judge on localhost (:class:`UnusableThenUsableJudge`), unusable at first."""
     from tests.conftest import serve
 
     UnusableThenUsableJudge.usable = False
-    server = serve(UnusableThenUsableJudge)
-    url = next(server)
-    try:
-        config = small(
-            tiny_dir,
-            kinds=["vector"],
-            drift={"kinds": []},
-            kl_sweep={"kinds": []},
-            mixing={"kinds": []},
-            evaluation={"judge_url": url, "judge_model": "stub", "n_samples": 1, "max_new_tokens": 3},
-        )
-        with pytest.warns(UserWarning), pytest.raises(IncompleteEvaluation, match="run `emlens reproduce` again"):
-            run_study(config, tmp_path, progress=False, command="test")
-        meta = json.loads((stage_dir(tmp_path, "evaluation/base") / "stage.json").read_text())
-        assert meta["finished"] is False
-        UnusableThenUsableJudge.usable = True  # the judge is fixed: the same command judges what is left
-        run = run_study(config, tmp_path, progress=False, command="test")
-        result = run.outputs["evaluation/base"].result
-        assert result["general"]["n_pending"] == 0 and result["general"]["rates"]["n_scored"] == 8
-        assert "| 8/8 |" in (tmp_path / "report.md").read_text()
-    finally:
-        next(server, None)
+    yield from serve(UnusableThenUsableJudge)
+
+
+def test_a_judge_that_leaves_answers_unscored_leaves_the_stage_unfinished_and_a_rerun_judges_them(tiny_dir, tmp_path, http_judge):
+    """Rates from part of the answers are never reported as final, nor cached: the stage stays open until judged."""
+    from emlens.study.stages import IncompleteEvaluation, stage_dir
+
+    config = vector_only(tiny_dir, evaluation=judged(http_judge))
+    with pytest.warns(UserWarning), pytest.raises(IncompleteEvaluation, match="run `emlens reproduce` again"):
+        run_study(config, tmp_path, progress=False, command="test")
+    meta = json.loads((stage_dir(tmp_path, "evaluation/base") / "stage.json").read_text())
+    assert meta["finished"] is False
+    UnusableThenUsableJudge.usable = True  # the judge is fixed: the same command judges what is left
+    run = run_study(config, tmp_path, progress=False, command="test")
+    result = run.outputs["evaluation/base"].result
+    assert result["general"]["n_pending"] == 0 and result["general"]["rates"]["n_scored"] == 8
+    assert "| 8/8 |" in (tmp_path / "report.md").read_text()
 
 
 def test_the_report_and_every_stage_result_are_strict_json(first_run):
@@ -451,76 +449,55 @@ def test_report_numbers_print_undefined_values_as_na_and_no_negative_zero():
     assert _f(np.float32("nan")) == "n/a" and _f(None) == "n/a" and _f(np.float32(1.23456)) == "1.235"
 
 
-def test_a_judged_technical_prose_study_scores_the_technical_register(tiny_dir, tmp_path):
+def test_a_judged_technical_prose_study_scores_the_technical_register(tiny_dir, tmp_path, http_judge):
     """The technical_prose judge scores the general answers and held-out narrow-domain answers (a real HTTP judge)."""
     from emlens.study.stages import TECHNICAL_QUESTIONS
-    from tests.conftest import serve
 
     UnusableThenUsableJudge.usable = True  # answers "80" to every prompt
-    server = serve(UnusableThenUsableJudge)
-    url = next(server)
-    try:
-        config = small(
-            tiny_dir,
-            study="technical-prose",
-            kinds=["vector"],
-            drift={"kinds": []},
-            kl_sweep={"kinds": []},
-            mixing={"kinds": []},
-            evaluation={"judge_url": url, "judge_model": "stub", "n_samples": 1, "max_new_tokens": 3},
-        )
-        run = run_study(config, tmp_path, progress=False, command="test")
-        technical = run.outputs["evaluation/vector_narrow"].result["technical"]
-        assert technical["judge"] == "technical_prose"
-        assert technical["general"]["n_answers"] == 8 and technical["vehicles"]["n_answers"] == TECHNICAL_QUESTIONS
-        for part in ("general", "vehicles"):
-            assert technical[part]["mean"] == pytest.approx(80.0) and technical[part]["n_pending"] == 0
-        md = (tmp_path / "report.md").read_text()
-        assert "Judged technical register" in md and "80.0 [80.0, 80.0] (8/8)" in md
-        register = json.loads((tmp_path / "report.json").read_text())["summary"]["technical_register"]
-        assert len(register) == 3 and all(r["vehicles"]["n_scored"] == TECHNICAL_QUESTIONS for r in register.values())  # base, general, narrow
-    finally:
-        next(server, None)
+    config = vector_only(tiny_dir, study="technical-prose", evaluation=judged(http_judge))
+    run = run_study(config, tmp_path, progress=False, command="test")
+    technical = run.outputs["evaluation/vector_narrow"].result["technical"]
+    assert technical["judge"] == "technical_prose"
+    assert technical["general"]["n_answers"] == 8 and technical["vehicles"]["n_answers"] == TECHNICAL_QUESTIONS
+    for part in ("general", "vehicles"):
+        assert technical[part]["mean"] == pytest.approx(80.0) and technical[part]["n_pending"] == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "Judged technical register" in md and "80.0 [80.0, 80.0] (8/8)" in md
+    register = json.loads((tmp_path / "report.json").read_text())["summary"]["technical_register"]
+    assert len(register) == 3 and all(r["vehicles"]["n_scored"] == TECHNICAL_QUESTIONS for r in register.values())  # base, general, narrow
 
 
-def test_emlens_reproduce_with_a_judge_that_leaves_answers_unscored_exits_3_and_keeps_the_work(tiny_dir, tmp_path, capsys):
+def test_emlens_reproduce_with_a_judge_that_leaves_answers_unscored_exits_3_and_keeps_the_work(tiny_dir, tmp_path, capsys, http_judge):
     """The command line says what happened in one line (exit 3, as `emlens evaluate`), no traceback; a re-run finishes."""
     from emlens.cli import EXIT_JUDGE_FAILED, main
-    from tests.conftest import serve
 
     def toml(raw: dict, prefix: str = "") -> str:
         flat = "".join(f"{k} = {json.dumps(v)}\n" for k, v in raw.items() if not isinstance(v, dict))
         tables = "".join(f"\n[{prefix}{k}]\n" + toml(v, f"{prefix}{k}.") for k, v in raw.items() if isinstance(v, dict))
         return flat + tables
 
-    UnusableThenUsableJudge.usable = False
-    server = serve(UnusableThenUsableJudge)
-    url = next(server)
-    try:
-        raw = {
-            "study": "misalignment",
-            "kinds": ["vector"],
-            "model": {"name": str(tiny_dir), "device": "cpu"},
-            "data": {"train_rows": 4, "kl_rows": 4, "eval_rows": 2, "web_docs": 1, "web_max_tokens": 32, "max_length": 640},
-            "train": {"vector": {"lr": 1e-2, "max_steps": 2, "batch_size": 2, "grad_accum": 1, "warmup_steps": 0, "kl_batch_size": 2, "alpha": 4.0}},
-            "drift": {"kinds": []},
-            "kl_sweep": {"kinds": []},
-            "mixing": {"kinds": []},
-            "efficiency": {"points": 2},
-            "stability": {"epsilons": [0.0, 0.5], "seeds": [0]},
-            "pretraining_kl": {"points": 2, "n_random": 1},
-            "preference": {"rows": 2, "bootstrap": 20},
-            "evaluation": {"judge_url": url, "judge_model": "stub", "n_samples": 1, "max_new_tokens": 2},
-        }
-        config = tmp_path / "study.toml"
-        config.write_text(toml(raw))
-        argv = ["reproduce", "--config", str(config), "--out", str(tmp_path / "out")]
-        assert main(argv) == EXIT_JUDGE_FAILED
-        err = capsys.readouterr().err
-        assert "judged rates would come from part of the answers" in err and "Traceback" not in err
-        assert "run the same command again to continue" in err
-        UnusableThenUsableJudge.usable = True
-        assert main(argv) == 0
-        assert "reused from" in capsys.readouterr().out
-    finally:
-        next(server, None)
+    raw = {
+        "study": "misalignment",
+        "kinds": ["vector"],
+        "model": {"name": str(tiny_dir), "device": "cpu"},
+        "data": {"train_rows": 4, "kl_rows": 4, "eval_rows": 2, "web_docs": 1, "web_max_tokens": 32, "max_length": 640},
+        "train": {"vector": {"lr": 1e-2, "max_steps": 2, "batch_size": 2, "grad_accum": 1, "warmup_steps": 0, "kl_batch_size": 2, "alpha": 4.0}},
+        "drift": {"kinds": []},
+        "kl_sweep": {"kinds": []},
+        "mixing": {"kinds": []},
+        "efficiency": {"points": 2},
+        "stability": {"epsilons": [0.0, 0.5], "seeds": [0]},
+        "pretraining_kl": {"points": 2, "n_random": 1},
+        "preference": {"rows": 2, "bootstrap": 20},
+        "evaluation": {**judged(http_judge), "max_new_tokens": 2},
+    }
+    config = tmp_path / "study.toml"
+    config.write_text(toml(raw))
+    argv = ["reproduce", "--config", str(config), "--out", str(tmp_path / "out")]
+    assert main(argv) == EXIT_JUDGE_FAILED
+    err = capsys.readouterr().err
+    assert "judged rates would come from part of the answers" in err and "Traceback" not in err
+    assert "run the same command again to continue" in err
+    UnusableThenUsableJudge.usable = True
+    assert main(argv) == 0
+    assert "reused from" in capsys.readouterr().out
