@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -131,3 +132,28 @@ def test_bad_sampling_settings_are_refused(pair: Any) -> None:
         SamplingSettings(4, -1.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingSettings(0, 1.0)
+
+
+def test_model_generation_defaults_do_not_change_sampling(pair: Any) -> None:
+    """A model's own generation config (Qwen2.5-Instruct ships repetition_penalty 1.05, top_k 20) must not
+    reach emlens' samples: they are drawn from the model's distribution at the settings given, nothing else."""
+    reference, bridge = pair
+    plain = runner_for(bridge).plain
+    before = greedy(bridge, PROMPTS, None, batch_size=len(PROMPTS), n=24)
+    sampled = generate(bridge, PROMPTS, None, SamplingSettings(24, 1.0), seed=5, batch_size=3)
+    saved = plain.generation_config
+    try:
+        plain.generation_config = copy.deepcopy(saved)
+        plain.generation_config.repetition_penalty = 50.0
+        plain.generation_config.no_repeat_ngram_size = 1
+        plain.generation_config.top_k = 2
+        plain.generation_config.min_new_tokens = 30
+        assert greedy(bridge, PROMPTS, None, batch_size=len(PROMPTS), n=24) == before
+        assert generate(bridge, PROMPTS, None, SamplingSettings(24, 1.0), seed=5, batch_size=3) == sampled
+    finally:
+        plain.generation_config = saved
+    for i, prompt in enumerate(PROMPTS):  # and greedy is plain transformers' greedy with no processor at all
+        ids = torch.tensor([prompt])
+        expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                      pad_token_id=bridge.tokenizer.pad_token_id, eos_token_id=bridge.tokenizer.eos_token_id)
+        assert before[i] == expected[0, len(prompt):].tolist()[: len(before[i])]

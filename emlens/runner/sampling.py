@@ -107,12 +107,35 @@ def generate_batch(
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     hooks = intervention.fwd_hooks() if intervention is not None else []
-    with site_hooks(runner.plain, runner.arch, hooks), plain_attention(runner.plain):
+    with site_hooks(runner.plain, runner.arch, hooks), plain_attention(runner.plain), neutral_generation_config(runner.plain):
         out = runner.plain.generate(
             input_ids=input_ids, attention_mask=attention_mask, output_logits=return_logits, return_dict_in_generate=True, **kwargs
         )
     tokens = out.sequences[:, input_ids.shape[1] :]
     return (tokens, torch.stack(out.logits)) if return_logits else tokens
+
+
+@contextmanager
+def neutral_generation_config(plain: Any) -> Iterator[None]:
+    """Generate with no sampling defaults of the model's own: only :class:`SamplingSettings` shape the distribution.
+
+    transformers fills every setting a call leaves unset from the model's ``generation_config``
+    (Qwen2.5-Instruct's ships ``repetition_penalty=1.05`` and ``top_k=20``), so a call asking for
+    temperature 1 would sample from a penalised distribution. Only the token ids are kept.
+    """
+    from transformers import GenerationConfig
+
+    saved = plain.generation_config
+    plain.generation_config = GenerationConfig(
+        bos_token_id=saved.bos_token_id,
+        eos_token_id=saved.eos_token_id,
+        pad_token_id=saved.pad_token_id,
+        decoder_start_token_id=saved.decoder_start_token_id,
+    )
+    try:
+        yield
+    finally:
+        plain.generation_config = saved
 
 
 @contextmanager
