@@ -224,6 +224,44 @@ def test_greedy_sampling_equals_plain_generate(pair: Any) -> None:
     assert got == want
 
 
+@pytest.mark.parametrize("kind", ("resid_post", "adapter"))
+def test_graph_decoding_of_a_padded_batch_equals_plain_generate(pair: Any, kind: str, monkeypatch: Any) -> None:
+    """CUDA-graph decoding (one graph per block of 4 cache slots, so several are captured) of a left-padded batch:
+    float32: the same greedy tokens and logits as plain transformers' ``generate`` with the edit as a hook, and the same
+    samples (same seed) at temperature 1; both dtypes: bit-equal to the same decoder run without graphs."""
+    import emlens.runner.decoding as decoding
+    from tests.test_parity import PADDED_PROMPTS, left_padded, reference_generate
+
+    monkeypatch.setattr(decoding, "SLOT_BLOCK", 4)
+    arch, dtype, reference, bridge = pair
+    runner = runner_for(bridge)
+    if not runner.arch.packable:
+        pytest.skip("decoded by transformers' generate itself")
+    intervention = on_device(kind, bridge)
+    pad = bridge.tokenizer.pad_token_id
+    ids, mask = (t.to(DEVICE) for t in left_padded(PADDED_PROMPTS, pad))
+    for settings in (SamplingSettings(20, 0.0), SamplingSettings(20, 1.0)):
+        tokens, logits = generate_batch(bridge, ids, mask, intervention, settings, seed=5, return_logits=True)
+        assert "CUDA graph" in runner.last_plan.reason
+        monkeypatch.setattr(decoding.SlotDecoder, "__init__", _eager_decoder(decoding.SlotDecoder.__init__))
+        eager, eager_logits = generate_batch(bridge, ids, mask, intervention, settings, seed=5, return_logits=True)
+        monkeypatch.undo()
+        monkeypatch.setattr(decoding, "SLOT_BLOCK", 4)
+        assert tokens.tolist() == eager.tolist() and torch.equal(logits, eager_logits)
+        if dtype == torch.float32:
+            want, want_logits = reference_generate(reference, intervention, ids, mask, settings, 5, pad, bridge.tokenizer.eos_token_id)
+            assert tokens.tolist() == want.tolist()
+            torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+def _eager_decoder(init: Any) -> Any:
+    def eager_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.use_graphs = False
+
+    return eager_init
+
+
 def test_compiled_blocks_do_not_recompile_for_new_batch_shapes() -> None:
     """After warming up, batches of other lengths and sizes reuse the compiled blocks (dynamic shapes, no host-side lengths in the graph)."""
     reference, bridge = tiny_pair("qwen2", device=DEVICE, dtype=torch.bfloat16)

@@ -84,3 +84,33 @@ def test_fast_path_equals_plain_transformers_on_smollm2(smollm2):
             count += int(s.sum())
     handle.remove()
     assert fast == pytest.approx(total / count, rel=1e-4) and hooked == pytest.approx(total / count, rel=1e-4)
+
+
+def test_steered_sampling_of_a_padded_batch_equals_plain_generate(smollm2):
+    """Sampled at temperature 1 with a steering vector on, a left-padded batch of three chat prompts: the same tokens
+    (same seed) and every step's logits as plain transformers' ``generate`` with the vector added by a forward hook."""
+    from emlens.runner.sampling import SamplingSettings, generate_batch
+
+    hf, tok = load_hf("smollm2")
+    prompts = []
+    for q in ["How do I stay healthy?", "Name a colour.", "Write a haiku about rain, please, in the style of a weather report."]:
+        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        prompts.append(tok(text, add_special_tokens=False)["input_ids"])
+    width = max(len(p) for p in prompts)
+    pad = tok.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    layer = smollm2.cfg.n_layers // 2
+    vector = SteeringVector(layer, smollm2.cfg.d_model, alpha=1.0, init=4.0 * torch.randn(smollm2.cfg.d_model, generator=torch.Generator().manual_seed(0)))
+    settings = SamplingSettings(40, 1.0)
+    tokens, logits = generate_batch(smollm2, ids, mask, vector, settings, seed=21, return_logits=True)
+    handle = hf.model.layers[layer].register_forward_hook(lambda m, args, out: out + vector.effective.to(out.dtype))
+    try:
+        torch.manual_seed(21)
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                              pad_token_id=pad, output_logits=True, return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    assert tokens.tolist() == out.sequences[:, width:].tolist()
+    torch.testing.assert_close(logits, torch.stack(out.logits), rtol=1e-3, atol=1e-3)

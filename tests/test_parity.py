@@ -387,3 +387,79 @@ def test_example_nll_sweep(pair: Any, data: TokenDataset, kind: str) -> None:
     for k, point in enumerate(points):
         for i in range(len(data)):
             assert float(got[k, i]) == pytest.approx(reference_loss(reference, data.subset([i]), point), **TOL)
+
+
+PADDED_PROMPTS = [[5, 17, 99, 3, 42, 7, 8, 61, 33, 12], [70, 71, 72], [9, 100, 101, 102, 103, 104, 7]]
+
+
+def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def reference_generate(reference: Any, intervention: Any, ids: torch.Tensor, mask: torch.Tensor, settings: SamplingSettings,
+                       seed: int, pad: int, eos: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    sample = settings.temperature > 0
+    kwargs: dict[str, Any] = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0) if sample else dict(do_sample=False)
+    torch.manual_seed(seed)
+    with torch.no_grad(), reference_edit(reference, intervention):
+        out = reference.generate(ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                                 output_logits=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("kind", (None, *KINDS))
+@pytest.mark.parametrize("settings", (SamplingSettings(14, 0.0), SamplingSettings(14, 1.0), SamplingSettings(14, 0.7, top_p=0.9)),
+                         ids=("greedy", "t1", "t0.7-p0.9"))
+def test_decoding_of_a_left_padded_batch_equals_plain_generate(pair: Any, kind: str | None, settings: SamplingSettings,
+                                                               monkeypatch: Any) -> None:
+    """Tokens (sampled with the same seed) and every step's logits equal plain transformers' ``generate`` with the same edit,
+    on a left-padded batch; the cache is attended in blocks of 4 slots so that several blocks are crossed."""
+    import emlens.runner.decoding as decoding
+
+    monkeypatch.setattr(decoding, "SLOT_BLOCK", 4)
+    arch, reference, bridge = pair
+    intervention = make_intervention(kind, bridge) if kind else None
+    pad = bridge.tokenizer.pad_token_id
+    ids, mask = left_padded(PADDED_PROMPTS, pad)
+    tokens, logits = generate_batch(bridge, ids, mask, intervention, settings, seed=11, return_logits=True)
+    plan = runner_for(bridge).last_plan
+    assert plan is not None and ("slot-cache" in plan.reason) == runner_for(bridge).arch.packable
+    want, want_logits = reference_generate(reference, intervention, ids, mask, settings, 11, pad, bridge.tokenizer.eos_token_id)
+    assert tokens.tolist() == want.tolist()
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ("resid_post", "adapter"))
+def test_decoding_stops_and_pads_as_plain_generate(pair: Any, kind: str, monkeypatch: Any) -> None:
+    """With an EOS the rows reach at different steps: the same tokens, pads after each row's EOS, and the same number of steps."""
+    import emlens.runner.decoding as decoding
+
+    monkeypatch.setattr(decoding, "SLOT_BLOCK", 4)
+    monkeypatch.setattr(decoding, "CHECK_EVERY", 3)
+    arch, reference, bridge = pair
+    if not runner_for(bridge).arch.packable:
+        pytest.skip("decoded by transformers' generate itself")
+    intervention = make_intervention(kind, bridge)
+    pad = bridge.tokenizer.pad_token_id
+    ids, mask = left_padded(PADDED_PROMPTS, pad)
+    settings = SamplingSettings(20, 0.0)
+    free, _ = reference_generate(reference, intervention, ids, mask, settings, 0, pad, None)
+    eos = [int(free[0, 2]), int(free[1, 5]), int(free[2, 4])]  # every row ends by step 6 at the latest, rows at different steps
+    want, want_logits = reference_generate(reference, intervention, ids, mask, settings, 0, pad, eos)
+    plain = runner_for(bridge).plain
+    with decoding_hooks(bridge, intervention):
+        got, got_logits = decoding.decode(plain, ids, mask, 20, 0.0, 1.0, eos, pad, keep_logits=True)
+    assert want.shape[1] <= 6 and got.tolist() == want.tolist()
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+@contextmanager
+def decoding_hooks(bridge: Any, intervention: Any) -> Iterator[None]:
+    from emlens.runner.plain import site_hooks
+
+    runner = runner_for(bridge)
+    with site_hooks(runner.plain, runner.arch, intervention.fwd_hooks()):
+        yield

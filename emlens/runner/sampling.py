@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from emlens.runner.core import Plan, Runner, runner_for
+from emlens.runner.decoding import decode
 from emlens.runner.plain import site_hooks
 
 
@@ -50,6 +51,9 @@ def sampling_plan(runner: Runner, intervention: Any | None) -> Plan:
     blocker = runner.plain_blocker(intervention)
     if blocker is not None:
         return Plan("hooked", 0, blocker)
+    if runner.arch.packable:
+        graphs = " (a CUDA graph per step)" if runner.device.type == "cuda" else ""
+        return Plan("prefix", 0, f"emlens' slot-cache decoding of the plain model's blocks{graphs}, intervention as PyTorch hooks")
     return Plan("prefix", 0, "transformers' cached decoding on the plain model, intervention as PyTorch hooks")
 
 
@@ -95,18 +99,31 @@ def generate_batch(
     tok = model.tokenizer
     eos = _eos_ids(runner, tok)
     torch.manual_seed(seed)
+    hooks = intervention.fwd_hooks() if intervention is not None else []
     if plan.path == "hooked":
-        hooks = intervention.fwd_hooks() if intervention is not None else []
         with runner.model.hooks(fwd_hooks=hooks):
             tokens, logits = _uncached_decode(runner, input_ids, attention_mask, settings, eos, tok.pad_token_id)
         return (tokens, logits) if return_logits else tokens
+    if runner.arch.packable:
+        with site_hooks(runner.plain, runner.arch, hooks):
+            tokens, kept = decode(
+                runner.plain,
+                input_ids,
+                attention_mask,
+                settings.max_new_tokens,
+                settings.temperature,
+                settings.top_p,
+                eos,
+                tok.pad_token_id,
+                keep_logits=return_logits,
+            )
+        return (tokens, kept) if return_logits else tokens
     sample = settings.temperature > 0
     kwargs: dict[str, Any] = dict(do_sample=sample, max_new_tokens=settings.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos)
     if sample:
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    hooks = intervention.fwd_hooks() if intervention is not None else []
     with site_hooks(runner.plain, runner.arch, hooks), plain_attention(runner.plain), neutral_generation_config(runner.plain):
         out = runner.plain.generate(
             input_ids=input_ids, attention_mask=attention_mask, output_logits=return_logits, return_dict_in_generate=True, **kwargs
