@@ -5,7 +5,8 @@ Random-init Qwen2.5-14B config (bf16) wrapped with ``bridge_from_hf`` and SmolLM
 * ``train``: the real ``emlens.train`` on the built-in medical rows (cycled), micro-batch 2 × grad-accum 8 as the
   paper trains, ``--train-steps`` steps, for the steering vector without and with the KL term (KL batch 8); caches
   built before timing, one warm-up step (compilation) not timed. Reports seconds per step and tokens per second.
-* ``decode``: ``emlens.runner.sampling.generate_batch`` (transformers' ``generate`` on the plain model) at batch
+* ``decode``: ``emlens.runner.sampling.generate_batch`` (emlens' slot-cache decoder, transformers' ``generate`` before
+  commit 9ca6619) at batch
   ``--rows`` on the 8 general questions' chat prompts (left padded, as the study samples), ``--new`` tokens against
   2 tokens: milliseconds per decode step; then the same with every row the same prompt (no padding: no mask); then
   a torch.profiler table of a few decode steps.
@@ -168,12 +169,19 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--n-layers", type=int, default=None, help="fewer layers (a CPU smoke test of the script)")
+    p.add_argument("--sdpa-backends", choices=("emlens", "all"), default="emlens",
+                   help="decode: emlens' SDPA kernels (all but cuDNN's) or every kernel, cuDNN's first, as PyTorch prefers")
     args = p.parse_args()
     from transformers import AutoTokenizer
 
     from emlens.models import bridge_from_hf
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    if args.sdpa_backends == "all":
+        import emlens.runner.decoding as decoding
+        from torch.nn.attention import SDPBackend
+
+        decoding.DECODE_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     record: dict[str, Any] = {"command": " ".join(sys.argv), "versions": versions(), "code": code_revision(),
                               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "train": [], "decode": []}
 

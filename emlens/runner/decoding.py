@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from emlens.runner.plain import decoder_stack
 
@@ -44,6 +45,14 @@ SLOT_BLOCK = 64
 # Steps between reads of the finished-flag from the GPU (each read waits for the GPU to catch up).
 CHECK_EVERY = 16
 ATTENTION_NAME = "emlens_slots"
+
+# Every SDPA kernel but cuDNN's, which PyTorch prefers on recent GPUs. cuDNN plans each new shape afresh on the host,
+# and a KV cache grows by one position per decoding step, so every layer re-plans at every step: at 14B on an H200
+# (batch 400) that took 3.9 ms of host time per attention call, about 190 ms per step against 35 ms of GPU work
+# (benchmarks/raw/h200_probe_decode_paths.json). The other kernels compute the same attention (the GPU tests compare
+# greedy decoding with plain transformers'); on the CPU, cuDNN is never used, so nothing changes there.
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Under CUDA graphs the planning would cost only the captures' time, about 0.2 s per captured block at 14B.
 
 
 class SlotCache:
@@ -243,7 +252,7 @@ def decode(
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens: list[Tensor] = []
     kept: list[Tensor] = []
-    with _slot_attention(plain.config):
+    with _slot_attention(plain.config), sdpa_kernel(DECODE_SDPA_BACKENDS):
         logits = decoder.prefill()
         for step in range(max_new_tokens):
             if keep_logits:

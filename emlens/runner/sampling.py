@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 from emlens.runner.core import Plan, Runner, runner_for
-from emlens.runner.decoding import decode
+from emlens.runner.decoding import DECODE_SDPA_BACKENDS, decode
 from emlens.runner.plain import site_hooks
 
 
@@ -172,14 +172,6 @@ def plain_attention(plain: Any) -> Iterator[None]:
             yield
     finally:
         config._attn_implementation = previous
-
-
-# Every SDPA kernel but cuDNN's, which PyTorch prefers on recent GPUs. cuDNN plans each new shape afresh on the host,
-# and a KV cache grows by one position per decoding step, so every layer re-plans at every step: at 14B on an H200
-# (batch 400) that took 3.9 ms of host time per attention call, about 190 ms per step against 35 ms of GPU work
-# (benchmarks/raw/h200_probe_decode_paths.json). The other kernels compute the same attention (the GPU tests compare
-# greedy decoding with plain transformers'); on the CPU, cuDNN is never used, so nothing changes there.
-DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _eos_ids(runner: Runner, tokenizer: Any) -> list[int]:
