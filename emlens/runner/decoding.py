@@ -2,8 +2,8 @@
 
 transformers' ``generate`` grows its KV cache by concatenation, so every step copies the whole
 cache of every layer, and it reads a finished-flag back from the GPU every step, so the host's
-launch time adds to the GPU's. At 14B and batch 400 a step took 59–81 ms against ≈ 25 ms of
-arithmetic and memory traffic. This decoder keeps the same computation:
+launch time adds to the GPU's: at 14B on an H200, batch 400, a step took 81 ms; here 43 ms
+(``benchmarks/RESULTS.md``). This decoder keeps the same computation:
 
 * the prompt batch is left-padded exactly as for ``generate``: slot ``j`` of row ``r`` holds the
   same token at the same rotary position (the row's count of real tokens before it), and pad slots

@@ -2,12 +2,12 @@
 
 TransformerLens' bridge does not decode correctly with a KV cache on every transformers
 version (on 5.24 greedy decoding through it degenerates), so emlens never generates through
-the bridge. On a proved architecture it runs transformers' own ``generate`` on the plain
-model under the bridge (shared weights), with the intervention's hook functions applied as
-PyTorch hooks at the same sites: the same decoding code as plain transformers, the same
-edit as the hooked path. Anything else (an architecture or hook site not proved, a hook
-emlens did not register) falls back to an uncached decoding loop through the bridge: slow,
-but exact by construction.
+the bridge. On a proved architecture it decodes the plain model under the bridge (shared
+weights), with the intervention's hook functions applied as PyTorch hooks at the same sites:
+through :mod:`emlens.runner.decoding`'s slot cache where the blocks are packable, else with
+transformers' own ``generate``; both equal plain transformers' ``generate`` with the same edit.
+Anything else (an architecture or hook site not proved, a hook emlens did not register) falls
+back to an uncached decoding loop through the bridge: slow, but exact by construction.
 """
 
 from __future__ import annotations
