@@ -525,7 +525,8 @@ def load_hf(
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype, **from_pretrained_kwargs)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            revision = from_pretrained_kwargs.get("revision")
+            tokenizer = AutoTokenizer.from_pretrained(path, **({"revision": revision} if revision else {}))
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained_kwargs)
     except (OSError, ValueError, FileNotFoundError) as err:
         raise ModelLoadError(
@@ -537,6 +538,21 @@ def load_hf(
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def hub_revision(name: str) -> str | None:
+    """The commit a hub model name stands for now: asked of the Hub, or read from the local cache when offline.
+
+    None when neither answers (loading the model would fail too, with transformers' own error).
+    Pass it to :func:`load_model` as ``revision=`` to load exactly these weights later.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(name, allow_patterns=["config.json"])
+    except Exception:  # huggingface_hub raises many kinds (network, not found, offline cache miss); all mean "unknown"
+        return None
+    return Path(folder).name
 
 
 def bridge_from_hf(model: Any, tokenizer: Any, name: str = "emlens-model") -> Any:

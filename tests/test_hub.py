@@ -340,3 +340,51 @@ def test_a_study_stage_records_its_stage_and_the_study_identity(model, tmp_path)
     assert recorded["study"] == {"study": "misalignment", "domain": "medical", "identity": identity}
     assert recorded["data_fingerprint"] == dataset_fingerprint(ctx.train_data())
     assert recorded["training_config"]["max_steps"] == 2 and recorded["model"] == "tiny-llama"
+
+
+def test_a_hub_model_is_keyed_by_its_commit_and_loaded_at_that_commit(hub, tmp_path, monkeypatch):
+    """A study on a hub model name: its stages are keyed by the commit the name stands for, so a new commit of the model
+    re-runs them (stale reuse impossible), and the study loads the model at the keyed commit, not at whatever came later."""
+    import huggingface_hub.constants as constants
+    from huggingface_hub import HfApi
+
+    from emlens.models import load_model, tiny_hf_model
+    from emlens.runner import runner_for
+    from emlens.study.config import from_dict
+    from emlens.study.stages import Context, build_stages, identity_of, stage_key
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # as HF_ENDPOINT would point transformers at this Hub
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    hf, tok = tiny_hf_model("llama")
+    folder = tmp_path / "model"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    repo = f"{OWNER}/tiny-chat-llama"
+    api.create_repo(repo)
+    first = api.upload_folder(repo_id=repo, folder_path=folder).oid
+    original = hf.model.embed_tokens.weight.detach().clone()
+
+    config = from_dict({"study": "misalignment", "kinds": ["vector"], "drift": {"kinds": []}, "kl_sweep": {"kinds": []},
+                        "mixing": {"kinds": []}, "model": {"name": repo, "device": "cpu"}})
+    stage = next(s for s in build_stages(config) if s.name == "train/vector/kl=0")
+    before = identity_of(config)
+    assert before["model"] == {"name": repo, "revision": first}
+
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.add_(1.0)
+    hf.save_pretrained(folder)
+    second = api.upload_folder(repo_id=repo, folder_path=folder).oid
+    after = identity_of(config)
+    assert second != first and after["model"] == {"name": repo, "revision": second}
+    assert stage_key(stage, after, []) != stage_key(stage, before, [])
+
+    pinned = Context(config, tmp_path / "study", progress=False, revision=first).model()  # a study keyed at the first commit
+    plain = load_model(repo, revision=first)
+    latest = load_model(repo)
+    embedding = {name: runner_for(m).plain.get_input_embeddings().weight for name, m in (("pinned", pinned), ("plain", plain), ("latest", latest))}
+    assert torch.equal(embedding["pinned"], original) and torch.equal(embedding["plain"], original)
+    assert torch.equal(embedding["latest"], original + 1.0)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline, the cached name resolves to the latest commit seen
+    assert identity_of(config)["model"] == {"name": repo, "revision": second}

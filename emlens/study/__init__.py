@@ -79,9 +79,9 @@ def run_study(config: StudyConfig, out: str | Path, progress: bool = True, comma
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    ctx = context or Context(config, out, progress)
-    stages = build_stages(config)
     identity = identity_of(config)
+    ctx = context or Context(config, out, progress, revision=identity["model"].get("revision"))
+    stages = build_stages(config)
     keys, outputs, todo = _stored_stages(stages, identity, out)
     ctx.check_mixing([float(s.settings.get("mix_ratio", 0.0)) for s in todo])  # a bad ratio stops the study before any work
     # the whole study's bar: the stage running, stages done, and the time left (each stage shows its own bar below)

@@ -80,8 +80,9 @@ def _version() -> str:
 
 
 def model_identity(name: str) -> dict[str, Any]:
-    """What identifies the model's weights: its name, and for a local path the files' sizes and times."""
-    from emlens.models import DEFAULT_ALIASES, SMOLLM2_WHEEL
+    """What identifies the model's weights: its name, and for a local path the files' sizes and times, for a hub
+    name the commit it stands for now (:func:`emlens.models.hub_revision`; the study loads the model at that commit)."""
+    from emlens.models import DEFAULT_ALIASES, SMOLLM2_WHEEL, hub_revision
 
     if name in DEFAULT_ALIASES:
         return {"name": "smollm2", "release": SMOLLM2_WHEEL}
@@ -89,7 +90,7 @@ def model_identity(name: str) -> dict[str, Any]:
     if path.exists():
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         return {"name": str(path.resolve()), "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
-    return {"name": name}
+    return {"name": name, "revision": hub_revision(name)}
 
 
 def data_fingerprint(names: list[str]) -> str:
@@ -110,6 +111,7 @@ class Context:
     config: StudyConfig
     out: Path
     progress: bool = True
+    revision: str | None = None  # a hub model's commit, the one its stages are keyed by (None: a local or default model)
     _model: Any = None
     _cache: dict[Any, Any] = field(default_factory=dict)
 
@@ -133,7 +135,8 @@ class Context:
 
             cfg = self.config.model
             device = default_device() if cfg.device == "auto" else cfg.device
-            self._model = load_model(cfg.name, device=device, dtype=DTYPES[cfg.dtype])
+            pinned = {"revision": self.revision} if self.revision else {}
+            self._model = load_model(cfg.name, device=device, dtype=DTYPES[cfg.dtype], **pinned)
         return self._model
 
     def layer(self) -> int:
