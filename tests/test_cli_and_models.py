@@ -103,3 +103,24 @@ def test_cli_drift_and_evaluate(tiny_checkpoint, two_vectors, tmp_path, capsys):
     report = json.loads((out / "results.json").read_text())
     assert report["n_answers"] == 8 and "misaligned_rate" in report["rates"]
     assert "EM rate" in capsys.readouterr().out
+
+
+def test_cli_drift_trains_an_adapter_with_the_papers_adapter_settings(tiny_checkpoint, two_vectors, tmp_path, capsys):
+    """``emlens drift --kind adapter``: a rank-1 adapter's narrow run and its continuation, at the study's adapter defaults
+    (lr 2e-5, λ 0.66); a --general of another kind is refused before any training, naming both kinds."""
+    png = tmp_path / "drift_adapter.png"
+    assert main(["drift", "--model", str(tiny_checkpoint), "--data", "medical_harmful", "--steps", "4", "--kind", "adapter",
+                 "--batch-size", "2", "--out", str(png)]) == 0
+    result = json.loads(png.with_suffix(".json").read_text())
+    assert result["measure"] == "drift" and len(result["coordinates"]) == 3  # steps 0, 4 (KL) and 8 (no KL)
+    runs = tmp_path / "drift_adapter_runs"
+    narrow = json.loads((runs / "narrow" / "config.json").read_text())
+    continued = json.loads((runs / "continued" / "config.json").read_text())
+    from emlens import Intervention
+
+    assert Intervention.load(runs / "continued" / "intervention.safetensors").kind == "rank_one_adapter"
+    assert (narrow["lr"], narrow["kl_weight"]) == (2e-5, 0.66) and (continued["lr"], continued["kl_weight"]) == (2e-5, 0.0)
+    general = two_vectors[0].split("=", 1)[1]
+    code = main(["drift", "--model", str(tiny_checkpoint), "--data", "medical_harmful", "--steps", "4", "--kind", "adapter",
+                 "--general", general, "--out", str(tmp_path / "mixed.png")])
+    assert code != 0 and "one PCA needs one kind" in capsys.readouterr().err

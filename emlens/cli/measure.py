@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from emlens.cli import flags
-from emlens.cli.runs import data_source
+from emlens.cli.runs import INTERVENTION_KINDS, data_source
 from emlens.cli.train import add_train_flags, train_config
-from emlens.study.config import DataSection, EfficiencySection, PretrainingKLSection, StabilitySection, StudyConfig, TrainSection
+from emlens.study.config import (
+    DataSection,
+    EfficiencySection,
+    PretrainingKLSection,
+    StabilitySection,
+    StudyConfig,
+    TrainSection,
+    adapter_defaults,
+)
 from emlens.study.measures import describe, measure_pretraining_kl, random_names, save_result
 from emlens.validation import ConfigError, check_output_file, named_paths
 
@@ -36,7 +44,7 @@ KL_GRID: flags.Flags = {
     "--points": ("points", flags.at_least_two, "norms on the grid (>= 2)"),
 }
 DRIFT_KL: flags.Flags = {
-    "--kl-weight": ("kl_weight", flags.positive_float, "per-token KL weight λ of the narrow phase (> 0)"),
+    "--kl-weight": ("kl_weight", flags.positive_float, "per-token KL weight λ of the narrow phase (> 0; default: the paper's for --kind)"),
     "--kl-batch-size": ("kl_batch_size", flags.positive_int, "KL conversations per optimiser step"),
 }
 
@@ -102,17 +110,25 @@ def register(add: Any) -> None:
         "drift",
         drift_command,
         help="narrow run with KL, continued without KL; PCA of the checkpoints (Fig. 5)",
-        description="Trains a narrow steering vector (--kl-weight > 0), then continues it for as many steps without the KL "
-        "term, and projects every checkpoint (with --general's run, when given) on a joint PCA. The two runs are saved "
-        "beside the figure in OUT_runs/narrow and OUT_runs/continued, like `emlens train` saves a run.",
+        description="Trains a narrow steering vector or rank-1 adapter (--kl-weight > 0), then continues it for as many steps "
+        "without the KL term, and projects every checkpoint (with --general's run, when given) on a joint PCA. The two runs "
+        "are saved beside the figure in OUT_runs/narrow and OUT_runs/continued, like `emlens train` saves a run.",
     )
     flags.add_model_flags(dr)
     flags.add_figure_out(dr)
     dr.add_argument("--data", required=True, help="training conversations (a built-in set means its train split)")
     dr.add_argument("--kl-data", default=None, help="conversations for the KL term (default: the study's KL set for a built-in --data)")
+    dr.add_argument("--kind", choices=list(INTERVENTION_KINDS), default="steering", help="what to train (default: steering)")
     flags.add_flags(dr, TrainSection, DRIFT_KL)
     dr.add_argument("--layer", type=flags.nonnegative_int, default=None, help="layer L (default: the middle layer)")
     add_train_flags(dr, steps_help="optimiser steps in each phase (default: one pass of --epochs over the data)", aliases=("--steps",))
+    for flag, field in (("--lr", "lr"), ("--kl-weight", "kl_weight")):  # the study's defaults: the paper's for each kind
+        action = dr._option_string_actions[flag]
+        action.default = None
+        action.help = (
+            f"{action.help.split(' (default')[0]} (default: {flags.default_of(TrainSection, field):g} for a steering vector, "
+            f"{getattr(adapter_defaults(), field):g} for an adapter: the paper's, as in emlens reproduce)"
+        )
     dr.add_argument("--general", default=None, help="the general solution's run directory or .safetensors, shown in the same PCA")
     flags.add_allow_other_model(dr)
 
@@ -172,10 +188,11 @@ def pretraining_kl_command(args: argparse.Namespace) -> int:
 
 
 def drift_command(args: argparse.Namespace) -> int:
-    from emlens.cli.runs import load_trained, tokenized
+    from emlens.cli.runs import intervention_to_train, load_trained, tokenized
     from emlens.data import read_conversations
     from emlens.data.studies import default_kl_for
     from emlens.study.measures import measure_drift
+    from emlens.training import TrainingResult
 
     out = check_output_file(args.out, suffix=".png")
     data_name, kl_name = data_source(args.data), args.kl_data or default_kl_for(args.data)
@@ -184,10 +201,20 @@ def drift_command(args: argparse.Namespace) -> int:
     read_conversations(data_name)
     read_conversations(data_source(kl_name))
     general = load_trained(args.general, args.device) if args.general else None
-    config = train_config(args)
+    trained = general.intervention if isinstance(general, TrainingResult) else general
+    if trained is not None and trained.kind != INTERVENTION_KINDS[args.kind].kind:
+        raise ConfigError(
+            f"--general {args.general} is a {type(trained).__name__} but --kind {args.kind} trains a "
+            f"{INTERVENTION_KINDS[args.kind].__name__}: one PCA needs one kind (pass --kind to match)"
+        )
+    adapter = args.kind == "adapter"
+    if args.kl_weight is None:
+        args.kl_weight = (adapter_defaults() if adapter else TrainSection()).kl_weight
+    config = train_config(args, adapter=adapter)
     model = flags.load_model_of(args)
     data, kl_data = (tokenized(model, n, config.max_length) for n in (args.data, kl_name))
     runs = out.with_name(f"{out.stem}_runs")
-    result = measure_drift(model, data, kl_data, config, args.layer, general, runs)
+    intervention = intervention_to_train(model, None, args.kind, args.layer, seed=args.seed)
+    result = measure_drift(model, data, kl_data, config, general=general, runs=runs, intervention=intervention)
     print(f"saved the runs in {runs}/narrow and {runs}/continued")
     return _report(result, out)

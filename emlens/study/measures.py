@@ -189,15 +189,18 @@ def measure_drift(
     layer: int | None = None,
     general: Any = None,
     runs: str | Path | None = None,
+    intervention: Any = None,
 ) -> dict[str, Any]:
-    """Drift (Fig. 5) of a new steering vector at ``layer``: :func:`emlens.metrics.drift` with ``config`` for both phases.
+    """Drift (Fig. 5) of ``intervention`` (default: a new steering vector at ``layer``): :func:`emlens.metrics.drift`
+    with ``config`` for both phases.
 
     ``runs``: a folder where the two runs are saved (``narrow``, ``continued``), recorded in the result.
     """
     from emlens.interventions import SteeringVector
     from emlens.metrics import drift
 
-    result = drift(model, SteeringVector.for_model(model, layer), data, kl_data, config, config, general=general)
+    start = intervention if intervention is not None else SteeringVector.for_model(model, layer)
+    result = drift(model, start, data, kl_data, config, config, general=general)
     out = dict(result.result)
     if runs is not None:
         out["runs"] = {name: str(run.save(Path(runs) / name)) for name, run in (("narrow", result.narrow), ("continued", result.continued))}
