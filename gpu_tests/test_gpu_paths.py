@@ -254,6 +254,33 @@ def test_graph_decoding_of_a_padded_batch_equals_plain_generate(pair: Any, kind:
             torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_sampling_a_model_spread_over_two_gpus_equals_plain_generate(tmp_path: Any) -> None:
+    """A model split over two GPUs by ``device_map`` decodes with transformers' ``generate`` (the slot cache lives on one
+    device): greedy tokens with a steering vector equal plain transformers' on one GPU with the vector as a hook."""
+    from emlens.models import load_model, tiny_hf_model
+    from tests.test_parity import reference_edit
+
+    hf, tok = tiny_hf_model("llama", seed=4)
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    n = hf.config.num_hidden_layers
+    device_map = {"model.embed_tokens": 0, "lm_head": 0, "model.rotary_emb": 0, "model.norm": 1}
+    device_map.update({f"model.layers.{i}": 0 if i < n // 2 else 1 for i in range(n)})
+    bridge = load_model(str(tmp_path), dtype=torch.float32, device_map=device_map)
+    runner = runner_for(bridge)
+    assert len({p.device for p in runner.plain.parameters()}) == 2
+    vector = make_intervention("resid_post", bridge).to("cuda:0")
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 61, 33, 12]], device="cuda:0")
+    tokens = generate_batch(bridge, ids, torch.ones_like(ids), vector, SamplingSettings(16, 0.0), seed=0)
+    assert "transformers' cached decoding" in runner.last_plan.reason
+    reference = hf.to("cuda:0")
+    with torch.no_grad(), reference_edit(reference, vector):
+        expected = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, ids.shape[1]:]
+    assert tokens.tolist() == expected.tolist()
+
+
 def _eager_decoder(init: Any) -> Any:
     def eager_init(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)

@@ -123,6 +123,27 @@ def test_device_map_dispatch_hooks_do_not_bypass_the_plain_layers():
     assert evaluate_loss(model, data, vec) == pytest.approx(evaluate_loss(model, data, vec, cache_prefix=False), rel=1e-5)
 
 
+def test_sampling_through_device_map_dispatch_hooks_equals_plain_generate():
+    """The slot decoder runs a dispatched model's layers (accelerate's hooks on one device) as plain transformers does."""
+    import copy
+
+    from emlens.runner.sampling import SamplingSettings, generate_batch
+
+    hooks = pytest.importorskip("accelerate.hooks")
+    hf, tokenizer = tiny_hf_model("llama", seed=2)
+    reference = copy.deepcopy(hf)
+    for layer in hf.model.layers:
+        hooks.add_hook_to_module(layer, hooks.AlignDevicesHook(execution_device="cpu"))
+    model = bridge_from_hf(hf, tokenizer, name="tiny-dispatched")
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 61]])
+    got = generate_batch(model, ids, torch.ones_like(ids), None, SamplingSettings(12, 0.0), seed=0)
+    assert "slot-cache" in runner_for(model).last_plan.reason
+    with torch.no_grad():
+        expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    assert got.tolist() == expected[:, ids.shape[1]:].tolist()
+
+
 def new_intervention(model, kind):
     return SteeringVector.for_model(model, 2) if kind == "steering" else RankOneAdapter.for_model(model, 2)
 

@@ -51,10 +51,16 @@ def sampling_plan(runner: Runner, intervention: Any | None) -> Plan:
     blocker = runner.plain_blocker(intervention)
     if blocker is not None:
         return Plan("hooked", 0, blocker)
-    if runner.arch.packable:
+    if slot_decodable(runner):
         graphs = " (a CUDA graph per step)" if runner.device.type == "cuda" else ""
         return Plan("prefix", 0, f"emlens' slot-cache decoding of the plain model's blocks{graphs}, intervention as PyTorch hooks")
     return Plan("prefix", 0, "transformers' cached decoding on the plain model, intervention as PyTorch hooks")
+
+
+def slot_decodable(runner: Runner) -> bool:
+    """Whether :mod:`emlens.runner.decoding` decodes this model: packable blocks, all on one device (a model spread
+    over devices by ``device_map`` keeps transformers' ``generate``, whose cache lives beside each layer)."""
+    return runner.arch.packable and len({p.device for p in runner.plain.parameters()}) == 1
 
 
 def auto_batch_size(runner: Runner, prompt_len: int, max_new_tokens: int, n_prompts: int) -> int:
@@ -104,7 +110,7 @@ def generate_batch(
         with runner.model.hooks(fwd_hooks=hooks):
             tokens, logits = _uncached_decode(runner, input_ids, attention_mask, settings, eos, tok.pad_token_id)
         return (tokens, logits) if return_logits else tokens
-    if runner.arch.packable:
+    if slot_decodable(runner):
         with site_hooks(runner.plain, runner.arch, hooks):
             tokens, kept = decode(
                 runner.plain,
