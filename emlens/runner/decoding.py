@@ -20,8 +20,10 @@ launch time adds to the GPU's: at 14B on an H200, batch 400, a step took 81 ms; 
   ``generate``'s.
 
 Runs only where the plain blocks run padding-free (:attr:`Architecture.packable`: full causal
-attention with the Llama calling convention); ``tests/test_sampling.py`` checks tokens and logits
-against plain transformers' ``generate`` on every such architecture, and ``gpu_tests`` the graphs.
+attention with the Llama calling convention) and all weights sit on one device
+(:func:`emlens.runner.sampling.slot_decodable`). ``tests/test_parity.py`` checks tokens, seeded
+samples and logits against plain transformers' ``generate`` on every such architecture,
+``tests/test_integration_smollm2.py`` on the real default model, and ``gpu_tests`` the graphs.
 """
 
 from __future__ import annotations
@@ -115,8 +117,11 @@ def _slot_attention(config: Any) -> Iterator[None]:
 
 
 def _cache_keyword(layer: Any) -> str:
-    """The keyword a decoder layer takes its KV cache under (``cache`` from transformers 5.2x, ``past_key_values`` before)."""
-    return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
+    """The keyword a decoder layer takes its KV cache under (``cache`` from transformers 5.2x, ``past_key_values`` before).
+
+    Read from the layer's class: a dispatched layer's own ``forward`` is accelerate's ``(*args, **kwargs)`` wrapper.
+    """
+    return "cache" if "cache" in inspect.signature(type(layer).forward).parameters else "past_key_values"
 
 
 def next_tokens(logits: Float[Tensor, "batch vocab"], temperature: float, top_p: float) -> Int[Tensor, " batch"]:
