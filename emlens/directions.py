@@ -43,6 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from emlens.data import TokenDataset, collate
+from emlens.evaluation import is_number
 from emlens.interventions import DirectionAblation, Intervention, MultiLayerSteering, SteeringVector
 from emlens.judge import JudgedAnswer, Score, read_judged
 from emlens.models import default_layer
@@ -103,10 +104,8 @@ class Thresholds:
 
 
 def _number(score: Score) -> float | None:
-    """The score as a float when it is a finite number (labels such as ``REFUSAL``, ``None`` and NaN are not)."""
-    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-        return None
-    return float(score)
+    """The score as a float when it is a finite number (:func:`emlens.evaluation.is_number`), else None."""
+    return float(score) if is_number(score) else None
 
 
 @dataclass
