@@ -281,6 +281,33 @@ def test_sampling_a_model_spread_over_two_gpus_equals_plain_generate(tmp_path: A
     assert tokens.tolist() == expected.tolist()
 
 
+def test_a_step_that_cannot_be_captured_decodes_eagerly_with_a_warning(monkeypatch: Any) -> None:
+    """A host sync inside the step (here forced into the rotary embedding) makes graph capture fail: decoding warns,
+    goes on without graphs, and gives the tokens and logits of the decoder run without graphs from the start."""
+    import emlens.runner.decoding as decoding
+
+    reference, bridge = tiny_pair("qwen2", device=DEVICE)
+    pad = bridge.tokenizer.pad_token_id
+    from tests.test_parity import PADDED_PROMPTS, left_padded
+
+    ids, mask = (t.to(DEVICE) for t in left_padded(PADDED_PROMPTS, pad))
+    settings = SamplingSettings(12, 0.0)
+    monkeypatch.setattr(decoding.SlotDecoder, "__init__", _eager_decoder(decoding.SlotDecoder.__init__))
+    eager, eager_logits = generate_batch(bridge, ids, mask, None, settings, seed=0, return_logits=True)
+    monkeypatch.undo()
+    rotary = decoding.decoder_stack(runner_for(bridge).plain).rotary_emb
+    original = type(rotary).forward
+
+    def syncing(self: Any, x: Any, position_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        torch.cuda.synchronize()  # not allowed while a CUDA graph is being captured
+        return original(self, x, position_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(rotary), "forward", syncing)
+    with pytest.warns(RuntimeWarning, match="without CUDA graphs"):
+        tokens, logits = generate_batch(bridge, ids, mask, None, settings, seed=0, return_logits=True)
+    assert tokens.tolist() == eager.tolist() and torch.equal(logits, eager_logits)
+
+
 def _eager_decoder(init: Any) -> Any:
     def eager_init(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
