@@ -180,7 +180,9 @@ class SlotDecoder:
                 **{self.cache_keyword: self.cache},
             )
             hidden = out[0] if isinstance(out, tuple) else out
-        hidden = self.decoder.norm(hidden[:, -1])
+        # normed at every position, then the last taken, as transformers does (a norm's reduction can round
+        # differently for another number of rows)
+        hidden = self.decoder.norm(hidden)[:, -1]
         return self.plain.get_output_embeddings()(hidden).float()
 
     def prefill(self) -> Float[Tensor, "batch vocab"]:
