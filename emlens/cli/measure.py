@@ -44,7 +44,7 @@ KL_GRID: flags.Flags = {
     "--points": ("points", flags.at_least_two, "norms on the grid (>= 2)"),
 }
 DRIFT_KL: flags.Flags = {
-    "--kl-weight": ("kl_weight", flags.positive_float, "per-token KL weight λ of the narrow phase (> 0; default: the paper's for --kind)"),
+    "--kl-weight": ("kl_weight", flags.positive_float, "per-token KL weight λ of the narrow phase (> 0)"),
     "--kl-batch-size": ("kl_batch_size", flags.positive_int, "KL conversations per optimiser step"),
 }
 
@@ -118,7 +118,7 @@ def register(add: Any) -> None:
     flags.add_figure_out(dr)
     dr.add_argument("--data", required=True, help="training conversations (a built-in set means its train split)")
     dr.add_argument("--kl-data", default=None, help="conversations for the KL term (default: the study's KL set for a built-in --data)")
-    dr.add_argument("--kind", choices=list(INTERVENTION_KINDS), default="steering", help="what to train (default: steering)")
+    dr.add_argument("--kind", choices=list(INTERVENTION_KINDS), default="steering", help="what to train")
     flags.add_flags(dr, TrainSection, DRIFT_KL)
     dr.add_argument("--layer", type=flags.nonnegative_int, default=None, help="layer L (default: the middle layer)")
     add_train_flags(dr, steps_help="optimiser steps in each phase (default: one pass of --epochs over the data)", aliases=("--steps",))
