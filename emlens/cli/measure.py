@@ -13,16 +13,8 @@ from typing import Any
 
 from emlens.cli import flags
 from emlens.cli.runs import INTERVENTION_KINDS, data_source
-from emlens.cli.train import add_train_flags, train_config
-from emlens.study.config import (
-    DataSection,
-    EfficiencySection,
-    PretrainingKLSection,
-    StabilitySection,
-    StudyConfig,
-    TrainSection,
-    adapter_defaults,
-)
+from emlens.cli.train import add_train_flags, default_per_kind, train_config
+from emlens.study.config import DataSection, EfficiencySection, PretrainingKLSection, StabilitySection, StudyConfig, TrainSection
 from emlens.study.measures import describe, measure_pretraining_kl, random_names, save_result
 from emlens.validation import ConfigError, check_output_file, named_paths
 
@@ -122,13 +114,7 @@ def register(add: Any) -> None:
     flags.add_flags(dr, TrainSection, DRIFT_KL)
     dr.add_argument("--layer", type=flags.nonnegative_int, default=None, help="layer L (default: the middle layer)")
     add_train_flags(dr, steps_help="optimiser steps in each phase (default: one pass of --epochs over the data)", aliases=("--steps",))
-    for flag, field in (("--lr", "lr"), ("--kl-weight", "kl_weight")):  # the study's defaults: the paper's for each kind
-        action = dr._option_string_actions[flag]
-        action.default = None
-        action.help = (
-            f"{action.help.split(' (default')[0]} (default: {flags.default_of(TrainSection, field):g} for a steering vector, "
-            f"{getattr(adapter_defaults(), field):g} for an adapter: the paper's, as in emlens reproduce)"
-        )
+    default_per_kind(dr, "lr", "kl_weight")
     dr.add_argument("--general", default=None, help="the general solution's run directory or .safetensors, shown in the same PCA")
     flags.add_allow_other_model(dr)
 
@@ -207,10 +193,7 @@ def drift_command(args: argparse.Namespace) -> int:
             f"--general {args.general} is a {type(trained).__name__} but --kind {args.kind} trains a "
             f"{INTERVENTION_KINDS[args.kind].__name__}: one PCA needs one kind (pass --kind to match)"
         )
-    adapter = args.kind == "adapter"
-    if args.kl_weight is None:
-        args.kl_weight = (adapter_defaults() if adapter else TrainSection()).kl_weight
-    config = train_config(args, adapter=adapter)
+    config = train_config(args, adapter=args.kind == "adapter")
     model = flags.load_model_of(args)
     data, kl_data = (tokenized(model, n, config.max_length) for n in (args.data, kl_name))
     runs = out.with_name(f"{out.stem}_runs")

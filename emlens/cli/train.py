@@ -9,7 +9,7 @@ from typing import Any
 from emlens.cli import flags
 from emlens.cli.runs import INTERVENTION_KINDS, data_source
 from emlens.interventions import RankOneAdapter, SteeringVector
-from emlens.study.config import adapter_defaults
+from emlens.study.config import TrainSection, adapter_defaults
 from emlens.training import TrainConfig
 from emlens.validation import check_run_dir
 
@@ -65,12 +65,7 @@ def register(add: Any) -> None:
     )
     flags.add_flags(t, TrainConfig, KL_FLAGS)
     add_train_flags(t)
-    lr = t._option_string_actions["--lr"]  # the study's defaults: the paper's rate for each kind
-    lr.default = None
-    lr.help = (
-        f"learning rate (AdamW) (default: {flags.default_of(TrainConfig, 'lr'):g} for a steering vector, "
-        f"{adapter_defaults().lr:g} for an adapter: the paper's, as in emlens reproduce)"
-    )
+    default_per_kind(t, "lr")
     t.add_argument("--limit", type=flags.positive_int, default=None, help="use only the first N training conversations (default: all)")
     t.add_argument("--resume", default=None, help="directory of an earlier run to continue from")
     t.add_argument("--out", required=True, help="output directory for the run")
@@ -78,11 +73,28 @@ def register(add: Any) -> None:
     t.add_argument("--overwrite", action="store_true", help="write into --out even if it already holds files")
 
 
+PER_KIND = ("lr", "kl_weight")  # settings whose study default depends on the kind trained
+
+
+def default_per_kind(p: argparse.ArgumentParser, *fields: str) -> None:
+    """Make each of ``fields``' flags default to the study's value for the kind trained (``None`` until
+    :func:`train_config` knows the kind), and say both values in its help."""
+    for field in fields:
+        action = p._option_string_actions["--" + field.replace("_", "-")]
+        action.default = None
+        action.help = (
+            f"{(action.help or '').split(' (default')[0]} (default: {getattr(TrainSection(), field):g} for a steering vector, "
+            f"{getattr(adapter_defaults(), field):g} for an adapter: the paper's, as in emlens reproduce)"
+        )
+
+
 def train_config(args: argparse.Namespace, adapter: bool = False) -> TrainConfig:
-    """The run's config; ``--lr`` left out (``None``, the train command's default) takes the study's rate for the kind."""
+    """The run's config; a per-kind setting left out (``None``, :func:`default_per_kind`) takes the study's value for the kind."""
     values = {**flags.values_of(args, TRAIN_FLAGS), **flags.values_of(args, KL_FLAGS)}
-    if values.get("lr") is None:
-        values["lr"] = adapter_defaults().lr if adapter else flags.default_of(TrainConfig, "lr")
+    defaults = adapter_defaults() if adapter else TrainSection()
+    for field in PER_KIND:
+        if values.get(field) is None:
+            values[field] = getattr(defaults, field)
     return TrainConfig(max_steps=args.max_steps, **values)
 
 
