@@ -59,18 +59,10 @@ def main() -> None:
         return out.sequences[:, ids.shape[1]:], torch.stack(out.logits)
 
     def slot(graphs: bool, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        init = decoding.SlotDecoder.__init__
-
-        def patched(self: Any, *a: Any, **k: Any) -> None:
-            init(self, *a, **k)
-            self.use_graphs = graphs and self.use_graphs
-
-        decoding.SlotDecoder.__init__ = patched  # type: ignore[method-assign]
         saved, decoding.SLOT_BLOCK = decoding.SLOT_BLOCK, block
         try:
-            tokens, logits = decoding.decode(hf, ids, mask, args.new, 0.0, 1.0, [], pad, keep_logits=True)
+            tokens, logits = decoding.decode(hf, ids, mask, args.new, 0.0, 1.0, [], pad, keep_logits=True, graphs=graphs)
         finally:
-            decoding.SlotDecoder.__init__ = init  # type: ignore[method-assign]
             decoding.SLOT_BLOCK = saved
         assert logits is not None
         return tokens, logits

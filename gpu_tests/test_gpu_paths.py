@@ -243,7 +243,7 @@ def test_graph_decoding_of_a_padded_batch_equals_plain_generate(pair: Any, kind:
     for settings in (SamplingSettings(20, 0.0), SamplingSettings(20, 1.0)):
         tokens, logits = generate_batch(bridge, ids, mask, intervention, settings, seed=5, return_logits=True)
         assert "CUDA graph" in runner.last_plan.reason
-        monkeypatch.setattr(decoding.SlotDecoder, "__init__", _eager_decoder(decoding.SlotDecoder.__init__))
+        _without_graphs(monkeypatch)
         eager, eager_logits = generate_batch(bridge, ids, mask, intervention, settings, seed=5, return_logits=True)
         monkeypatch.undo()
         monkeypatch.setattr(decoding, "SLOT_BLOCK", 4)
@@ -292,7 +292,7 @@ def test_a_step_that_cannot_be_captured_decodes_eagerly_with_a_warning(monkeypat
 
     ids, mask = (t.to(DEVICE) for t in left_padded(PADDED_PROMPTS, pad))
     settings = SamplingSettings(12, 0.0)
-    monkeypatch.setattr(decoding.SlotDecoder, "__init__", _eager_decoder(decoding.SlotDecoder.__init__))
+    _without_graphs(monkeypatch)
     eager, eager_logits = generate_batch(bridge, ids, mask, None, settings, seed=0, return_logits=True)
     monkeypatch.undo()
     rotary = decoding.decoder_stack(runner_for(bridge).plain).rotary_emb
@@ -308,12 +308,14 @@ def test_a_step_that_cannot_be_captured_decodes_eagerly_with_a_warning(monkeypat
     assert tokens.tolist() == eager.tolist() and torch.equal(logits, eager_logits)
 
 
-def _eager_decoder(init: Any) -> Any:
-    def eager_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        self.use_graphs = False
+def _without_graphs(monkeypatch: Any) -> None:
+    """Sampling decodes with the slot decoder's graphs off (every step eager) until ``monkeypatch.undo()``."""
+    import functools
 
-    return eager_init
+    import emlens.runner.decoding as decoding
+    import emlens.runner.sampling as sampling
+
+    monkeypatch.setattr(sampling, "decode", functools.partial(decoding.decode, graphs=False))
 
 
 def test_compiled_blocks_do_not_recompile_for_new_batch_shapes() -> None:

@@ -141,7 +141,14 @@ def next_tokens(logits: Float[Tensor, "batch vocab"], temperature: float, top_p:
 class SlotDecoder:
     """One left-padded batch decoded through the plain model's blocks into a :class:`SlotCache`."""
 
-    def __init__(self, plain: Any, input_ids: Int[Tensor, "batch width"], attention_mask: Int[Tensor, "batch width"], max_new_tokens: int):
+    def __init__(
+        self,
+        plain: Any,
+        input_ids: Int[Tensor, "batch width"],
+        attention_mask: Int[Tensor, "batch width"],
+        max_new_tokens: int,
+        graphs: bool = True,
+    ):
         self.plain = plain
         self.decoder = decoder_stack(plain)
         self.layers = list(self.decoder.layers)
@@ -165,7 +172,7 @@ class SlotDecoder:
         self.write_slot = torch.zeros(1, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[Any, Tensor]] = {}
         self.pool: Any = None
-        self.use_graphs = device.type == "cuda"
+        self.use_graphs = graphs and device.type == "cuda"
 
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor) -> Float[Tensor, "batch vocab"]:
         hidden = self.decoder.embed_tokens(ids)
@@ -252,9 +259,11 @@ def decode(
     eos: list[int],
     pad: int,
     keep_logits: bool = False,
+    graphs: bool = True,
 ) -> tuple[Int[Tensor, "batch new"], Float[Tensor, "new batch vocab"] | None]:
-    """New tokens for a left-padded batch (pad after a row's EOS), as ``generate`` returns them; optionally every step's logits."""
-    decoder = SlotDecoder(plain, input_ids, attention_mask, max_new_tokens)
+    """New tokens for a left-padded batch (pad after a row's EOS), as ``generate`` returns them; optionally every step's
+    logits. ``graphs=False`` runs every step eagerly on CUDA too (the same kernels, launched one by one)."""
+    decoder = SlotDecoder(plain, input_ids, attention_mask, max_new_tokens, graphs)
     eos_ids = torch.tensor(eos, device=input_ids.device)
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens: list[Tensor] = []
