@@ -162,14 +162,28 @@ class _BatchCycle:
         self.epoch, self.offset = epoch, offset
         self._batches: list[tuple[list[int], ChatBatch]] | None = None
 
-    def __next__(self) -> tuple[list[int], ChatBatch]:
+    def _epoch_batches(self) -> list[tuple[list[int], ChatBatch]]:
         if self._batches is None:
             self._batches = list(self.dataset.indexed_batches(self.batch_size, shuffle=True, seed=self.seed + self.epoch))
-        if self.offset >= len(self._batches):
+        return self._batches
+
+    def __next__(self) -> tuple[list[int], ChatBatch]:
+        if self.offset >= len(self._epoch_batches()):
             self.epoch, self.offset, self._batches = self.epoch + 1, 0, None
             return next(self)
         self.offset += 1
-        return self._batches[self.offset - 1]
+        return self._epoch_batches()[self.offset - 1]
+
+    def step(self, n: int) -> list[tuple[list[int], ChatBatch]]:
+        """The next ``n`` batches of one optimiser step, fewer where the epoch ends first.
+
+        An epoch's last step takes only what is left of it (as a data loader that keeps its last
+        batch does), so one epoch trains every row exactly once.
+        """
+        out = [next(self)]
+        while len(out) < n and self.offset < len(self._epoch_batches()):
+            out.append(next(self))
+        return out
 
     def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
@@ -349,7 +363,7 @@ def train(
             for step in range(first, total_steps):
                 number = start_step + step + 1
                 optimizer.zero_grad(set_to_none=True)
-                micro = [next(sft_batches) for _ in range(config.grad_accum)]  # host batches: the runner moves what it needs
+                micro = sft_batches.step(config.grad_accum)  # host batches: the runner moves what it needs
                 # token-weighted over the whole accumulated batch, so micro-batch sizes don't bias it
                 n_tokens = sum(int(b.scored.sum()) for _, b in micro)
                 kl_item = next(kl_batches) if kl_batches is not None else None
@@ -360,11 +374,12 @@ def train(
                 else:
                     values = _hooked_step(runner, plan, intervention, micro, n_tokens, kl_item, config.kl_weight)
                 record: dict[str, float | int] = {"step": number, **_finite_step(intervention, values, number, last_good, checkpoints)}
+                lr = float(scheduler.get_last_lr()[0])  # the rate this step's update uses (step() below moves to the next one)
                 optimizer.step()
                 scheduler.step()
                 record["norm"] = _finite_params(intervention, optimizer, number, last_good, checkpoints)
                 last_good = _device_snapshot(intervention)
-                record["lr"] = float(scheduler.get_last_lr()[0])
+                record["lr"] = lr
                 result.losses.append(record)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("sft", "kl", "norm")}, refresh=False)
                 if step + 1 < total_steps:

@@ -202,6 +202,23 @@ def test_train_steps_with_fused_micro_batches(pair: Any, data: TokenDataset, kin
 
 
 @pytest.mark.parametrize("kind", ("resid_post", "adapter"))
+def test_one_epoch_trains_every_row_once(pair: Any, data: TokenDataset, kind: str) -> None:
+    """One epoch of 3 rows at batch 1 × 2 is 2 steps, the second of one micro-batch (not one borrowing a row from the
+    next epoch's shuffle), equal to plain transformers stepping through the epoch's batches; the logged lr is the
+    rate each step's update used."""
+    arch, reference, bridge = pair
+    three = data.subset(range(3))
+    config = TrainConfig(lr=0.05, batch_size=1, grad_accum=2, kl_weight=3.0, kl_batch_size=2, warmup_steps=0, progress=False, seed=4)
+    got = make_intervention(kind, bridge)
+    result = train(bridge, got, three, config, kl_dataset=three)
+    assert [r["step"] for r in result.losses] == [1, 2]
+    assert [r["lr"] for r in result.losses] == pytest.approx([0.05, 0.025])
+    ref = reference_train_steps(reference, make_intervention(kind, bridge), three, config)
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{arch} {kind} {name}")
+
+
+@pytest.mark.parametrize("kind", ("resid_post", "adapter"))
 def test_training_through_caches_that_share_a_residual_store(pair: Any, data: TokenDataset, kind: str) -> None:
     """Caches whose rows come from an earlier cache's store (a mixing set repeating the target rows; its KL set is
     the same rows again, needing their base hidden states) train as plain transformers does."""
@@ -227,16 +244,19 @@ def reference_train_steps(reference: Any, ref: Any, data: TokenDataset, config: 
     """``config.max_steps`` AdamW steps (linear decay, no warm-up) of ``ref`` on plain transformers, one micro-batch
     per forward, the SFT loss token-weighted over the step and ``λ · KL(p_base ‖ p_steered)`` on a KL batch of
     ``data``; the batches are the ones ``train`` draws (its seeds). Returns ``ref``, trained in place."""
-    steps, lam = config.max_steps, config.kl_weight
-    assert steps is not None and config.warmup_steps == 0 and config.weight_decay == 0
+    lam = config.kl_weight
+    # an epoch's batches in steps of grad_accum, its last step taking what is left (every row once per epoch)
+    epoch = [b for _, b in data.indexed_batches(config.batch_size, shuffle=True, seed=config.seed)]
+    chunks = [epoch[i : i + config.grad_accum] for i in range(0, len(epoch), config.grad_accum)]
+    steps = config.max_steps or len(chunks)
+    assert steps <= len(chunks) and config.warmup_steps == 0 and config.weight_decay == 0
     params = [p for p in ref.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (steps - s) / steps)
-    sft = iter(data.indexed_batches(config.batch_size, shuffle=True, seed=config.seed))
     kl_batches = iter(data.indexed_batches(config.kl_batch_size, shuffle=True, seed=config.seed + 1))
-    for _ in range(steps):
+    for step in range(steps):
         optimizer.zero_grad()
-        micro = [next(sft)[1].to(device) for _ in range(config.grad_accum)]
+        micro = [b.to(device) for b in chunks[step]]
         reference_step_backward(reference, ref, micro, next(kl_batches)[1].to(device), lam)
         optimizer.step()
         scheduler.step()
