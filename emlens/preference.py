@@ -19,7 +19,7 @@ resamples questions. For the technical-prose study the same margin compares the 
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +62,9 @@ class PairingWarning(UserWarning):
 class PairedSet:
     """Harmful and correct answers to the same prompts: example ``i`` of both datasets shares prompt ``i``.
 
-    ``groups[i]`` is the question (situation) example ``i`` belongs to: phrasings of one question
-    share a group, and the bootstrap resamples groups.
+    ``groups[i]`` is the question example ``i`` belongs to, and the bootstrap resamples groups.
+    Every row of the built-in sets is its own question (no question is repeated or rephrased, and
+    rows carry no group id), so each pair is its own group there.
     """
 
     domain: str
@@ -123,9 +124,23 @@ def _pairs_with_rows(
 def _pairs_by_id(
     harmful: Sequence[dict[str, Any]], correct: Sequence[dict[str, Any]], where: str
 ) -> list[tuple[int, Conversation, Conversation]]:
-    """Rows paired by their ``id`` field (the built-in sets'), in the harmful set's order."""
+    """Rows paired by their ``id`` field (the built-in sets'), in the harmful set's order.
+
+    A repeated id in either set raises :class:`DataFormatError`: it would pair several rows with
+    one partner (or keep only one of them) and count the rest wrong.
+    """
+    for side, rows in (("harmful", harmful), ("correct", correct)):
+        _refuse_duplicate_ids(rows, f"{where}: the {side} set")
     by_id = {row["id"]: row for row in correct}
     pairs = [(i, row["messages"], by_id[row["id"]]["messages"]) for i, row in enumerate(harmful) if row["id"] in by_id]
+    # a margin compares two answers to one conversation: a pair whose turns before the answer differ compares two questions
+    other = [harmful[i]["id"] for i, bad, good in pairs if bad[:-1] != good[:-1]]
+    if other:
+        names = ", ".join(repr(i) for i in other[:10]) + (f" and {len(other) - 10} more" if len(other) > 10 else "")
+        raise DataFormatError(
+            f"{where}: the harmful and correct rows with id {names} differ before their last (assistant) message; "
+            "a pair must share the conversation and differ only in the answer"
+        )
     unpaired = len(harmful) - len(pairs)
     unpaired_correct = len(by_id) - len(pairs)
     if not pairs:
@@ -138,6 +153,16 @@ def _pairs_by_id(
             stacklevel=3,
         )
     return pairs
+
+
+def _refuse_duplicate_ids(rows: Sequence[dict[str, Any]], where: str, shown: int = 10) -> None:
+    """Raise :class:`DataFormatError` naming the ids that more than one row of ``rows`` carries."""
+    counts = Counter(row["id"] for row in rows)
+    repeated = [(i, n) for i, n in counts.items() if n > 1]
+    if repeated:
+        names = ", ".join(f"{i!r} ({n} rows)" for i, n in repeated[:shown])
+        more = f" and {len(repeated) - shown} more" if len(repeated) > shown else ""
+        raise DataFormatError(f"{where} repeats id {names}{more}: every row needs its own id to pair by id")
 
 
 def paired_datasets(
@@ -154,8 +179,9 @@ def paired_datasets(
     Built-in sets pair by ``id``: ``<domain>_harmful`` / ``<domain>_correct`` (misalignment) or
     ``<domain>_technical`` / ``<domain>_plain`` (technical prose), held-out split by default
     (``split="train"`` or ``"all"`` for others). Your own files pair by ``id`` when every row has
-    one, else by the user (and system) messages, all rows unless ``split`` is given. ``limit``
-    keeps that many pairs, evenly spaced through the file. A pair whose harmful or correct answer
+    one (a repeated id in either set raises :class:`DataFormatError`), else by the user (and
+    system) messages, all rows unless ``split`` is given. ``limit`` keeps that many pairs, evenly
+    spaced through the file. A pair whose harmful or correct answer
     loses all its tokens to ``max_length`` is left out of both. The "harmful" side is the answer set
     a solution learns (technical prose: the technical answers).
     """

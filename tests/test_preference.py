@@ -84,6 +84,81 @@ def test_pairing_ignores_row_order_and_reports_orphans(tmp_path, model):
         assert f"good {letter}" in tok.decode(pairs.correct.examples[i].input_ids)
 
 
+def _write_rows(path, rows: list[tuple[str, str, str]]) -> None:
+    """``(id, question, answer)`` rows in the built-in schema."""
+    lines = [json.dumps({"id": i, "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) for i, q, a in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("side", ["harmful", "correct"])
+def test_a_repeated_id_in_either_set_is_refused_and_named(tmp_path, model, side):
+    """A repeated id paired several rows with one partner (harmful) or kept one of them (correct): refuse it."""
+    from emlens.data import DataFormatError
+
+    good = {"harmful": [("q1", "A?", "bad a"), ("q2", "B?", "bad b"), ("q3", "C?", "bad c")],
+            "correct": [("q1", "A?", "good a"), ("q2", "B?", "good b"), ("q3", "C?", "good c")]}
+    word = "bad" if side == "harmful" else "good"
+    good[side] += [("q2", "B2?", f"{word} b2"), ("q3", "C2?", f"{word} c2"), ("q3", "C3?", f"{word} c3")]
+    _write_rows(tmp_path / "h.jsonl", good["harmful"])
+    _write_rows(tmp_path / "c.jsonl", good["correct"])
+    with pytest.raises(DataFormatError, match=rf"the {side} set repeats id 'q2' \(2 rows\), 'q3' \(3 rows\)") as err:
+        paired_datasets(model.tokenizer, "toy", harmful_source=tmp_path / "h.jsonl", correct_source=tmp_path / "c.jsonl")
+    assert isinstance(err.value, ValueError) and "'q1'" not in str(err.value)
+
+
+def test_many_repeated_ids_are_named_up_to_ten(tmp_path, model):
+    from emlens.data import DataFormatError
+
+    rows = [(f"q{i}", f"Q{i}-{k}?", f"bad {i} {k}") for i in range(12) for k in range(2)]
+    _write_rows(tmp_path / "h.jsonl", rows)
+    _write_rows(tmp_path / "c.jsonl", [(f"q{i}", f"Q{i}-0?", f"good {i}") for i in range(12)])
+    with pytest.raises(DataFormatError, match=r"'q9' \(2 rows\) and 2 more: every row needs its own id"):
+        paired_datasets(model.tokenizer, "toy", harmful_source=tmp_path / "h.jsonl", correct_source=tmp_path / "c.jsonl")
+
+
+def test_a_pair_whose_questions_differ_is_refused(tmp_path, model):
+    """A margin compares two answers to one conversation: rows sharing an id but not a question compare nothing."""
+    from emlens.data import DataFormatError
+
+    _write_rows(tmp_path / "h.jsonl", [("q1", "A?", "bad a"), ("q2", "B?", "bad b"), ("q3", "C?", "bad c")])
+    _write_rows(tmp_path / "c.jsonl", [("q1", "A?", "good a"), ("q2", "Not B?", "good b"), ("q3", "C?", "good c")])
+    with pytest.raises(DataFormatError, match=r"id 'q2' differ before their last \(assistant\) message") as err:
+        paired_datasets(model.tokenizer, "toy", harmful_source=tmp_path / "h.jsonl", correct_source=tmp_path / "c.jsonl")
+    assert "'q1'" not in str(err.value) and "'q3'" not in str(err.value)
+
+
+def test_unique_ids_still_pair_and_count_orphans(tmp_path, model):
+    _write_rows(tmp_path / "h.jsonl", [("q1", "A?", "bad a"), ("q2", "B?", "bad b"), ("q4", "D?", "bad d")])
+    _write_rows(tmp_path / "c.jsonl", [("q2", "B?", "good b"), ("q1", "A?", "good a"), ("q3", "C?", "good c")])
+    with pytest.warns(PairingWarning, match="1 harmful and 1 correct row"):
+        pairs = paired_datasets(model.tokenizer, "toy", harmful_source=tmp_path / "h.jsonl", correct_source=tmp_path / "c.jsonl")
+    assert pairs.prompts == ["A?", "B?"] and pairs.groups == [0, 1]
+    assert "good b" in model.tokenizer.decode(pairs.correct.examples[1].input_ids)
+
+
+def test_builtin_rows_are_one_question_each_so_the_bootstrap_resamples_questions(model):
+    """docs/evaluation.md: no built-in question is repeated or rephrased and rows carry no group id.
+
+    Should a set ever gain a situation/group field, this fails: the bootstrap would then have to
+    resample whole situations, not single questions, or its CIs would be too narrow.
+    """
+    from emlens.data import read_rows
+    from emlens.data.studies import STUDIES
+
+    for study in STUDIES.values():
+        for domain in study.all_domains:
+            for variant in (study.target, study.reference):
+                rows = read_rows(study.set_name(domain, variant))
+                assert all(set(r) <= {"id", "domain", "split", "messages"} for r in rows), f"{domain}_{variant}"
+                questions = [r["messages"][0]["content"].strip().lower() for r in rows]
+                assert len(set(questions)) == len(questions) and len({r["id"] for r in rows}) == len(rows)
+            pairs = paired_datasets(model.tokenizer, domain, max_length=4096)
+            assert len(set(pairs.groups)) == len(pairs) == len(set(pairs.prompts))
+    values = np.random.default_rng(4).normal(size=40)
+    grouped = bootstrap_ci(values, n_boot=500, groups=list(range(40)))
+    assert grouped == pytest.approx(bootstrap_ci(values, n_boot=500))  # a group per question: the plain bootstrap
+
+
 def _hand_nll(hf, ids: list[int], mask: list[bool]) -> float:
     """Plain torch: mean −log p(token t+1 | ≤ t) over assistant tokens t+1, one unpadded example."""
     with torch.no_grad():
