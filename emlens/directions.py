@@ -273,6 +273,8 @@ def _row_means(
     dataset = TokenDataset.from_conversations(model.tokenizer, conversations, max_length=_NO_TRUNCATION)
     runner = runner_for(model)
     plan = runner.plan(intervention, cache_prefix=False)
+    if intervention is not None and intervention.acts_per_position():
+        batch_size = 1  # its positions count within each conversation: every one runs alone, unpadded
     device = runner.device
     d_model = int(model.cfg.d_model)
     sums = {k: torch.zeros(2, len(layers), d_model, device=device) for k in kinds}

@@ -483,3 +483,126 @@ def decoding_hooks(bridge: Any, intervention: Any) -> Iterator[None]:
     runner = runner_for(bridge)
     with site_hooks(runner.plain, runner.arch, intervention.fwd_hooks()):
         yield
+
+
+# --- a steering vector on some positions only: positions count within each sequence ----------------------------
+
+POSITIONS = [1, 3, -2]
+
+
+def positional_vector(bridge: Any, seed: int = 0) -> SteeringVector:
+    init = 0.5 * torch.randn(bridge.cfg.d_model, generator=torch.Generator().manual_seed(seed))
+    return SteeringVector(LAYER, bridge.cfg.d_model, positions=POSITIONS, alpha=2.0, init=init)
+
+
+@contextmanager
+def reference_positional(reference: Any, vector: SteeringVector, length: int) -> Iterator[None]:
+    """The vector added after block ``LAYER`` at its positions of one sequence of ``length`` tokens run alone
+    (a negative position counted from that sequence's end), by a PyTorch forward hook on plain transformers."""
+    mask = torch.zeros(length, 1)
+    mask[[p for p in vector.positions if -length <= p < length]] = 1.0
+    handle = reference.model.layers[vector.layer].register_forward_hook(lambda m, a, out: out + mask * vector.effective.to(out.dtype))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def reference_row_logits(reference: Any, ids: torch.Tensor, vector: SteeringVector | None) -> torch.Tensor:
+    """Logits ``[length, vocab]`` of one unpadded sequence, with the vector (None: without)."""
+    if vector is None:
+        return reference(input_ids=ids[None]).logits[0]
+    with reference_positional(reference, vector, len(ids)):
+        return reference(input_ids=ids[None]).logits[0]
+
+
+def reference_positional_nll(reference: Any, batch: ChatBatch, vector: SteeringVector | None) -> tuple[torch.Tensor, int]:
+    """Summed NLL of a right-padded batch's scored tokens, each row run alone; and their count."""
+    total, count = torch.zeros(()), 0
+    for r in range(batch.input_ids.shape[0]):
+        n = int(batch.attention_mask[r].sum())
+        ids, scored = batch.input_ids[r, :n], batch.scored[r, : n - 1]
+        logits = reference_row_logits(reference, ids, vector)
+        total = total + F.cross_entropy(logits[:-1][scored].float(), ids[1:][scored], reduction="sum")
+        count += int(scored.sum())
+    return total, count
+
+
+def reference_positional_kl(reference: Any, batch: ChatBatch, vector: SteeringVector) -> tuple[torch.Tensor, int]:
+    """Summed ``KL(p_base ‖ p_steered)`` over a batch's real tokens, each row run alone; and their count."""
+    total, count = torch.zeros(()), 0
+    for r in range(batch.input_ids.shape[0]):
+        ids = batch.input_ids[r, : int(batch.attention_mask[r].sum())]
+        with torch.no_grad():
+            base = F.log_softmax(reference_row_logits(reference, ids, None).float(), -1)
+        steered = F.log_softmax(reference_row_logits(reference, ids, vector).float(), -1)
+        total = total + (base.exp() * (base - steered)).sum()
+        count += len(ids)
+    return total, count
+
+
+def test_a_positional_vector_counts_positions_within_each_sequence(pair: Any, data: TokenDataset) -> None:
+    """Loss, efficiency and KL of a vector on positions [1, 3, -2] of a padded batch equal plain transformers running
+    each sequence alone with the vector at those positions of it (the packed path would count them over the batch)."""
+    arch, reference, bridge = pair
+    vector = positional_vector(bridge)
+    batch = next(data.batches(len(data)))
+    assert len(set(batch.attention_mask.sum(-1).tolist())) > 1  # rows of different lengths: padding in play
+    with torch.no_grad():
+        total, count = reference_positional_nll(reference, batch, vector)
+        kl_total, kl_count = reference_positional_kl(reference, batch, vector)
+    assert evaluate_loss(bridge, data, vector, batch_size=len(data)) == pytest.approx(float(total) / count, **TOL)
+    plan = runner_for(bridge).last_plan
+    assert plan is not None and plan.path == "hooked" and "within each sequence" in plan.reason
+    norms = [vector.norm / 2, vector.norm * 1.5]
+    with torch.no_grad():
+        expected = [float(reference_positional_nll(reference, batch, vector.scaled_to(n))[0]) / count for n in norms]
+    assert efficiency(bridge, vector, data, norms, batch_size=len(data), progress=False) == pytest.approx(expected, **TOL)
+    assert mean_kl(bridge, vector, data, batch_size=len(data)) == pytest.approx(float(kl_total) / kl_count, rel=1e-3, abs=1e-7)
+
+
+def test_a_positional_vector_trains_as_plain_transformers(pair: Any, data: TokenDataset) -> None:
+    """Two AdamW steps with a KL term equal the same steps on plain transformers, each sequence run alone."""
+    arch, reference, bridge = pair
+    config = TrainConfig(lr=0.05, max_steps=2, batch_size=2, grad_accum=1, kl_weight=3.0, kl_batch_size=2, warmup_steps=0,
+                         progress=False, seed=4)
+    got = positional_vector(bridge)
+    train(bridge, got, data, config, kl_dataset=data)
+    ref = positional_vector(bridge)
+    optimizer = torch.optim.AdamW([ref.vector], lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (2 - s) / 2)
+    sft = iter(data.indexed_batches(config.batch_size, shuffle=True, seed=config.seed))
+    kl = iter(data.indexed_batches(config.kl_batch_size, shuffle=True, seed=config.seed + 1))
+    for _ in range(2):
+        optimizer.zero_grad()
+        total, count = reference_positional_nll(reference, next(sft)[1], ref)
+        kl_total, kl_count = reference_positional_kl(reference, next(kl)[1], ref)
+        (total / count + config.kl_weight * kl_total / kl_count).backward()
+        optimizer.step()
+        scheduler.step()
+    torch.testing.assert_close(got.vector, ref.vector, rtol=1e-4, atol=1e-5)
+    assert float((got.vector - positional_vector(bridge).vector).detach().norm()) > 1e-3  # it trained
+
+
+def test_a_positional_vector_samples_as_plain_transformers(pair: Any) -> None:
+    """Greedy answers to a left-padded batch: each row's tokens and logits equal plain transformers re-running that
+    row alone at every step, the vector at positions [1, 3, -2] of the sequence so far (-2: the one before the last)."""
+    arch, reference, bridge = pair
+    vector = positional_vector(bridge)
+    ids, mask = left_padded(PADDED_PROMPTS, bridge.tokenizer.pad_token_id)
+    tokens, logits = generate_batch(bridge, ids, mask, vector, SamplingSettings(5, 0.0), seed=0, return_logits=True)
+    plan = runner_for(bridge).last_plan
+    assert plan is not None and plan.path == "hooked"
+    eos = bridge.tokenizer.eos_token_id
+    eos = set(eos) if isinstance(eos, list) else {eos}
+    for r, prompt in enumerate(PADDED_PROMPTS):
+        seq = torch.tensor(prompt)
+        for step in range(5):
+            with torch.no_grad():
+                want = reference_row_logits(reference, seq, vector)[-1]
+            torch.testing.assert_close(logits[step, r], want, rtol=1e-4, atol=1e-4)
+            assert int(tokens[r, step]) == int(want.argmax())
+            if int(tokens[r, step]) in eos:
+                assert bool((tokens[r, step + 1 :] == bridge.tokenizer.pad_token_id).all())  # padded after its EOS
+                break
+            seq = torch.cat([seq, tokens[r, step : step + 1]])

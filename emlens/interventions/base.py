@@ -169,6 +169,15 @@ class Intervention(nn.Module, ABC):
         """
         return None
 
+    def acts_per_position(self) -> bool:
+        """Whether its edit depends on where a token sits in its own sequence (a vector steering only some positions).
+
+        Its hooks count positions along the sequence axis they see, which is each sequence's own only
+        when the sequence runs alone: unpadded, unpacked and without a KV cache. The runner then runs
+        every sequence alone through the hooked model (:meth:`emlens.runner.Runner.plain_blocker`).
+        """
+        return False
+
     # --- its geometry ---------------------------------------------------------------------
     @abstractmethod
     def flatten(self) -> Float[Tensor, " n"]:
@@ -387,7 +396,11 @@ class SteeringVector(Intervention):
         layer: layer index L.
         d_model: width of the vector (must equal the activation width at the hook).
         hook: hook name, ``"{layer}"`` template or shorthand (``"resid_post"`` default, ``"mlp_out"``...).
-        positions: ``"all"`` or a list of token positions to steer.
+        positions: ``"all"`` or a list of token positions to steer, counted within each sequence:
+            ``p >= 0`` is its ``p``-th token, ``p < 0`` its ``|p|``-th from the end (while sampling, the
+            end of what has been generated so far). emlens runs such a vector one sequence at a time
+            (padding, packing or a KV cache would shift the positions its hook counts); applied to a
+            model by hand, it counts along the sequence axis of the activation its hook sees.
         alpha: fixed scale; the paper uses 256 with ``v`` initialised at zero.
         init: optional initial ``v`` (effective vector is ``alpha * init``).
     """
@@ -463,6 +476,9 @@ class SteeringVector(Intervention):
         if self.positions != "all":
             return None
         return ResidualOffset(self.hook, self.effective)
+
+    def acts_per_position(self) -> bool:
+        return self.positions != "all"
 
     flat_geometry = True
 

@@ -108,6 +108,9 @@ class Composed(Intervention):
         return Composed([p.scaled_to(p.norm * factor) if p.norm > 0 else p.clone() for p in self.members()], self.model_name)
 
     # --- how it acts ------------------------------------------------------------------------------
+    def acts_per_position(self) -> bool:
+        return any(p.acts_per_position() for p in self.members())
+
     def residual_offset(self) -> ResidualOffset | None:
         """The summed vector, when every part adds one vector at the same hook (else None)."""
         offsets = [p.residual_offset() for p in self.members()]

@@ -130,6 +130,8 @@ class Runner:
         The one rule behind every fast path, sampling's included: a proved architecture, no hook
         that emlens did not register, and a plain-module site for each of the intervention's hooks.
         """
+        if intervention is not None and intervention.acts_per_position():
+            return "its positions count within each sequence: every sequence runs alone, unpadded, through the hooked model"
         if not self.arch.proved:
             return f"architecture {self.arch.model_type!r} is not proved equal on the plain modules"
         foreign = foreign_hooks(self.model)
@@ -269,11 +271,31 @@ class Runner:
         """
         dev = self.device
         if plan.path == "hooked":
+            if intervention is not None and intervention.acts_per_position():
+                return self._logits_alone(batch, rows)
             logits = self.model(to_device(batch.input_ids, dev), attention_mask=to_device(batch.attention_mask, dev))
             return logits.flatten(0, 1).index_select(0, to_device(rows.flatten().nonzero().squeeze(1), logits.device))
         if residual is None:
             residual = self.residual(batch.input_ids, batch.attention_mask, plan.cut)
         return self.logits_fused([(batch, rows, residual)], intervention, plan)[0]
+
+    def _logits_alone(self, batch: ChatBatch, rows: Bool[Tensor, "batch seq"]) -> Float[Tensor, "n_rows vocab"]:
+        """:meth:`logits` on the hooked model, each sequence run alone without its padding (so an intervention that
+        counts positions counts each sequence's own); row-major, as the batched forward gives them."""
+        real = batch.attention_mask.bool().cpu()
+        rows = rows.cpu()
+        if bool((rows & ~real).any()):
+            raise ValueError("logits were asked at padding positions")
+        out = []
+        for r in range(real.shape[0]):
+            if not bool(rows[r].any()):
+                continue
+            ids = batch.input_ids[r].cpu()[real[r]][None]
+            logits = self.model(to_device(ids, self.device))[0]
+            out.append(logits.index_select(0, to_device(rows[r][real[r]].nonzero().squeeze(1), logits.device)))
+        if not out:
+            return torch.zeros(0, self.model.cfg.d_vocab, device=self.device)
+        return torch.cat([o.to(out[0].device) for o in out])
 
     def logits_fused(
         self,
