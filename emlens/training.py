@@ -262,13 +262,13 @@ class TrainingCaches:
         kl_dataset = kl_dataset.truncated(config.max_length, "KL set") if kl_dataset is not None else None
         return cls.build(model, intervention, dataset, kl_dataset, progress=config.progress)
 
-    def check(self, plan: Plan, dataset: TokenDataset, kl_dataset: TokenDataset | None) -> None:
-        """Raise if these caches do not fit this run's plan and data."""
-        self.sft.check(dataset, plan.cut)
+    def check(self, plan: Plan, dataset: TokenDataset, kl_dataset: TokenDataset | None, model: Any | None = None) -> None:
+        """Raise if these caches do not fit this run's plan and data (and, given ``model``, were built by another model)."""
+        self.sft.check(dataset, plan.cut, model=model)
         if kl_dataset is not None:
             if self.kl is None:
                 raise ValueError("training caches hold no KL-set cache, but this run has a KL term")
-            self.kl.check(kl_dataset, plan.cut, base_hidden=True)
+            self.kl.check(kl_dataset, plan.cut, base_hidden=True, model=model)
 
 
 def train(
@@ -339,7 +339,7 @@ def train(
         if not plan.fast:
             caches = None
         elif caches is not None:
-            caches.check(plan, dataset, kl_dataset if use_kl else None)
+            caches.check(plan, dataset, kl_dataset if use_kl else None, model)
         else:
             caches = TrainingCaches.build(model, intervention, dataset, kl_dataset if use_kl else None, progress=config.progress)
         sft_cache = caches.sft if caches is not None else None

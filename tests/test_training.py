@@ -169,3 +169,41 @@ def test_a_bad_train_tokens_env_var_stops_train_before_any_work(model, dataset, 
     vec = SteeringVector.for_model(model, 1)
     with pytest.raises(ConfigError, match="EMLENS_TRAIN_TOKENS"):
         train(model, vec, dataset, TrainConfig(max_steps=1, progress=False))
+
+
+def test_caches_built_by_another_model_are_refused(model, dataset):
+    """Residuals and the KL term's base distribution of another model (the same tokenizer, other weights) would train
+    this one on that model's numbers: train() refuses them."""
+    from emlens.training import TrainingCaches
+    from tests.conftest import tiny_model
+
+    other = tiny_model("llama", seed=2)
+    vector = SteeringVector(1, model.cfg.d_model)
+    caches = TrainingCaches.build(other, vector, dataset, dataset, progress=False)
+    config = TrainConfig(max_steps=1, kl_weight=1.0, **FAST)
+    with pytest.raises(ValueError, match="built by another model"):
+        train(model, vector, dataset, config, kl_dataset=dataset, caches=caches)
+    train(other, vector, dataset, config, kl_dataset=dataset, caches=caches)  # the model that built them may use them
+
+
+def test_a_model_is_freed_once_nothing_else_holds_it(dataset):
+    """The runner emlens keeps per model (and a residual store's tie to it) does not keep the model alive."""
+    import gc
+    import weakref
+
+    from emlens.runner import ResidualStore, runner_for
+    from emlens.training import TrainingCaches
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", seed=3)
+    assert runner_for(model) is runner_for(model)
+    store = ResidualStore()
+    TrainingCaches.build(model, SteeringVector(1, model.cfg.d_model), dataset, progress=False, store=store)
+    assert len(store) > 0
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+    other = tiny_model("llama", seed=4)
+    store.bind(other)  # the store's model is gone: it forgets that model's residuals before serving another's
+    assert len(store) == 0

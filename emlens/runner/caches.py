@@ -66,6 +66,9 @@ class ResidualStore:
     def bind(self, model: Any) -> None:
         """Tie the store to ``model`` (the first caller's); another model's residuals would be wrong."""
         if self._model is None or self._model() is None:
+            if self._model is not None:  # its model is gone: what it holds was computed by that one, not this one
+                self.rows.clear()
+                self.base.clear()
             self._model = weakref.ref(model)
         elif self._model() is not model:
             raise ValueError("this ResidualStore holds another model's residuals; use one store per model")
@@ -108,6 +111,7 @@ class ExampleResiduals:
         store: ResidualStore | None = None,
     ):
         runner: Runner = runner_for(model)
+        self._model = weakref.ref(model)
         self.cut = cut
         self.fingerprint = dataset_fingerprint(dataset)
         store = store if store is not None else ResidualStore()
@@ -150,8 +154,11 @@ class ExampleResiduals:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def check(self, dataset: Any, cut: int, base_hidden: bool = False) -> None:
-        """Raise if this cache was not built for ``dataset`` at block ``cut`` (with base hidden states if needed)."""
+    def check(self, dataset: Any, cut: int, base_hidden: bool = False, model: Any | None = None) -> None:
+        """Raise if this cache was not built for ``dataset`` at block ``cut`` (with base hidden states if needed),
+        or, given ``model``, by another model (its residuals and base distribution would be that model's)."""
+        if model is not None and self._model() is not model:
+            raise ValueError("residual cache was built by another model; build the caches with the model you train")
         if self.cut != cut:
             raise ValueError(f"residual cache holds block {self.cut} inputs, but block {cut} inputs are needed")
         if len(self) != len(dataset) or self.fingerprint != dataset_fingerprint(dataset):

@@ -18,7 +18,6 @@ skipped by the fast path). Otherwise it plans the hooked path, and :class:`Plan`
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -348,14 +347,16 @@ def _check_right_padded(attention_mask: Tensor) -> None:
         raise ValueError("the fast path needs right-padded batches (real tokens first in every row)")
 
 
-_RUNNERS: weakref.WeakKeyDictionary[Any, Runner] = weakref.WeakKeyDictionary()
-
-
 def runner_for(model: Any) -> Runner:
-    """The one :class:`Runner` of ``model`` (created on first use, kept as long as the model lives)."""
-    runner = _RUNNERS.get(model)
+    """The one :class:`Runner` of ``model`` (created on first use, kept as long as the model lives).
+
+    It is kept on the model itself: the two refer to each other, so both go when nothing else holds
+    the model (a table of runners keyed by model would keep every model it saw alive).
+    """
+    runner = model.__dict__.get("_emlens_runner")
     if runner is None:
-        runner = _RUNNERS[model] = Runner(model)
+        runner = Runner(model)
+        object.__setattr__(model, "_emlens_runner", runner)  # a plain attribute, not a registered submodule
     return runner
 
 
