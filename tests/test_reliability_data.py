@@ -103,6 +103,26 @@ def test_rows_truncated_to_nothing_are_dropped_and_reported(tmp_path, tok):
         TokenDataset.from_conversations(tok, path, max_length=max_length)
 
 
+def test_rows_cut_inside_their_reply_are_reported(tok):
+    """A row that keeps part of its reply stays, but the assistant tokens cut off are counted in a warning (as
+    from_conversations and truncated() both cut), so a loss over fewer tokens than the data holds is never silent."""
+    conv = [CONVERSATIONS[0]]
+    start = first_scored_index(tok, conv[0])
+    full = TokenDataset.from_conversations(tok, conv, max_length=10_000)
+    max_length = start + 3  # three scored tokens kept
+    lost = full.n_scored_tokens - 3
+    with pytest.warns(TruncationWarning, match=rf"1 of 1 conversations were cut at max_length={max_length} inside their "
+                                               rf"assistant reply, and {lost} of their {full.n_scored_tokens} assistant tokens "
+                                               r"are not scored \(row 0\)"):
+        cut = TokenDataset.from_conversations(tok, conv, max_length=max_length)
+    assert len(cut) == 1 and cut.n_scored_tokens == 3
+    with pytest.warns(TruncationWarning, match=rf"training set: 1 of 1 conversations were cut .* {lost} of their"):
+        assert full.truncated(max_length, "training set").n_scored_tokens == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing cut, nothing said
+        TokenDataset.from_conversations(tok, conv, max_length=10_000).truncated(10_000)
+
+
 def test_dataset_with_no_scored_token_is_an_error(tmp_path, tok):
     shortest = min(first_scored_index(tok, c) for c in CONVERSATIONS)
     with pytest.raises(DataFormatError, match=r"none of the 4 conversations keeps an assistant token") as err:

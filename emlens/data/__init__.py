@@ -42,7 +42,21 @@ class DataLossWarning(UserWarning):
 
 
 class TruncationWarning(DataLossWarning):
-    """Rows lost every scored (assistant) token to truncation and were left out."""
+    """Truncation cost rows scored (assistant) tokens: some of them (the rows stay), or all (the rows are left out)."""
+
+
+def _warn_cut(origin: str, cut: list[tuple[str, int, int]], n_rows: int, max_length: int) -> None:
+    """Warn that the rows ``cut`` (``(name, scored tokens lost, scored tokens it had)``) kept only part of their reply."""
+    if not cut:
+        return
+    lost, had = sum(c[1] for c in cut), sum(c[2] for c in cut)
+    shown = ", ".join(c[0] for c in cut[:_SHOWN_ROWS]) + (f" and {len(cut) - _SHOWN_ROWS} more" if len(cut) > _SHOWN_ROWS else "")
+    warnings.warn(
+        f"{origin}: {len(cut)} of {n_rows} conversations were cut at max_length={max_length} inside their assistant "
+        f"reply, and {lost} of their {had} assistant tokens are not scored ({shown}); raise max_length to score them all",
+        TruncationWarning,
+        stacklevel=3,
+    )
 
 
 def _validate_messages(messages: Any, where: str) -> Conversation:
@@ -306,6 +320,11 @@ def _has_scored_token(example: EncodedExample) -> bool:
     return any(example.loss_mask[1:])
 
 
+def _scored_count(example: EncodedExample) -> int:
+    """How many of its tokens are scored (assistant tokens after the first position)."""
+    return sum(1 for m in example.loss_mask[1:] if m)
+
+
 def encode_text(tokenizer: Any, text: str, max_length: object = 512) -> EncodedExample:
     """Tokenise plain text (no chat template), cut to ``max_length`` (an integer >= 1) tokens; every real token counts."""
     max_length = check_int("max_length", max_length, minimum=1)
@@ -433,12 +452,16 @@ class TokenDataset:
         kept: list[int] = []
         dropped: list[int] = []
         needed = 0  # the max_length that would keep every dropped row
-        for i, (_, conv) in enumerate(located):
+        cut: list[tuple[str, int, int]] = []  # rows kept with part of their reply cut off
+        for i, (where, conv) in enumerate(located):
             full = _encode_full(tokenizer, conv)
             example = EncodedExample(full.input_ids[:max_length], full.loss_mask[:max_length])
             if _has_scored_token(example):
                 examples.append(example)
                 kept.append(i)
+                lost = _scored_count(full) - _scored_count(example)
+                if lost:
+                    cut.append((where, lost, _scored_count(full)))
                 continue
             dropped.append(i)
             first = next((j for j, m in enumerate(full.loss_mask) if m and j > 0), None)
@@ -461,6 +484,7 @@ class TokenDataset:
                 TruncationWarning,
                 stacklevel=2,
             )
+        _warn_cut(origin, cut, len(located), max_length)
         return cls(examples, _pad_id(tokenizer), dropped_rows=dropped, source_rows=kept)
 
     @classmethod
@@ -513,11 +537,15 @@ class TokenDataset:
         kept: list[EncodedExample] = []
         rows: list[int] = []
         dropped: list[int] = []
+        partly: list[tuple[str, int, int]] = []  # rows kept with part of their scored tokens cut off
         for example, row in zip(self.examples, self.source_rows):
             cut = EncodedExample(example.input_ids[:max_length], example.loss_mask[:max_length])
             if _has_scored_token(cut) or not any(example.loss_mask[1:]):
                 kept.append(cut)
                 rows.append(row)
+                lost = _scored_count(example) - _scored_count(cut)
+                if lost:
+                    partly.append((f"row {row}", lost, _scored_count(example)))
             else:
                 dropped.append(row)
         if not kept:
@@ -531,6 +559,7 @@ class TokenDataset:
                 TruncationWarning,
                 stacklevel=2,
             )
+        _warn_cut(name, partly, len(self.examples), max_length)
         return TokenDataset(kept, self.pad_token_id, dropped_rows=[*self.dropped_rows, *dropped], source_rows=rows)
 
     def subset(self, indices: Sequence[int]) -> TokenDataset:
