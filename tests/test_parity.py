@@ -606,3 +606,31 @@ def test_a_positional_vector_samples_as_plain_transformers(pair: Any) -> None:
                 assert bool((tokens[r, step + 1 :] == bridge.tokenizer.pad_token_id).all())  # padded after its EOS
                 break
             seq = torch.cat([seq, tokens[r, step : step + 1]])
+
+
+def test_a_sliding_window_is_kept_or_refused() -> None:
+    """Mistral attends only its last ``sliding_window`` tokens: sequences within the window take the packed path (exact:
+    nothing lies outside it), a longer one is refused there and is exact on the hooked path, and sampling keeps
+    transformers' ``generate`` (which applies the window)."""
+    reference, bridge = tiny_pair("mistral", sliding_window=12)
+    vector = make_intervention("resid_post", bridge)
+    short = TokenDataset.from_texts(bridge.tokenizer, ["abcdefghij", "klmnopq"], max_length=12)
+    long = TokenDataset.from_texts(bridge.tokenizer, ["the quick brown fox jumps over the lazy dog"], max_length=64)
+    assert short.longest <= 12 < long.longest
+    assert mean_kl(bridge, vector, short, batch_size=2) == pytest.approx(reference_kl(reference, short, vector), rel=1e-3, abs=1e-7)
+    assert runner_for(bridge).last_plan.fast
+    with pytest.raises(ValueError, match=r"longer than the model's sliding attention window \(12\)"):
+        mean_kl(bridge, vector, long, batch_size=2)
+    want = reference_kl(reference, long, vector)
+    assert mean_kl(bridge, vector, long, batch_size=2, cache_prefix=False) == pytest.approx(want, rel=1e-3, abs=1e-7)
+    # the window matters here: full causal attention gives another number
+    full_reference, _ = tiny_pair("mistral")
+    assert abs(reference_kl(full_reference, long, vector) - want) > 1e-6
+    ids, mask = left_padded(PADDED_PROMPTS, bridge.tokenizer.pad_token_id)
+    settings = SamplingSettings(8, 0.0)
+    tokens, logits = generate_batch(bridge, ids, mask, vector, settings, seed=0, return_logits=True)
+    assert "transformers' cached decoding" in runner_for(bridge).last_plan.reason
+    want_tokens, want_logits = reference_generate(reference, vector, ids, mask, settings, 0, bridge.tokenizer.pad_token_id,
+                                                  bridge.tokenizer.eos_token_id)
+    assert tokens.tolist() == want_tokens.tolist()
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)

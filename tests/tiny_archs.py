@@ -48,13 +48,17 @@ def tiny_config(arch: str, tokenizer: Any, n_layers: int = 4, d_model: int = 64)
     raise ValueError(arch)
 
 
-def tiny_pair(arch: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """``(plain transformers model, bridge)`` with identical weights (float32 on the CPU by default), eval mode."""
+def tiny_pair(arch: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, **config: Any) -> tuple[Any, Any]:
+    """``(plain transformers model, bridge)`` with identical weights (float32 on the CPU by default), eval mode;
+    ``config`` overrides settings of the architecture's tiny config (e.g. ``sliding_window=8``)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = byte_tokenizer()
     torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer), dtype=torch.float32).eval()
+    cfg = tiny_config(arch, tokenizer)
+    for name, value in config.items():
+        setattr(cfg, name, value)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     for p in hf.parameters():  # random-init norms are all ones; vary them so that norm bugs show
         if p.ndim == 1:
             with torch.no_grad():

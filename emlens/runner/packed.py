@@ -241,6 +241,31 @@ def _packed_attention(config: Any, name: str) -> Iterator[None]:
         config._attn_implementation = previous
 
 
+def sliding_window(config: Any) -> int | None:
+    """The window of a model whose every layer attends only its last ``window`` tokens (Mistral's ``sliding_window``;
+    Qwen2 and Qwen3 declare one but use it only with ``use_sliding_window``), else None.
+
+    A sequence no longer than the window attends exactly as with full causal attention, so the packed
+    blocks (full causal attention) are exact for it; a longer one is refused (:func:`check_window`).
+    """
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:  # per-layer types (Gemma): such architectures are not packable at all
+        return None
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window is not None and getattr(config, "use_sliding_window", True) else None
+
+
+def check_window(config: Any, longest: int) -> None:
+    """Raise when a sequence of ``longest`` tokens exceeds the model's sliding window (full attention would differ)."""
+    window = sliding_window(config)
+    if window is not None and longest > window:
+        raise ValueError(
+            f"a sequence of {longest} tokens is longer than the model's sliding attention window ({window}): emlens' packed "
+            "blocks attend the whole sequence, which differs there; pass cache_prefix=False (the hooked model applies "
+            "the window), or cut the data to the window"
+        )
+
+
 def run_packed(
     hf_model: Any,
     layers: list[nn.Module],
@@ -254,6 +279,7 @@ def run_packed(
     decoder = decoder_stack(hf_model)
     x = hidden[None]
     if layers:
+        check_window(hf_model.config, packing.longest.shape[0])
         position_embeddings = decoder.rotary_emb(x, packing.position_ids)
         with _packed_attention(hf_model.config, "emlens_packed_flash" if flash_usable(x) else "emlens_packed_sdpa"):
             for layer in layers:

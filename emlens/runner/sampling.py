@@ -24,6 +24,7 @@ from torch.nn.attention import sdpa_kernel
 
 from emlens.runner.core import Plan, Runner, runner_for
 from emlens.runner.decoding import DECODE_SDPA_BACKENDS, decode
+from emlens.runner.packed import sliding_window
 from emlens.runner.plain import site_hooks
 
 
@@ -59,7 +60,10 @@ def sampling_plan(runner: Runner, intervention: Any | None) -> Plan:
 
 def slot_decodable(runner: Runner) -> bool:
     """Whether :mod:`emlens.runner.decoding` decodes this model: packable blocks, all on one device (a model spread
-    over devices by ``device_map`` keeps transformers' ``generate``, whose cache lives beside each layer)."""
+    over devices by ``device_map`` keeps transformers' ``generate``, whose cache lives beside each layer), and no
+    sliding attention window (the slot decoder attends every written slot; ``generate`` applies the window)."""
+    if sliding_window(runner.hf.config) is not None:
+        return False
     return runner.arch.packable and len({p.device for p in runner.plain.parameters()}) == 1
 
 
