@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def kl_conversations(domain: str, n_rows: int | None = KL_ROWS, seed: int = 0) -
     """The default KL set of a narrow run on ``domain``: both answer sets of every other domain of its study.
 
     Train splits only (the held-out rows stay unseen for measurements). ``n_rows`` conversations
-    are drawn with ``seed`` (None: all of them).
+    are drawn with ``seed`` (None: all of them). When the pool holds fewer than ``n_rows``, all of it is
+    returned with a :class:`UserWarning` naming both sizes (the caller records the set's actual size).
     """
     study = study_of(domain)
     pool: list[list[dict[str, str]]] = []
@@ -98,6 +100,13 @@ def kl_conversations(domain: str, n_rows: int | None = KL_ROWS, seed: int = 0) -
             continue
         for variant in (study.target, study.reference):
             pool += [row["messages"] for row in _rows(f"{other}_{variant}") if row["split"] == TRAIN]
+    if n_rows is not None and n_rows > len(pool):
+        warnings.warn(
+            f"the KL set of {domain} asks for {n_rows} conversations, but the train splits of the other {study.name} domains hold "
+            f"{len(pool)}: the KL set has all {len(pool)}",
+            UserWarning,
+            stacklevel=2,
+        )
     if n_rows is None or n_rows >= len(pool):
         return pool
     return random.Random(seed).sample(pool, n_rows)

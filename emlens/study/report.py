@@ -6,8 +6,6 @@ Everything here reads the stages' results; nothing is computed on the model.
 from __future__ import annotations
 
 import json
-import platform
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,32 +16,89 @@ import numpy as np
 from emlens.jsonl import dumps_strict
 from emlens.preference import bootstrap_ci
 from emlens.study.config import StudyConfig
-from emlens.study.stages import StageOutput, general_name, narrow_name
+from emlens.study.stages import SESSION, StageOutput, general_name, hardware, narrow_name, package_versions
 
 FIGURES = "figures"
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("emlens", "torch", "transformers", "transformer-lens", "numpy"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+def _ran_on(env: Mapping[str, Any] | None) -> str:
+    """Where a stage ran, in a few words: its device and the machine's GPUs or CPU cores (``?`` when not recorded)."""
+    if not env:
+        return "?"
+    hw = env.get("hardware", {})
+    machine = ", ".join(hw["gpus"]) if hw.get("gpus") else f"{hw.get('cpu_cores', '?')} CPU cores"
+    versions = env.get("versions", {})
+    return f"{env.get('device', '?')}; {machine}; torch {versions.get('torch', '?')}"
 
 
-def _hardware() -> dict[str, Any]:
-    import os
+def provenance(outputs: Mapping[str, StageOutput]) -> dict[str, Any]:
+    """Which stages this session computed, which came from the cache, and the sessions, machines and package versions
+    that computed them (from each ``stage.json``; a stage stored before these were recorded counts as unknown)."""
+    here = SESSION["id"]
+    envs = {name: o.meta.get("environment") for name, o in outputs.items()}
+    sessions: dict[str, list[str]] = {}
+    for name, env in envs.items():
+        sessions.setdefault(env.get("session", "unknown") if env else "unknown", []).append(name)
+    for name, o in outputs.items():  # a resumed stage: the sessions that ran its first part too
+        for earlier in o.meta.get("earlier_sessions", []):
+            sessions.setdefault(earlier.get("session", "unknown"), [])
+            if name not in sessions[earlier.get("session", "unknown")]:
+                sessions[earlier.get("session", "unknown")].append(name)
+    machines: dict[str, list[str]] = {}
+    versions: dict[str, list[str]] = {}
+    for name, env in envs.items():
+        hw = env.get("hardware", {}) if env else {}
+        machine = {
+            "device": env.get("device") if env else None,
+            "platform": hw.get("platform"),
+            "cpu_cores": hw.get("cpu_cores"),
+            "gpus": hw.get("gpus", []),
+        }
+        machines.setdefault(json.dumps(machine, sort_keys=True), []).append(name)
+        versions.setdefault(json.dumps(env.get("versions") if env else None, sort_keys=True), []).append(name)
+    return {
+        "session": here,
+        "session_started": SESSION["started"],
+        "computed_here": [n for n, o in outputs.items() if not o.cached],
+        "cached": [n for n, o in outputs.items() if o.cached],
+        "other_sessions": sorted(n for n, env in envs.items() if not env or env.get("session") != here),
+        "sessions": sessions,
+        "machines": [{**json.loads(k), "stages": v} for k, v in machines.items()],
+        "package_versions": [{"versions": json.loads(k), "stages": v} for k, v in versions.items()],
+    }
 
-    import torch
 
-    info: dict[str, Any] = {"platform": platform.platform(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
+def _provenance_notes(prov: Mapping[str, Any]) -> list[str]:
+    """The report's sentences on where its stages were computed (cache, other sessions, other machines or versions)."""
+    notes = []
+    if prov["cached"]:
+        notes.append(
+            f"{len(prov['cached'])} of {len(prov['cached']) + len(prov['computed_here'])} stages came from the cache, computed "
+            "before this report was written; their time is the time they took where they ran."
+        )
+    if prov["other_sessions"]:
+        others = [session for session in prov["sessions"] if session != prov["session"]]
+        notes.append(f"{len(prov['other_sessions'])} stage(s) were computed by other sessions than this one: {', '.join(others)}.")
+    if len(prov["machines"]) > 1:
+        notes.append(
+            "The stages were computed on different devices or machines: "
+            + "; ".join(
+                f"{m['device']} on {', '.join(m['gpus']) or str(m['cpu_cores']) + ' CPU cores'} ({len(m['stages'])} stage(s))"
+                for m in prov["machines"]
+            )
+            + "."
+        )
+    if len(prov["package_versions"]) > 1:
+        notes.append(
+            "The stages were computed with different package versions: "
+            + "; ".join(
+                (", ".join(f"{k} {v}" for k, v in entry["versions"].items() if k != "python") if entry["versions"] else "not recorded")
+                + f" ({len(entry['stages'])} stage(s))"
+                for entry in prov["package_versions"]
+            )
+            + "."
+        )
+    return notes
 
 
 def domain_diffs(pref: dict[str, Any], base: str = "base") -> dict[str, dict[str, np.ndarray]]:
@@ -133,6 +188,59 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _size(value: Any) -> str:
+    """A size for the data table: the number, or the range of the numbers stages report (``all`` for None asked)."""
+
+    def leaves(v: Any) -> list[int]:
+        return [n for x in v.values() for n in leaves(x)] if isinstance(v, Mapping) else ([] if v is None else [int(v)])
+
+    if value is None:
+        return "all"
+    if isinstance(value, str):
+        return value
+    numbers = leaves(value)
+    if not numbers:
+        return "–"
+    lo, hi = min(numbers), max(numbers)
+    return str(lo) if lo == hi else f"{lo}–{hi}"
+
+
+def data_sizes(config: StudyConfig, results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each data set's size as the config asks for it and as the stages used it (the built-in data may hold fewer).
+
+    Train and KL rows per training run (a mixing run's rows add the aligned ones), held-out rows of the efficiency and stability measures, web documents of
+    the pre-training KL and held-out questions per domain of the preference (per stage when several): None where
+    no stage reported them.
+    """
+
+    def used(prefix: str, read: Any) -> dict[str, Any]:
+        return {name: read(res) for name, res in results.items() if name.startswith(prefix) and read(res) is not None}
+
+    def settings(key: str) -> Any:
+        return lambda res: res.get("settings", {}).get(key)
+
+    def questions(res: Mapping[str, Any]) -> Any:
+        rows = res.get("results", {}).get("base", {})
+        return {d: len(cell.get("margins", [])) for d, cell in rows.items()} or None
+
+    data = config.data
+    return {
+        "train rows (target answers)": {
+            "requested": data.train_rows,
+            "used": used("train/", lambda res: None if res.get("mix_ratio") else res.get("rows")),
+        },
+        "mixing runs' rows (target + aligned)": {
+            "requested": "train rows / (1 - ratio)",
+            "used": used("train/", lambda res: res.get("rows") if res.get("mix_ratio") else None),
+        },
+        "KL rows (narrow runs)": {"requested": data.kl_rows, "used": used("train/", lambda res: res.get("kl_rows"))},
+        "held-out rows (efficiency)": {"requested": data.eval_rows, "used": used("efficiency/", settings("rows"))},
+        "held-out rows (stability)": {"requested": data.eval_rows, "used": used("stability/", settings("rows"))},
+        "web documents (pre-training KL)": {"requested": data.web_docs, "used": used("pretraining_kl/", settings("documents"))},
+        "preference questions per domain": {"requested": config.preference.rows, "used": used("preference/", questions)},
+    }
+
+
 def write_report(
     config: StudyConfig, outputs: dict[str, StageOutput], identity: dict[str, Any], out: Path, command: str, wall: float
 ) -> Path:
@@ -146,13 +254,22 @@ def write_report(
     figs = out / FIGURES
     figs.mkdir(parents=True, exist_ok=True)
     r = {name: o.result for name, o in outputs.items()}
+    prov = provenance(outputs)
+    computed = sum(o.seconds for o in outputs.values())
     md: list[str] = [
         f"# emlens study: {config.study} (narrow domain: {domain})",
         "",
-        f"Produced by `{command}` in {wall / 60:.1f} min of wall time ({time.strftime('%Y-%m-%d %H:%M')}); "
-        f"model `{config.model.name}`, layer fraction {config.model.layer_fraction}. Every number below is in `report.json`.",
+        f"Produced by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}), which computed {len(prov['computed_here'])} of "
+        f"{len(outputs)} stages in {wall / 60:.1f} min of wall time; the stages took {computed / 60:.1f} min where they ran "
+        f"(the Stages table says where and when). Model `{config.model.name}`, layer fraction {config.model.layer_fraction}. "
+        "Every number below is in `report.json`.",
         "",
     ]
+    if identity.get("left_out"):
+        md += [
+            f"Left out (not finished under this config, or computed from upstream outputs since changed): {', '.join(identity['left_out'])}.",
+            "",
+        ]
     numbers: dict[str, Any] = {}
 
     # --- training
@@ -165,12 +282,13 @@ def write_report(
                     name,
                     str(res["steps"]),
                     str(res["rows"]),
+                    "–" if res.get("kl_rows") is None else str(res["kl_rows"]),
                     _f(fin.get("sft")),
                     _f(fin.get("kl"), 4) if "kl" in fin else "–",
                     _f(res["norm"], 2),
                 ]
             )
-    md += ["## Training", "", _table(["run", "steps", "rows", "final SFT loss", "final KL", "norm"], rows), ""]
+    md += ["## Training", "", _table(["run", "steps", "rows", "KL rows", "final SFT loss", "final KL", "norm"], rows), ""]
     target_word = study.target
 
     for kind in config.kinds:
@@ -410,21 +528,40 @@ def write_report(
         md += ["EM quadrants (alignment against coherence per answer; lower right: misaligned):", "", " ".join(quadrants), ""]
 
     # --- provenance
+    def computed_by(o: StageOutput) -> str:
+        env = o.meta.get("environment") or {}
+        when = o.meta.get("finished_at", "?")
+        if not o.cached:
+            return f"this run ({when})"
+        return f"cache: {'this session' if env.get('session') == SESSION['id'] else 'session ' + str(env.get('session', '?'))}, {when}"
+
     md += [
         "## Stages",
         "",
+        *[note for text in _provenance_notes(prov) for note in (text, "")],
         _table(
-            ["stage", "time (s)", "cached", "key"],
-            [[o.name, f"{o.seconds:.1f}", "yes" if o.cached else "no", o.key] for o in outputs.values()],
+            ["stage", "time (s)", "computed by", "ran on", "key"],
+            [[o.name, f"{o.seconds:.1f}", computed_by(o), _ran_on(o.meta.get("environment")), o.key] for o in outputs.values()],
         ),
         "",
     ]
-    versions, hardware = _versions(), _hardware()
+    sizes = data_sizes(config, r)
+    md += [
+        "## Data actually used",
+        "",
+        _table(
+            ["set", "asked for", "used (range over stages)"], [[name, _size(v["requested"]), _size(v["used"])] for name, v in sizes.items()]
+        ),
+        "",
+    ]
+    versions, machine = package_versions(), hardware()
     md += [
         "## Environment",
         "",
+        "This session's versions and machine (each stage's own are in `report.json`, under `stages.<name>.environment`):",
+        "",
         "```json",
-        json.dumps({"versions": versions, "hardware": hardware, "identity": identity}, indent=2),
+        json.dumps({"versions": versions, "hardware": machine, "identity": identity}, indent=2),
         "```",
         "",
     ]
@@ -433,13 +570,27 @@ def write_report(
         "study": config.study,
         "domain": domain,
         "command": command,
-        "wall_seconds": wall,
+        "wall_seconds": wall,  # this session's, which computed provenance["computed_here"]
+        "stage_seconds": computed,  # every reported stage's own time, wherever it ran
         "config": config.as_dict(),
         "identity": identity,
         "versions": versions,
-        "hardware": hardware,
+        "hardware": machine,
+        "provenance": prov,
+        "data_sizes": sizes,
         "summary": numbers,
-        "stages": {o.name: {"key": o.key, "seconds": o.seconds, "cached": o.cached, "result": o.result} for o in outputs.values()},
+        "stages": {
+            o.name: {
+                "key": o.key,
+                "seconds": o.seconds,
+                "cached": o.cached,
+                "finished_at": o.meta.get("finished_at"),
+                "environment": o.meta.get("environment"),
+                **({"earlier_sessions": o.meta["earlier_sessions"]} if o.meta.get("earlier_sessions") else {}),
+                "result": o.result,
+            }
+            for o in outputs.values()
+        },
     }
     (out / "report.json").write_text(dumps_strict(report, indent=2, ensure_ascii=False), encoding="utf-8")  # NaN → null
     path = out / "report.md"

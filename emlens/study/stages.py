@@ -10,6 +10,14 @@ took) once it finished, its ``result.json`` and its files. On a re-run:
   since their keys include this one's): stale reuse is impossible;
 * same key, not finished (interrupted): the stage runs again, and training stages continue from
   their last checkpoint in ``run/``.
+
+Keys name what a stage was computed from, not what its upstream stages hold now: a training stage
+re-run under the same key (its folder deleted; GPU non-determinism) can save other weights. So a
+stage also records in ``stage.json`` a digest of each upstream stage's saved output it read
+(:func:`output_digest`), and is reused only while every upstream output still has that digest
+(:func:`stale_reason`); otherwise it runs again, with a :class:`StaleStageWarning` saying why.
+``stage.json`` also records where the stage ran (:func:`environment`: device, CPU cores, GPUs,
+package versions, the session), which the report shows per stage.
 """
 
 from __future__ import annotations
@@ -19,9 +27,13 @@ import functools
 import hashlib
 import json
 import os
+import platform
 import random
 import shutil
+import sys
 import time
+import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +44,13 @@ from emlens.study.config import StudyConfig, section_key
 
 STAGE_FILE = "stage.json"
 RESULT_FILE = "result.json"
+RUN_DIR = "run"  # a stage's resumable working folder (checkpoints): not part of what downstream stages read
+# this process: stages it computes say so in their stage.json, and the report tells them from stages of other sessions
+SESSION = {"id": uuid.uuid4().hex[:12], "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+class StaleStageWarning(UserWarning):
+    """A finished stage runs again under the same key: an upstream stage's saved output is not the one it read."""
 
 
 @dataclass
@@ -47,12 +66,15 @@ class Stage:
 
 @dataclass
 class StageOutput:
+    """A finished stage: its result, the time it took, whether it came from the cache, and its ``stage.json`` (``meta``)."""
+
     name: str
     directory: Path
     key: str
     result: dict[str, Any]
     seconds: float
     cached: bool
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _digest(payload: Any) -> str:
@@ -310,11 +332,13 @@ def _run_train(kind: str, kl_weight: float, mix_ratio: float) -> Callable[[Conte
             config,
             kl_dataset=kl,
             caches=ctx.caches(kind, intervention, mix_ratio),
-            run_dir=directory / "run",
+            run_dir=directory / RUN_DIR,
             resume=True,
         )
         result.save(directory)
-        return {"kind": kind, "kl_weight": kl_weight, "mix_ratio": mix_ratio, "rows": len(data), **training_summary(result)}
+        # the sets' actual sizes (the built-in data may hold fewer rows than data.train_rows or data.kl_rows ask for)
+        sizes = {"rows": len(data), "kl_rows": len(kl) if kl is not None else None}
+        return {"kind": kind, "kl_weight": kl_weight, "mix_ratio": mix_ratio, **sizes, **training_summary(result)}
 
     return run
 
@@ -339,7 +363,7 @@ def _run_drift(kind: str) -> Callable[[Context, Path, dict[str, StageOutput]], d
         general = TrainingResult.load(upstream[general_name(kind)].directory)
         config = _train_config(ctx, kind, 0.0, max_steps=ctx.config.drift.steps or len(narrow.losses))
         caches = ctx.caches(kind, narrow.intervention, 0.0)
-        continued, result = continue_without_kl(ctx.model(), narrow, ctx.train_data(), config, caches, directory / "run", general=general)
+        continued, result = continue_without_kl(ctx.model(), narrow, ctx.train_data(), config, caches, directory / RUN_DIR, general=general)
         continued.save(directory)
         return {"kind": kind, **result, "continued": training_summary(continued)}
 
@@ -590,9 +614,11 @@ def build_stages(config: StudyConfig) -> list[Stage]:
         add(Stage(f"preference/mixing/{kind}", pref, tuple(n for n, _ in mix), _run_preference(labels)))
     ev = config.evaluation
     if ev.judge_url or ev.judge_model:
+        settings = {**common, "evaluation": section_key(ev)}
+        if config.study == "technical-prose":  # _technical_register's CIs resample preference.bootstrap times
+            settings["register_bootstrap"] = config.preference.bootstrap
         for label, stage in main_labels.items():
-            settings = {**common, "evaluation": section_key(ev)}
-            add(Stage(f"evaluation/{label.replace(' ', '_')}", settings, (stage,) if stage else (), _run_evaluation(label, stage)))
+            add(Stage(f"evaluation/{label.replace(' ', '_')}", dict(settings), (stage,) if stage else (), _run_evaluation(label, stage)))
     return _ordered(stages)
 
 
@@ -635,9 +661,117 @@ def read_finished(directory: Path, key: str) -> StageOutput | None:
         result = json.loads(result_path.read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("key") != key or not meta.get("finished"):
+    if not isinstance(meta, dict) or meta.get("key") != key or not meta.get("finished"):
         return None
-    return StageOutput(meta["name"], directory, key, result, float(meta.get("seconds", 0.0)), cached=True)
+    return StageOutput(meta["name"], directory, key, result, float(meta.get("seconds", 0.0)), cached=True, meta=meta)
+
+
+def _read_meta(directory: Path) -> dict[str, Any] | None:
+    """A stage folder's ``stage.json`` (None when there is none, or it cannot be read)."""
+    try:
+        meta = json.loads((directory / STAGE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def absent_reason(directory: Path, key: str) -> tuple[str, str]:
+    """Why ``directory`` holds no stage finished under ``key``: ``(kind, words)``, ``kind`` one of ``"not found"``,
+    ``"other settings"`` (stored under another key) and ``"unfinished"`` (same key, interrupted or left open)."""
+    meta = _read_meta(directory)
+    if meta is None:
+        return "not found", "not found"
+    if meta.get("key") != key:
+        return "other settings", "stored under other settings"
+    if not meta.get("finished"):
+        return "unfinished", "not finished (interrupted, or its judge left answers unscored)"
+    return "unfinished", f"its {RESULT_FILE} is missing or unreadable"
+
+
+def _file_digest(path: Path) -> bytes:
+    content = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(functools.partial(file.read, 1 << 20), b""):
+            content.update(block)
+    return content.digest()
+
+
+def output_digest(directory: Path) -> str:
+    """A hash of what a stage saved for the stages that read it: the name and bytes of every file in its folder (its
+    ``result.json``, weights, losses, trajectory, ...) except its ``stage.json`` (times, where it ran), hidden
+    temporary files and its resumable working folder ``run/`` (the checkpoints it trained through)."""
+    digest = hashlib.sha256()
+    files = {p.relative_to(directory).as_posix(): p for p in directory.rglob("*") if p.is_file()} if directory.is_dir() else {}
+    for rel in sorted(files):
+        parts = rel.split("/")
+        if parts[0] in (STAGE_FILE, RUN_DIR) or any(part.startswith(".") for part in parts):
+            continue
+        digest.update(rel.encode() + b"\0" + _file_digest(files[rel]))
+    return digest.hexdigest()[:32]
+
+
+def stale_reason(stage: Stage, finished: StageOutput, upstream: dict[str, StageOutput]) -> str | None:
+    """Why ``stage``, finished under its key, cannot be reused: an upstream stage's saved output is not the one it read
+    when it ran (:func:`output_digest`, recorded in its ``stage.json``), or is not there. None when every one is."""
+    read = finished.meta.get("upstream")
+    for dep in stage.deps:
+        if dep not in upstream:
+            return f"its upstream stage {dep} is not finished"
+        if not isinstance(read, dict) or dep not in read:
+            return f"its {STAGE_FILE} does not record what it read from {dep}"
+        now = output_digest(upstream[dep].directory)
+        if read[dep] != now:
+            return (
+                f"the upstream stage {dep} holds another output than the one it read (digest {read[dep]}, now {now}): it was computed again"
+            )
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def package_versions() -> dict[str, str]:
+    """The versions of Python and of the packages that make the numbers (this process)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("emlens", "torch", "transformers", "transformer-lens", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def hardware() -> dict[str, Any]:
+    """This machine: platform, CPU cores, torch's threads and the GPUs it sees."""
+    import torch
+
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def environment(ctx: Context | None = None, stage: Stage | None = None) -> dict[str, Any]:
+    """Where this process computes: its session, the device ``stage`` runs on, the machine and the package versions.
+
+    The device is the loaded model's (a stage without the model runs on the CPU); before the model is loaded,
+    the one ``model.device`` names.
+    """
+    import torch
+
+    device = "cpu"
+    if ctx is not None and (stage is None or stage.needs_model):
+        model = ctx._model
+        if model is not None and hasattr(model, "parameters"):
+            device = str(next(model.parameters()).device)
+        else:
+            from emlens.models import default_device
+
+            device = default_device() if ctx.config.model.device == "auto" else ctx.config.model.device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index
+        device = f"{device} ({torch.cuda.get_device_name(torch.cuda.current_device() if index is None else index)})"
+    return {"session": SESSION["id"], "device": device, "hardware": hardware(), "versions": package_versions()}
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -647,25 +781,45 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def run_stage(ctx: Context, stage: Stage, key: str, upstream: dict[str, StageOutput]) -> StageOutput:
-    """Run ``stage`` in its directory (cleared first when it holds another key's work)."""
+    """Run ``stage`` in its directory and record in its ``stage.json`` what it read and where it ran.
+
+    The directory is cleared first when it holds another key's work, or work computed from other upstream
+    outputs than ``upstream`` holds now (a resumed stage would mix the two). ``stage.json`` records the
+    :func:`output_digest` of each upstream stage (``upstream``), which :func:`stale_reason` checks before
+    the stage is reused, and the :func:`environment` that ran it (with those of earlier sessions that ran
+    part of it, for a resumed stage).
+    """
     directory = stage_dir(ctx.out, stage.name)
     meta_path = directory / STAGE_FILE
+    reads = {dep: output_digest(upstream[dep].directory) for dep in stage.deps}
+    earlier: list[Any] = []
     if directory.exists():
-        try:
-            old_key = json.loads(meta_path.read_text()).get("key") if meta_path.exists() else None
-        except (OSError, ValueError):
-            old_key = None
-        if old_key != key:
+        old = _read_meta(directory) or {}
+        if old.get("key") != key:
             shutil.rmtree(directory)
+        elif old.get("upstream", {}) != reads:
+            if not old.get("finished"):  # (a finished one: run_study said why it runs again)
+                warnings.warn(
+                    f"{stage.name}: the unfinished work stored in {directory} was computed from other upstream outputs than those "
+                    "now stored; it is cleared and the stage starts afresh",
+                    StaleStageWarning,
+                    stacklevel=2,
+                )
+            shutil.rmtree(directory)
+        elif not old.get("finished"):  # resumed: the sessions that ran its first part
+            earlier = [*old.get("earlier_sessions", []), *([old["environment"]] if "environment" in old else [])]
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {"name": stage.name, "key": key, "settings": stage.settings, "deps": list(stage.deps), "finished": False}
+    meta: dict[str, Any] = {"name": stage.name, "key": key, "settings": stage.settings, "deps": list(stage.deps), "upstream": reads}
+    meta |= {"environment": environment(ctx, stage), **({"earlier_sessions": earlier} if earlier else {}), "finished": False}
     _write_json_atomic(meta_path, meta)  # an interrupted stage resumes under the same key
     start = time.perf_counter()
     result = stage.run(ctx, directory, upstream)
     seconds = time.perf_counter() - start
     _write_json_atomic(directory / RESULT_FILE, result)
-    _write_json_atomic(meta_path, {**meta, "finished": True, "seconds": seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    return StageOutput(stage.name, directory, key, result, seconds, cached=False)
+    final = {**meta, "environment": environment(ctx, stage), "finished": True, "seconds": seconds}
+    final["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    _write_json_atomic(meta_path, final)
+    return StageOutput(stage.name, directory, key, result, seconds, cached=False, meta=final)
 
 
 def data_names(config: StudyConfig) -> list[str]:
