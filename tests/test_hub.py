@@ -388,3 +388,25 @@ def test_a_hub_model_is_keyed_by_its_commit_and_loaded_at_that_commit(hub, tmp_p
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline, the cached name resolves to the latest commit seen
     assert identity_of(config)["model"] == {"name": repo, "revision": second}
+
+
+def test_the_default_models_hub_id_loads_the_hub_model_not_the_embedded_copy(hub, tmp_path, monkeypatch):
+    """``HuggingFaceTB/SmolLM2-135M-Instruct`` names the hub's full-precision model: it was an alias of the embedded
+    Q4_1-dequantised copy (its revision ignored), so interventions saved under the hub id had been trained on another
+    model. Here the hub holds a tiny model under that id, and loading the id gives the tiny model."""
+    import huggingface_hub.constants as constants
+    from huggingface_hub import HfApi
+
+    from emlens.models import load_model, tiny_hf_model
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    hf, tok = tiny_hf_model("llama")
+    hf.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    repo = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    api.create_repo(repo)
+    api.upload_folder(repo_id=repo, folder_path=tmp_path / "model")
+    loaded = load_model(repo)
+    assert loaded.cfg.n_layers == hf.config.num_hidden_layers != 30  # the tiny model, not SmolLM2's 30 layers
