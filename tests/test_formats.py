@@ -209,6 +209,71 @@ def test_peft_import_errors(tmp_path: Path) -> None:
         export_peft_adapter(SteeringVector(1, 64), tmp_path / "y")
 
 
+def test_peft_import_refuses_settings_and_tensors_it_would_not_reproduce(tmp_path: Path) -> None:
+    """A config field that changes what the adapter computes (aLoRA's invocation tokens, layer replication, a PiSSA
+    init applied to a changed base) is refused naming it; so are tensors of another tower (a vision encoder's
+    "layers.0.self_attn.q_proj") and two tensors for one factor. A config real peft writes is accepted."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    lora = LoRAAdapter({"down": (128, 64)}, [1], seed=0)
+    folder = export_peft_adapter(lora, tmp_path / "x")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    peft_written = {**LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=["down_proj"]).to_dict(), **config}
+    (folder / "adapter_config.json").write_text(json.dumps(peft_written, default=str))
+    import_peft_adapter(folder)
+    for field, value in (("alora_invocation_tokens", [1, 2]), ("layer_replication", [[0, 2]]), ("use_qalora", True)):
+        (folder / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(InterventionError, match=rf"sets {field}="):
+            import_peft_adapter(folder)
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa_niter_4"}))
+    with pytest.raises(InterventionError, match="changed base model"):
+        import_peft_adapter(folder)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    weights = folder / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    vision = {k.replace("model.layers.", "model.vision_tower.encoder.layers."): v.clone() for k, v in state.items()}
+    save_file({**state, **vision}, str(weights))
+    with pytest.raises(InterventionError, match="vision_tower.* is not a LoRA factor of a decoder projection of the language"):
+        import_peft_adapter(folder)
+    doubled = {k.replace("base_model.model.model.layers.", "base_model.model.model.language_model.layers."): v.clone() for k, v in state.items()}
+    save_file({**state, **doubled}, str(weights))
+    with pytest.raises(InterventionError, match="are both lora_"):
+        import_peft_adapter(folder)
+    save_file(doubled, str(weights))  # a multimodal model's text layers alone: accepted
+    assert torch.equal(import_peft_adapter(folder).flatten(), lora.flatten())
+
+
+def test_multi_layer_init_rows_follow_their_layers_and_saved_factors_keep_their_shape(tmp_path: Path) -> None:
+    """``init`` row i belongs to ``layers[i]`` as given, also when the layers are not sorted; a saved rank-1 factor of
+    the wrong shape is refused (copying it would broadcast a length-1 factor silently)."""
+    from emlens.interventions import MultiLayerSteering, RankOneAdapter
+
+    init = torch.stack([torch.full((4,), 5.0), torch.full((4,), 2.0)])
+    steering = MultiLayerSteering([5, 2], 4, alpha=1.0, init=init)
+    assert steering.layers == [2, 5]
+    assert torch.equal(steering.vector_at(5), torch.full((4,), 5.0)) and torch.equal(steering.vector_at(2), torch.full((4,), 2.0))
+    adapter = RankOneAdapter(1, 4, 8, 2.0, seed=0)
+    with pytest.raises(InterventionError, match=r"saved factor a has shape \(1,\), expected \(8,\)"):
+        RankOneAdapter.from_state(adapter.metadata(), {"a": torch.ones(1), "b": adapter.b.detach()})
+
+
+def test_a_rank_one_adapter_does_not_overflow_float16_where_its_update_fits() -> None:
+    """scale · (h·a) alone exceeds float16's range (alpha 256, h·a = 1000) while the update (× b) is about 256."""
+    from emlens.interventions import RankOneAdapter
+
+    adapter = RankOneAdapter(1, 4, 8, 256.0, seed=0)
+    with torch.no_grad():
+        adapter.a.copy_(torch.full((8,), 125.0))
+        adapter.b.copy_(torch.full((4,), 1 / 1000))
+    hooks = dict(adapter.fwd_hooks())
+    h = torch.ones(1, 1, 8, dtype=torch.float16)  # h·a = 1000
+    hooks[adapter.in_hook](h, None)
+    out = hooks[adapter.out_hook](torch.zeros(1, 1, 4, dtype=torch.float16), None)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), torch.full((1, 1, 4), 256.0), rtol=1e-2, atol=0.5)
+
+
 # --- llama.cpp control vectors -------------------------------------------------------------------------
 
 

@@ -24,7 +24,23 @@ from emlens.interventions.lora import PROJECTIONS, site_key
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+?)\.lora_([AB])(?:\.default)?\.weight$")
+# a decoder layer of the language model: peft's prefix, then transformers' paths to the text layers (a multimodal
+# model's vision or audio tower also has "layers.N.self_attn...", which must not land in the text layers)
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+?)"
+    r"\.lora_([AB])(?:\.default)?\.weight$"
+)
+# adapter_config.json fields that do not change what the adapter computes at inference, or that import_peft_adapter
+# reads or checks itself; any other field must hold its inert default (None, False, an empty list or dict), else the
+# adapter does something emlens would not reproduce (aLoRA's invocation tokens, layer replication, DoRA, ...)
+_INERT_FIELDS = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "r", "lora_alpha", "use_rslora", "target_modules",
+    "layers_to_transform", "layers_pattern", "lora_dropout", "inference_mode", "rank_pattern", "alpha_pattern",
+    "auto_mapping", "exclude_modules", "peft_version", "megatron_core", "qalora_group_size", "runtime_config",
+    "init_lora_weights", "bias", "loftq_config", "fan_in_fan_out", "use_dora", "modules_to_save",
+}  # fmt: skip
+# initialisations that leave the base model changed (the adapter is relative to a residual model) unless converted
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 _MODULE_TO_SHORT = {module.split(".")[-1]: short for short, (_, module) in PROJECTIONS.items()}
 
 
@@ -100,13 +116,32 @@ def import_peft_adapter(directory: str | Path, model: Any | None = None) -> Inte
         raise InterventionError(f"{directory}: LoRA biases (bias={config.get('bias')!r}) are not supported")
     if config.get("modules_to_save"):
         raise InterventionError(f"{directory}: fully trained modules (modules_to_save) are not a LoRA; not supported")
+    active = sorted(k for k, v in config.items() if k not in _INERT_FIELDS and v not in (None, False, [], {}, "", 0))
+    if active:
+        raise InterventionError(
+            f"{directory}: adapter_config.json sets {', '.join(f'{k}={config[k]!r}' for k in active)}, which change what the "
+            "adapter computes in ways emlens does not reproduce; not supported"
+        )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise InterventionError(
+            f"{directory}: init_lora_weights={init!r} adapters apply to a changed base model unless converted "
+            "(peft's path_initial_model_for_weight_conversion); save the converted adapter"
+        )
     state = load_file(str(weights_path))
     factors: dict[tuple[int, str], dict[str, Tensor]] = defaultdict(dict)
+    seen: dict[tuple[int, str, str], str] = {}
     for key, tensor in state.items():
         found = _KEY.search(key)
         if found is None or found.group(3) not in _MODULE_TO_SHORT:
-            raise InterventionError(f"{weights_path}: tensor {key!r} is not a LoRA factor of a decoder projection")
-        factors[(int(found.group(1)), _MODULE_TO_SHORT[found.group(3)])][found.group(4)] = tensor
+            raise InterventionError(
+                f"{weights_path}: tensor {key!r} is not a LoRA factor of a decoder projection of the language model's layers"
+            )
+        site = (int(found.group(1)), _MODULE_TO_SHORT[found.group(3)], found.group(4))
+        if site in seen:
+            raise InterventionError(f"{weights_path}: tensors {seen[site]!r} and {key!r} are both lora_{site[2]} of layer {site[0]}")
+        seen[site] = key
+        factors[(site[0], site[1])][site[2]] = tensor
     if not factors:
         raise InterventionError(f"{weights_path} holds no LoRA factors")
     rslora = bool(config.get("use_rslora", False))

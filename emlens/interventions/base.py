@@ -707,7 +707,8 @@ class RankOneAdapter(Intervention):
         def update(h: Tensor, act: Tensor) -> Tensor:
             _check_width(act, self.d_model, "adapter factor b", self.out_hook)
             coeff = h @ self.a.to(device=h.device, dtype=h.dtype)  # [batch, pos]
-            return act + self.scale * coeff.unsqueeze(-1).to(act.device) * self.b.to(device=act.device, dtype=act.dtype)
+            # the scale last: scale · (h·a) alone can overflow float16 (alpha 256) where the update itself does not
+            return act + coeff.unsqueeze(-1).to(act.device) * self.b.to(device=act.device, dtype=act.dtype) * self.scale
 
         return input_output_hooks(self, self.in_hook, self.out_hook, read, update)
 
@@ -728,6 +729,9 @@ class RankOneAdapter(Intervention):
         adapter = cls(
             meta["layer"], meta["d_model"], meta["d_mlp"], meta["alpha"], meta["in_hook"], meta["out_hook"], None, meta.get("model_name")
         )
+        for name, param in (("a", adapter.a), ("b", adapter.b)):
+            if tuple(state[name].shape) != tuple(param.shape):  # copy_ would broadcast a length-1 factor silently
+                raise InterventionError(f"saved factor {name} has shape {tuple(state[name].shape)}, expected {tuple(param.shape)}")
         with torch.no_grad():
             adapter.a.copy_(state["a"])
             adapter.b.copy_(state["b"])

@@ -46,11 +46,12 @@ class MultiLayerSteering(Intervention):
     """A trainable vector per layer, each added as ``alpha · v_L`` at ``hook`` of layer ``L``.
 
     Args:
-        layers: the layers steered (sorted; row ``i`` of :attr:`vectors` belongs to ``layers[i]``).
+        layers: the layers steered (kept sorted; row ``i`` of :attr:`vectors` belongs to the ``i``-th smallest).
         d_model: width of the vectors.
         hook: a ``"{layer}"`` template or shorthand (``"resid_post"`` default, ``"mlp_out"``, ``"resid_pre"``...).
         alpha: fixed scale (the paper's steering vectors use 256 with a zero start).
-        init: optional ``[len(layers), d_model]`` initial ``v`` (the effective vectors are ``alpha · init``).
+        init: optional ``[len(layers), d_model]`` initial ``v``, row ``i`` for ``layers[i]`` as given (the effective
+            vectors are ``alpha · init``).
     """
 
     kind = "multi_layer_steering"
@@ -65,6 +66,7 @@ class MultiLayerSteering(Intervention):
         model_name: str | None = None,
     ):
         chosen = _layer_list(layers)
+        given = [int(layers)] if isinstance(layers, int) else [int(x) for x in layers]
         super().__init__(chosen[0], model_name)
         self.layers = chosen
         self.d_model = int(d_model)
@@ -83,6 +85,7 @@ class MultiLayerSteering(Intervention):
             if init.shape != (len(chosen), self.d_model):
                 raise InterventionError(f"init has shape {tuple(init.shape)}, expected ({len(chosen)}, {self.d_model})")
             _check_finite(init, "multi-layer steering init")
+            init = init[[given.index(layer) for layer in chosen]]  # row i of init is given[i]'s: sorted with the layers
         self.vectors = nn.Parameter(init if init is not None else torch.zeros(len(chosen), self.d_model))
 
     @classmethod
