@@ -41,13 +41,29 @@ class RunCheckpointError(ValueError):
     """A run directory conflicts with the run asked for, or holds an unreadable checkpoint."""
 
 
+def weights_fingerprint(model: Any, per_tensor: int = 64) -> str:
+    """A hash of the model's parameters' names, dtypes, shapes and ``per_tensor`` evenly spaced values of each: another
+    checkpoint at the same path, or the same one loaded in another dtype, gives another hash (one device sync)."""
+    import hashlib
+
+    names, samples = [], []
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        samples.append(flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].float())
+        names.append(f"{name}:{param.dtype}:{tuple(param.shape)}")
+    digest = hashlib.sha256("\n".join(names).encode())
+    if samples:
+        digest.update(torch.cat([s.to(samples[0].device) for s in samples]).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _describe(config: Any, intervention: Any, model: Any, dataset: Any, kl_dataset: Any | None) -> dict[str, Any]:
     settings = dataclasses.asdict(config)
     settings.pop("progress", None)  # display only
     return {
         "config": settings,
         "intervention": {k: v for k, v in intervention.metadata().items() if k != "model_name"},
-        "model": getattr(getattr(model, "cfg", None), "model_name", None),
+        "model": {"name": getattr(getattr(model, "cfg", None), "model_name", None), "weights": weights_fingerprint(model)},
         "data": dataset_fingerprint(dataset),
         "kl_data": dataset_fingerprint(kl_dataset) if kl_dataset is not None else None,
     }

@@ -207,3 +207,20 @@ def test_a_model_is_freed_once_nothing_else_holds_it(dataset):
     other = tiny_model("llama", seed=4)
     store.bind(other)  # the store's model is gone: it forgets that model's residuals before serving another's
     assert len(store) == 0
+
+
+def test_a_run_does_not_resume_on_other_weights_or_another_dtype(dataset, tmp_path):
+    """Checkpoints name the model by its weights, not only its name: a re-trained checkpoint at the same path, or the
+    same one loaded in bfloat16, would continue a run computed on other numbers."""
+    from emlens.checkpoints import RunCheckpointError
+    from tests.conftest import tiny_model
+
+    first, other = tiny_model("llama", seed=5), tiny_model("llama", seed=6)
+    assert first.cfg.model_name == other.cfg.model_name
+    config = TrainConfig(lr=1e-3, max_steps=2, **FAST)
+    train(first, SteeringVector(1, first.cfg.d_model), dataset, config, run_dir=tmp_path / "run")
+    train(first, SteeringVector(1, first.cfg.d_model), dataset, config, run_dir=tmp_path / "run", resume=True)  # the same: fine
+    with pytest.raises(RunCheckpointError, match="its model differs"):
+        train(other, SteeringVector(1, other.cfg.d_model), dataset, config, run_dir=tmp_path / "run", resume=True)
+    with pytest.raises(RunCheckpointError, match="its model differs"):
+        train(first.to(torch.bfloat16), SteeringVector(1, first.cfg.d_model), dataset, config, run_dir=tmp_path / "run", resume=True)
