@@ -131,3 +131,20 @@ def test_relative_stability_is_undefined_for_a_seed_without_a_gain_over_the_base
     rel = StabilityResult([0.0, 0.5, 1.0], losses, base_loss=4.0).relative()
     assert rel[0].tolist() == pytest.approx([0.0, 50.0, 100.0])
     assert np.isnan(rel[1]).all() and np.isnan(rel[2]).all()
+
+
+def test_pretraining_kl_refuses_a_random_baseline_for_solutions_of_different_kinds(model):
+    """The random directions are drawn in one solution's kind and site: for a vector and an adapter together they would be
+    no baseline for one of them, so the measure asks for one kind at a time (or none)."""
+    from emlens.study.config import PretrainingKLSection
+    from emlens.study.measures import measure_pretraining_kl
+
+    texts = TokenDataset.from_texts(model.tokenizer, ["some plain text to read", "and another line"], max_length=16)
+    vector = SteeringVector(1, model.cfg.d_model, alpha=1.0, init=torch.randn(model.cfg.d_model))
+    adapter = RankOneAdapter.for_model(model, 1, seed=0)
+    with torch.no_grad():
+        adapter.b.normal_()
+    with pytest.raises(ValueError, match=r"random directions match one kind and site, but these solutions differ"):
+        measure_pretraining_kl(model, {"vector": vector, "adapter": adapter}, texts, PretrainingKLSection(points=2, n_random=2), progress=False)
+    out = measure_pretraining_kl(model, {"vector": vector, "adapter": adapter}, texts, PretrainingKLSection(points=2, n_random=0), progress=False)
+    assert set(out["kl"]) == {"vector", "adapter"}

@@ -137,6 +137,13 @@ def measure_pretraining_kl(
     """
     named = dict(solutions)
     if section.n_random:
+        spaces = {(v.kind, tuple(v.hook_names())) for v in solutions.values()}
+        if len(spaces) > 1:  # the random baseline is drawn in one solution's space: it would not match the others
+            listed = "; ".join(f"{name}: {v.kind} at {', '.join(v.hook_names())}" for name, v in solutions.items())
+            raise ValueError(
+                f"random directions match one kind and site, but these solutions differ ({listed}); measure each kind and "
+                "site on its own, or set n_random to 0"
+            )
         named.update(random_directions(next(iter(solutions.values())), section.n_random, seed))
     top = max_norm if max_norm is not None else section.max_factor * max(v.norm for v in solutions.values())
     norms = [float(x) for x in np.linspace(0.0, top, section.points)]
