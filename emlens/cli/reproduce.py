@@ -16,7 +16,7 @@ def register(add: Any) -> None:
         help="run the paper's whole study (training, drift, KL sweep, mixing, every metric, report), cached and resumable",
         description="Runs every stage of the study in --config (default: the paper's settings, shipped as "
         "emlens/study/paper.toml), each cached in OUT/stages under a key of everything it depends on: a re-run with the "
-        "same settings does nothing, a changed setting re-runs only the stages that read it, and an interrupted run "
+        "same settings does nothing, a changed setting re-runs the stages whose key holds it (and those reading them), and an interrupted run "
         "continues from its checkpoints. Writes OUT/report.md with figures in OUT/figures and OUT/report.json with every number.",
     )
     p.add_argument("--config", default=None, help="study config (TOML); default: the paper's settings")
