@@ -18,6 +18,7 @@ skipped by the fast path). Otherwise it plans the hooked path, and :class:`Plan`
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -79,12 +80,20 @@ class Runner:
         from emlens.versions import check_versions
 
         check_versions()
-        self.model = model
+        self._model = weakref.ref(model)  # weak: the table of runners (runner_for) must not keep the model alive
         self.hf = model.original_model
         self.arch = Architecture.of(self.hf.config)
         self._plain: Any = None
         self._compiled: CompiledBlocks | None = None
         self.last_plan: Plan | None = None
+
+    @property
+    def model(self) -> Any:
+        """The bridge this runner executes."""
+        model = self._model()
+        if model is None:
+            raise RuntimeError("this runner's model was freed")
+        return model
 
     # --- the plain model -------------------------------------------------------------
     @property
@@ -347,16 +356,18 @@ def _check_right_padded(attention_mask: Tensor) -> None:
         raise ValueError("the fast path needs right-padded batches (real tokens first in every row)")
 
 
+_RUNNERS: weakref.WeakKeyDictionary[Any, Runner] = weakref.WeakKeyDictionary()
+
+
 def runner_for(model: Any) -> Runner:
     """The one :class:`Runner` of ``model`` (created on first use, kept as long as the model lives).
 
-    It is kept on the model itself: the two refer to each other, so both go when nothing else holds
-    the model (a table of runners keyed by model would keep every model it saw alive).
+    The table holds models weakly and each runner holds its model weakly too, so a model nothing
+    else holds is freed with its runner (a runner holding its model would keep every model alive).
     """
-    runner = model.__dict__.get("_emlens_runner")
+    runner = _RUNNERS.get(model)
     if runner is None:
-        runner = Runner(model)
-        object.__setattr__(model, "_emlens_runner", runner)  # a plain attribute, not a registered submodule
+        runner = _RUNNERS[model] = Runner(model)
     return runner
 
 
