@@ -388,8 +388,13 @@ def provenance_from_run(path: str | Path) -> dict[str, Any]:
         if run_path.is_file():
             run = _read_json(run_path)
             if isinstance(run, dict):
-                if run.get("model") is not None:
-                    out["model"] = run["model"]
+                model = run.get("model")
+                if isinstance(model, dict):  # {"name", "weights"}: the name, and the fingerprint of the weights trained on
+                    if model.get("weights") is not None:
+                        out["model_weights_fingerprint"] = model["weights"]
+                    model = model.get("name")
+                if model is not None:
+                    out["model"] = model
                 if run.get("data") is not None:
                     out["data_fingerprint"] = run["data"]
                 if run.get("kl_data") is not None:

@@ -9,6 +9,8 @@ pointed at a closed port, so a call that forgot ``endpoint=`` fails instead of l
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -286,6 +288,7 @@ def test_a_training_run_is_pushed_with_the_provenance_it_recorded(hub, dataset, 
     run, config = trained_run
     recorded = provenance_from_run(run)
     assert recorded["model"] == "tiny-llama"
+    assert re.fullmatch(r"[0-9a-f]{16}", recorded["model_weights_fingerprint"])  # the weights it was trained on
     assert recorded["data_fingerprint"] == dataset_fingerprint(dataset)
     assert "kl_data_fingerprint" not in recorded  # no KL term
     assert recorded["training_config"] == {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
