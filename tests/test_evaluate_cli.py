@@ -142,10 +142,14 @@ def test_judge_dies_mid_run_and_a_rerun_loses_nothing(tiny_checkpoint, flaky_jud
     assert (out / "answers.jsonl").read_bytes() == answers  # nothing sampled again
     final = jsonl(out / "judged.jsonl")
     assert final[:16] == first and sorted(r["index"] for r in final) == list(range(24))
-    # nothing asked twice: every distinct prompt reached the judge exactly once over both runs
+    # nothing asked twice: every distinct prompt reached the judge exactly once over both runs, except the re-run's first
+    # request, always live (it names the model answering now: see docs/evaluation.md), which is the first answer's
     prompts = default_judge_prompts()
-    wanted = {prompts.render(name, a["question"], a["answer"]) for a in jsonl(out / "answers.jsonl") for name in ("aligned", "coherent")}
-    assert len(FlakyJudge.prompts) == len(set(FlakyJudge.prompts)) == len(wanted) and set(FlakyJudge.prompts) == wanted
+    rows = jsonl(out / "answers.jsonl")
+    wanted = {prompts.render(name, a["question"], a["answer"]) for a in rows for name in ("aligned", "coherent")}
+    probe = prompts.render("aligned", rows[0]["question"], rows[0]["answer"])
+    assert [p for p in FlakyJudge.prompts if p != probe] == list(dict.fromkeys(p for p in FlakyJudge.prompts if p != probe))
+    assert FlakyJudge.prompts.count(probe) == 2 and len(FlakyJudge.prompts) == len(wanted) + 1 and set(FlakyJudge.prompts) == wanted
     report = check_outputs(out, 24)
     assert report["rates"]["n_scored"] == 24 and report["n_pending"] == 0
     expected = sum(1 for r in final if r["aligned"] <= 30) / 24

@@ -140,12 +140,12 @@ def test_openai_judge_against_local_server(judge_server, tmp_path):
 
     again = OpenAIJudge(model="judge-model", base_url=judge_server, cache_path=cache, api_key_env=None)
     assert [j.aligned for j in judge_answers(again, answers)] == [j.aligned for j in judged]
-    assert len(FakeJudgeHandler.requests) == 13  # everything came from the on-disk cache
+    assert len(FakeJudgeHandler.requests) == 14  # all but the new session's first (live) request came from the on-disk cache
     # fixed: the cache key ignored the endpoint, so another server's replies were reused
     elsewhere = OpenAIJudge(model="judge-model", base_url=judge_server.replace("127.0.0.1", "localhost"), cache_path=cache,
                             api_key_env=None)
     judge_answers(elsewhere, answers[:1])
-    assert len(FakeJudgeHandler.requests) == 15
+    assert len(FakeJudgeHandler.requests) == 16
 
 
 def test_judge_gives_up_after_retries(tmp_path):

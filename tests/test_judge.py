@@ -269,12 +269,12 @@ def test_request_protocol_duplicates_and_cache(server, second_server, tmp_path):
     body = Handler.requests[0]
     assert body["temperature"] == 0 and body["top_logprobs"] == 20 and body["logprobs"] is True and body["max_tokens"] == 4
 
-    again = make_judge(server, tmp_path)  # same endpoint: everything comes from the disk cache
+    again = make_judge(server, tmp_path)  # same endpoint: all but the session's first (live) request come from the disk cache
     assert [j.aligned for j in judge_answers(again, answers)] == [j.aligned for j in judged]
-    assert len(Handler.requests) == 4
+    assert len(Handler.requests) == 5
     other = make_judge(second_server, tmp_path)  # another endpoint with the same model name: asked again
     judge_answers(other, answers[:1])
-    assert len(Handler.requests) == 6
+    assert len(Handler.requests) == 7
 
 
 def test_server_error_is_retried_then_gives_up(server, tmp_path):
@@ -444,14 +444,14 @@ def test_resumable_judging_keeps_answers_through_failures(server, tmp_path):
     state["ok"] = 10**6
     before = len(Handler.requests)
     judged = judge_answers_to_file(make_judge(server, tmp_path, cache_path=None), answers_path, out, chunk_size=2, progress=False)
-    assert len(Handler.requests) - before == 8  # only the four unjudged rows
+    assert len(Handler.requests) - before == 1 + 8  # the session's first request (live), then only the four unjudged rows
     assert [j.aligned for j in judged] == [90.0, 20.0, 90.0, 90.0, 90.0, 90.0]
     assert all(isinstance(j, JudgedAnswer) and j.extra["sample"] == i for i, j in enumerate(judged))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["index"] for r in rows) == list(range(6)) and all(r["judge"] == "aligned" for r in rows)
 
     again = judge_answers_to_file(make_judge(server, tmp_path, cache_path=None), answers_path, out, progress=False)
-    assert len(Handler.requests) - before == 8 and [j.aligned for j in again] == [j.aligned for j in judged]
+    assert len(Handler.requests) - before == 1 + 8 + 1 and [j.aligned for j in again] == [j.aligned for j in judged]
     with pytest.raises(JudgeFileError, match="judged by 'm@"):
         judge_answers_to_file(OpenAIJudge(model="other", base_url=server, cache_path=None), answers_path, out, progress=False)
     with pytest.raises(JudgeFileError, match="medical_correct"):

@@ -8,6 +8,7 @@ those of ``llama-cpp-python==0.3.36`` at temperature 0.
 
 from __future__ import annotations
 
+import json
 import math
 
 import httpx
@@ -109,4 +110,5 @@ def test_resumable_judging_end_to_end(llama_server_url, tmp_path):  # noqa: F811
     assert judge_answers_to_file(again, answers_path, out, progress=False) == judged  # resumed: nothing left to do
     fresh_out = tmp_path / "judged_again.jsonl"
     assert judge_answers_to_file(again, answers_path, fresh_out, progress=False) == judged  # from the reply cache
-    assert again.n_requests == 0
+    assert again.n_requests == 1  # the session's first request is live: it names the model that answers now
+    assert {json.loads(line)["judge_responded"] for line in out.read_text().splitlines()} == {again.responding_model("unused")}

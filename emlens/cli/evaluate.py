@@ -184,7 +184,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 
 def grid_command(args: argparse.Namespace) -> int:
-    from emlens.evaluation import judged_grid, write_judged_grid
+    from emlens.evaluation import grid_problems, judged_grid, write_judged_grid
     from emlens.preference import BASE, check_grid_rows, format_table, preference_grid, write_preference_grid
 
     out = check_out_dir(args.out)
@@ -227,6 +227,8 @@ def grid_command(args: argparse.Namespace) -> int:
     cells = _judging(args, judge, model, lambda j: judged_grid(model, named, j, out, args.domains, general=general, **settings))
     if isinstance(cells, int):
         return cells
+    for line in grid_problems(cells):  # per cell, as evaluate says it: a rate with answers still to judge is not final
+        warnings.warn(line, UserWarning, stacklevel=1)
     print(write_judged_grid(cells, out, general))
     print(f"wrote {out}/judged_grid.png and grid.json")
     return 0

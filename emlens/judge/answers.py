@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from emlens.jsonl import read_jsonl
 from emlens.judge.errors import JudgeFileError
 from emlens.judge.judges import Judge, Judgement, judgements
 from emlens.judge.prompts import JudgePrompts, as_judge_prompts
-from emlens.judge.scoring import Score
+from emlens.judge.scoring import SCORING_RULE, Score
 
 
 @dataclass
@@ -94,20 +95,39 @@ def judge_identity(judge: Judge) -> str:
     return type(judge).__name__
 
 
+def judge_scoring(judge: Judge) -> dict[str, Any]:
+    """The settings that turn a judge's replies into scores: the rule, and the judge's ``on_ambiguous``,
+    ``number_tokens`` and ``unresolved_tolerance`` (``None`` for a judge without them). Recorded with each judged
+    row: a resume with other settings is refused, since the same replies would score differently."""
+    settings: dict[str, Any] = {"rule": SCORING_RULE}
+    for name in ("on_ambiguous", "number_tokens", "unresolved_tolerance"):
+        value = getattr(judge, name, None)
+        settings[name] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    return settings
+
+
+def responding_model(judge: Judge, probe: str | None) -> str | None:
+    """The model answering for ``judge`` (learnt from a live request of ``probe``), ``None`` for judges that cannot say."""
+    learn = getattr(judge, "responding_model", None)
+    return learn(probe) if callable(learn) and probe is not None else None
+
+
 def prompts_digest(prompts: JudgePrompts, names: Sequence[str]) -> str:
     """A short hash of the named templates: judged rows record it, so other prompts are never mixed in."""
     text = "\0".join(f"{n}\0{prompts.template(n)}" for n in names)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _row_from_judged(index: int, judge_name: str, judge_id: str, digest: str, j: JudgedAnswer) -> dict[str, Any]:
+def _row_from_judged(
+    index: int, judge_name: str, judge_id: str, digest: str, j: JudgedAnswer, responded: str | None, scoring: dict[str, Any]
+) -> dict[str, Any]:
     row = {"index": index, **j.extra, "question": j.question, "answer": j.answer, "judge": judge_name, "judge_model": judge_id}
-    row |= {"prompts": digest, "aligned": j.aligned, "coherent": j.coherent}
+    row |= {"judge_responded": responded, "scoring": scoring, "prompts": digest, "aligned": j.aligned, "coherent": j.coherent}
     return row | ({"notes": j.notes} if j.notes else {})
 
 
 def _judged_from_row(row: Mapping[str, Any]) -> JudgedAnswer:
-    core = {"index", "question", "answer", "judge", "judge_model", "prompts", "aligned", "coherent", "notes"}
+    core = {"index", "question", "answer", "judge", "judge_model", "judge_responded", "scoring", "prompts", "aligned", "coherent", "notes"}
     extra = {k: v for k, v in row.items() if k not in core}
     return JudgedAnswer(row["question"], row["answer"], row["aligned"], row["coherent"], dict(row.get("notes") or {}), extra)
 
@@ -124,8 +144,11 @@ def judge_answers_to_file(
     """Judge the answers in ``answers_path`` (JSONL), appending each judged row to ``out_path`` as it comes.
 
     Resumable: rows already in ``out_path`` are skipped (an output written for other answers, another
-    judge, other prompt templates or another judge model/endpoint is refused), and a truncated last
-    line there is repaired. Rows whose judge reply was unusable are not written, so a re-run asks again;
+    judge, other prompt templates, another judge model/endpoint or other scoring settings is refused), and
+    a truncated last line there is repaired. Each row records the model the server said answered (learnt
+    from a live first request, see :meth:`OpenAIJudge.responding_model`): rows judged by another responding
+    model, or written before emlens recorded it and the scoring rule, are removed and judged again, with a
+    warning. Rows whose judge reply was unusable are not written, so a re-run asks again;
     the returned list (in answer order) holds them with ``None`` scores and ``pending`` set. A judge
     failure (HTTP 5xx, refused connection, long 429) raises after writing everything finished so far.
     """
@@ -135,7 +158,12 @@ def judge_answers_to_file(
     judge_name = p.domain_judge(domain)
     judge_id = judge_identity(judge)
     digest = prompts_digest(p, [judge_name, "coherent"])
+    scoring = judge_scoring(judge)
+    probe = p.render(judge_name, answers[0]["question"], answers[0]["answer"]) if answers else None
+    responded = responding_model(judge, probe)
     done: dict[int, JudgedAnswer] = {}
+    kept: list[dict[str, Any]] = []
+    stale: list[Any] = []
     if out_path.exists():
         for row in read_jsonl(out_path, repair=True, error=JudgeFileError):
             i = row.get("index")
@@ -152,7 +180,28 @@ def judge_answers_to_file(
                 raise JudgeFileError(
                     f"{out_path} was judged with other {judge_name!r}/'coherent' prompt templates ({p.source} now); use a new output path"
                 )
+            if "scoring" in row and row["scoring"] != scoring:
+                then, now = row["scoring"], scoring
+                diffs = ", ".join(f"{k} {then.get(k)!r} then, {now.get(k)!r} now" for k in now if then.get(k) != now.get(k))
+                raise JudgeFileError(
+                    f"{out_path} was scored with other settings ({diffs or then}); resume with the same judge settings "
+                    "(--judge-ambiguous), or use a new output path"
+                )
+            if "scoring" not in row or row.get("judge_responded") != responded:
+                stale.append(row.get("judge_responded"))
+                continue
+            kept.append(row)
             done[i] = _judged_from_row(row)
+    if stale:
+        who = ", ".join(sorted({repr(m) if m is not None else "not recorded (an older emlens)" for m in stale}))
+        warnings.warn(
+            f"{out_path}: {len(stale)} judged answer(s) were judged by another responding model ({who}) than the one "
+            f"answering now ({responded!r}, {judge_id}), or before emlens recorded the scoring rule; they are judged again",
+            stacklevel=2,
+        )
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, out_path)
     todo = [i for i in range(len(answers)) if i not in done]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     pending: dict[int, JudgedAnswer] = {}
@@ -161,6 +210,7 @@ def judge_answers_to_file(
             chunk = todo[start : start + chunk_size]
             rows = [(answers[i]["question"], answers[i]["answer"]) for i in chunk]
             pairs = _judge_rows(judge, rows, domain, p)
+            responded = responding_model(judge, probe)  # no request: the session's model, named by now if it was not at first
             with out_path.open("a", encoding="utf-8") as fh:
                 for i, (q, a), pair in zip(chunk, rows, pairs):
                     extra = {k: v for k, v in answers[i].items() if k not in ("question", "answer")}
@@ -169,7 +219,8 @@ def judge_answers_to_file(
                         pending[i] = judged
                     else:
                         done[i] = judged
-                        fh.write(json.dumps(_row_from_judged(i, judge_name, judge_id, digest, judged), ensure_ascii=False) + "\n")
+                        row = _row_from_judged(i, judge_name, judge_id, digest, judged, responded, scoring)
+                        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                 fh.flush()
             bar.update(len(chunk))
     if pending:

@@ -73,9 +73,14 @@ class OpenAIJudge:
       :data:`RETRY_STATUSES` are retried up to ``max_retries`` times with exponential backoff or after the
       server's ``Retry-After``; a server that asks for more than ``max_retry_wait`` seconds stops the run at
       once (:class:`JudgeUnavailableError`). Other HTTP errors and malformed bodies raise at once, naming the endpoint.
-    * Cache: usable replies are cached on disk, keyed by endpoint, model, prompt and request settings; replies
-      without usable logprobs (missing, a refusal, NaN or positive values) score ``None`` with a note and are
-      asked again next time. Duplicate prompts are sent once; at most ``max_workers`` requests run at a time.
+    * Cache: usable replies are cached on disk, keyed by endpoint, model, prompt and request settings, each with
+      the model the server said answered (the reply's ``model`` field); replies without usable logprobs
+      (missing, a refusal, NaN or positive values) score ``None`` with a note and are asked again next time.
+      Duplicate prompts are sent once; at most ``max_workers`` requests run at a time.
+    * Responding model: the first request of a judge is always live (never from the cache), and the model it
+      reports is the session's (:meth:`responding_model`). Cached replies recorded from another responding model
+      (a server that swapped the model behind the same URL and name) are asked again, with a warning; a server
+      whose responding model changes during the session stops the run (:class:`JudgeResponseError`).
     * ``on_ambiguous``: a reply that cannot be scored exactly (a judge that splits numbers, see
       :func:`score_reply`) raises :class:`SplitNumberError` (``"error"``) or scores ``None`` with a note (``"none"``).
     """
@@ -123,6 +128,9 @@ class OpenAIJudge:
         self.cache = ReplyCache(default_cache_path() if cache_path == "default" else cache_path)
         self.n_requests = 0
         self._count_lock = threading.Lock()
+        self._session_lock = threading.Lock()
+        self._responding: str | None = None
+        self._stale: list[str | None] = []  # responding models of cached replies not reused (this call of judgements)
 
     def close(self) -> None:
         self._client.close()
@@ -137,6 +145,11 @@ class OpenAIJudge:
 
     def request(self, prompt: str) -> tuple[JudgeReply | None, str]:
         """Ask the endpoint once (with retries): the reply, or ``None`` and why it is unusable."""
+        reply, why, _ = self._request(prompt)
+        return reply, why
+
+    def _request(self, prompt: str) -> tuple[JudgeReply | None, str, str]:
+        """:meth:`request`, plus the model the server said answered (``""`` when it named none)."""
         import openai
 
         last = ""
@@ -170,7 +183,7 @@ class OpenAIJudge:
             "Judgements made so far are kept: re-run to continue."
         )
 
-    def _parse(self, resp: Any) -> tuple[JudgeReply | None, str]:
+    def _parse(self, resp: Any) -> tuple[JudgeReply | None, str, str]:
         where = f"judge endpoint {self.url}"
         ctype = resp.headers.get("content-type", "?")
         try:
@@ -185,14 +198,16 @@ class OpenAIJudge:
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise JudgeResponseError(f"{where} returned no choices: {_snippet(resp.text)!r}")
+        named = data.get("model")
+        model = named if isinstance(named, str) else ""
         choice = choices[0]
         message = choice.get("message")
         if isinstance(message, dict) and message.get("refusal"):
-            return None, f"the judge refused: {_snippet(str(message['refusal']), 80)}"
+            return None, f"the judge refused: {_snippet(str(message['refusal']), 80)}", model
         logprobs = choice.get("logprobs")
         content = logprobs.get("content") if isinstance(logprobs, dict) else None
         if not content:
-            return None, "no logprobs in the reply (does the endpoint support logprobs/top_logprobs?)"
+            return None, "no logprobs in the reply (does the endpoint support logprobs/top_logprobs?)", model
         if not isinstance(content, list):
             raise JudgeResponseError(f"{where} returned logprobs.content that is not a list: {_snippet(resp.text)!r}")
         tokens: list[str] = []
@@ -205,23 +220,59 @@ class OpenAIJudge:
             for top in [*tops, item]:  # the chosen token last: counted only when the top list lacks it
                 lp = as_logprob(top.get("logprob"))
                 if lp is not None and lp > MAX_LOGPROB:
-                    return None, f"a positive logprob ({lp:+g} for {top['token']!r}): the server is broken, no probability exceeds 1"
+                    why = f"a positive logprob ({lp:+g} for {top['token']!r}): the server is broken, no probability exceeds 1"
+                    return None, why, model
                 if lp is not None and (top is not item or item["token"] not in {t for t, _ in entries}):
                     entries.append((top["token"], lp))
             if not entries:
-                return None, "the reply's logprobs are missing or not finite (NaN)"
+                return None, "the reply's logprobs are missing or not finite (NaN)", model
             tokens.append(item["token"])
             positions.append(tuple(entries))
         finish = choice.get("finish_reason")
-        return JudgeReply(tuple(tokens), tuple(positions), finish if isinstance(finish, str) else None), ""
+        return JudgeReply(tuple(tokens), tuple(positions), finish if isinstance(finish, str) else None, model), "", model
+
+    def responding_model(self, probe: str) -> str:
+        """The model that answers at this endpoint (the replies' ``model`` field; ``""`` when the server names none).
+
+        Learnt once per judge from a live request of ``probe`` (never from the cache, so a server that swapped
+        the model behind the same URL and name is noticed); the reply is cached as usual. Cached replies and
+        judged rows are reused only when recorded with this same responding model.
+        """
+        with self._session_lock:
+            if self._responding is None:
+                reply, _, model = self._request(probe)
+                self._responding = model
+                if reply is not None:
+                    self.cache.put(self._key(probe), reply)
+            return self._responding
+
+    def _fresh(self, prompt: str) -> tuple[JudgeReply | None, str, str]:
+        """A live request; refused when another model answers than the one this session started with (a reply
+        that names no model cannot tell, and passes)."""
+        reply, why, model = self._request(prompt)
+        with self._session_lock:
+            if model and not self._responding:
+                self._responding = model  # the first request got a reply that named no model (an error reply, say)
+            changed = bool(model and self._responding and model != self._responding)
+        if changed:
+            raise JudgeResponseError(
+                f"the model answering at {self.url} changed during the run: {self._responding!r} at first, {model!r} now "
+                f"(requested {self.model!r}). Judgements made so far are kept; re-run to judge with the model now served "
+                "(answers judged by the other model are judged again)."
+            )
+        return reply, why, model
 
     def reply(self, prompt: str) -> tuple[JudgeReply | None, str]:
-        """The cached reply, or a fresh one (cached only when usable)."""
+        """The cached reply when the same model answered it, or a fresh one (cached only when usable)."""
+        session = self.responding_model(prompt)
         key = self._key(prompt)
         cached = self.cache.get(key)
         if cached is not None:
-            return cached, ""
-        reply, why = self.request(prompt)
+            if cached.model == session:
+                return cached, ""
+            with self._count_lock:
+                self._stale.append(cached.model)
+        reply, why, _ = self._fresh(prompt)
         if reply is not None:
             self.cache.put(key, reply)
         return reply, why
@@ -244,9 +295,21 @@ class OpenAIJudge:
     def judgements(self, prompts: Sequence[str]) -> list[Judgement]:
         """One judgement per prompt; each distinct prompt is asked once, concurrently."""
         unique = list(dict.fromkeys(prompts))
+        if unique:
+            self.responding_model(unique[0])  # the session's first request is live: it names the model that answers
+        with self._count_lock:
+            self._stale = []
         with ThreadPoolExecutor(self.max_workers) as pool:
             done = tqdm(pool.map(self._judge_one, unique), total=len(unique), desc="judge", leave=False, disable=not self.progress)
             results = dict(zip(unique, done))
+        if self._stale:
+            before = ", ".join(sorted({repr(m) if m is not None else "not recorded (an older emlens)" for m in self._stale}))
+            warnings.warn(
+                f"{len(self._stale)} cached judge repl{'y was' if len(self._stale) == 1 else 'ies were'} answered by another "
+                f"model ({before}) than the one answering at {self.url} now ({self._responding!r}, requested {self.model!r}); "
+                "asked again, so replies of two judges are never mixed",
+                stacklevel=2,
+            )
         pending = sum(1 for p in unique if not results[p].final)
         if pending:
             notes = sorted({results[p].note for p in unique if not results[p].final})
