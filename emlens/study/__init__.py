@@ -189,26 +189,17 @@ def rewrite_report(config: StudyConfig, out: str | Path, command: str | None = N
             + ". Run `emlens reproduce` with this config (or pass the config the stages were run with)."
         )
     rerun = " (run `emlens reproduce` with this config to compute them)"
-    if groups["other"]:
-        warnings.warn(
-            f"{len(groups['other'])} stage(s) in {out} were not finished under this config's settings and are left out of the report: "
-            + ", ".join(groups["other"])
-            + rerun,
-            stacklevel=2,
-        )
-    if groups["not found"]:
-        warnings.warn(
-            f"{len(groups['not found'])} stage(s) of this config are not in {out / 'stages'} and are left out of the report: "
-            + ", ".join(groups["not found"])
-            + rerun,
-            stacklevel=2,
-        )
-    if groups[UPSTREAM]:
-        warnings.warn(
-            f"{len(groups[UPSTREAM])} stage(s) in {out} were computed from upstream outputs that are missing or have changed "
-            "since, and are left out of the report: " + "; ".join(groups[UPSTREAM]) + rerun,
-            stacklevel=2,
-        )
+    why = {
+        "other": ("in {out} were not finished under this config's settings", ", "),
+        "not found": ("of this config are not in {out}/stages", ", "),
+        UPSTREAM: ("in {out} were computed from upstream outputs that are missing or have changed since,", "; "),
+    }
+    for group, (said, sep) in why.items():
+        if groups[group]:
+            warnings.warn(
+                f"{len(groups[group])} stage(s) {said.format(out=out)} and are left out of the report: {sep.join(groups[group])}{rerun}",
+                stacklevel=2,
+            )
     left_out = list(stored.reasons)
     identity = {
         **identity,
