@@ -325,6 +325,13 @@ def _scored_count(example: EncodedExample) -> int:
     return sum(1 for m in example.loss_mask[1:] if m)
 
 
+def _partly_cut(name: str, full: EncodedExample, kept: EncodedExample) -> tuple[str, int, int] | None:
+    """``(name, scored tokens lost, scored tokens it had)`` when cutting ``full`` to ``kept`` lost some; else None."""
+    had = _scored_count(full)
+    lost = had - _scored_count(kept)
+    return (name, lost, had) if lost else None
+
+
 def encode_text(tokenizer: Any, text: str, max_length: object = 512) -> EncodedExample:
     """Tokenise plain text (no chat template), cut to ``max_length`` (an integer >= 1) tokens; every real token counts."""
     max_length = check_int("max_length", max_length, minimum=1)
@@ -459,9 +466,8 @@ class TokenDataset:
             if _has_scored_token(example):
                 examples.append(example)
                 kept.append(i)
-                lost = _scored_count(full) - _scored_count(example)
-                if lost:
-                    cut.append((where, lost, _scored_count(full)))
+                if (partial := _partly_cut(where, full, example)) is not None:
+                    cut.append(partial)
                 continue
             dropped.append(i)
             first = next((j for j, m in enumerate(full.loss_mask) if m and j > 0), None)
@@ -543,9 +549,8 @@ class TokenDataset:
             if _has_scored_token(cut) or not any(example.loss_mask[1:]):
                 kept.append(cut)
                 rows.append(row)
-                lost = _scored_count(example) - _scored_count(cut)
-                if lost:
-                    partly.append((f"row {row}", lost, _scored_count(example)))
+                if (partial := _partly_cut(f"row {row}", example, cut)) is not None:
+                    partly.append(partial)
             else:
                 dropped.append(row)
         if not kept:
