@@ -193,6 +193,31 @@ def test_adapters_saved_by_peft_import(pair: Any, tmp_path: Path) -> None:
         assert runner_for(bridge).plan(imported).fast
 
 
+def test_peft_config_without_alpha_or_rank_takes_peft_defaults(pair: Any, tmp_path: Path) -> None:
+    """A hand-written adapter_config.json that leaves out ``lora_alpha`` loads in peft with its default 8 (not r); so must ours."""
+    from tests.test_lora import require
+
+    peft = require("peft")
+    arch, reference, bridge = pair
+    torch.manual_seed(0)
+    model = peft.get_peft_model(copy.deepcopy(reference), peft.LoraConfig(r=2, lora_alpha=5.0, target_modules=["down_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "saved")
+    config_path = tmp_path / "saved" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    del config["lora_alpha"]
+    config_path.write_text(json.dumps(config))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path / "saved")
+    assert loaded.peft_config["default"].lora_alpha == 8  # peft's default, which the import must follow
+    with torch.no_grad():
+        expected = loaded(input_ids=IDS).logits
+    imported = import_peft_adapter(tmp_path / "saved", bridge)
+    torch.testing.assert_close(emlens_logits(bridge, imported), expected, rtol=1e-4, atol=1e-5)
+    del config["r"]  # peft would build rank-8 modules and fail on the rank-2 tensors: so do we, naming the rank
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(InterventionError, match="rank 2 but the config says 8"):
+        import_peft_adapter(tmp_path / "saved")
+
+
 def test_peft_import_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         import_peft_adapter(tmp_path)

@@ -43,6 +43,9 @@ _INERT_FIELDS = {
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 _MODULE_TO_SHORT = {module.split(".")[-1]: short for short, (_, module) in PROJECTIONS.items()}
 
+PEFT_DEFAULT_RANK = 8  # peft.LoraConfig's defaults for ``r`` and ``lora_alpha``
+PEFT_DEFAULT_ALPHA = 8.0
+
 
 def peft_key(layer: int, proj: str, factor: str) -> str:
     """peft's saved tensor name for one factor (``"A"`` or ``"B"``) of one module."""
@@ -154,8 +157,9 @@ def import_peft_adapter(directory: str | Path, model: Any | None = None) -> Inte
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise InterventionError(f"{weights_path}: layer {layer} {proj}_proj has factors of shapes {tuple(a.shape)}, {tuple(b.shape)}")
         name = f"model.layers.{layer}.{PROJECTIONS[proj][1]}"
-        rank = int(_pattern(config.get("rank_pattern") or {}, name, config.get("r", a.shape[0])))
-        alpha = float(_pattern(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", rank)))
+        # a key the config leaves out takes peft's own LoraConfig default (r = 8, lora_alpha = 8), as peft loads it
+        rank = int(_pattern(config.get("rank_pattern") or {}, name, config.get("r", PEFT_DEFAULT_RANK)))
+        alpha = float(_pattern(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", PEFT_DEFAULT_ALPHA)))
         if rank != a.shape[0]:
             raise InterventionError(f"{weights_path}: layer {layer} {proj}_proj has rank {a.shape[0]} but the config says {rank}")
         by_layer[layer][proj] = (rank, alpha, (int(a.shape[1]), int(b.shape[0])))
