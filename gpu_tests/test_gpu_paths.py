@@ -370,3 +370,23 @@ def test_training_step_reads_the_device_twice() -> None:
     middle = where[1:-2]
     assert len(middle) == config.max_steps - 2
     assert all(len(w) == 2 for w in middle), middle
+
+
+def test_every_saved_intervention_loads_onto_the_device_asked_for(tmp_path: Any) -> None:
+    """``Intervention.load(path, "cuda")`` puts every kind's tensors on CUDA (a LoRA adapter stayed on the CPU)."""
+    from emlens import Composed, Intervention, LoRAAdapter, MultiLayerSteering, RankOneAdapter, SteeringVector
+    from emlens.interventions.ablation import DirectionAblation
+
+    kinds = {
+        "vector": SteeringVector(1, 64),
+        "rank_one": RankOneAdapter(1, 64, 128),
+        "lora": LoRAAdapter({"down": (128, 64), "q": (64, 64)}, [0, 1], rank=2),
+        "multilayer": MultiLayerSteering([0, 1], 64),
+        "ablation": DirectionAblation(torch.randn(64), ["blocks.1.hook_resid_post"]),
+        "composed": Composed([SteeringVector(0, 64), LoRAAdapter({"down": (128, 64)}, [1])]),
+    }
+    for name, intervention in kinds.items():
+        path = intervention.save(tmp_path / f"{name}.safetensors")
+        loaded = Intervention.load(path, DEVICE)
+        devices = {tensor.device.type for tensor in loaded.state_dict().values()}
+        assert devices == {"cuda"}, (name, devices)

@@ -369,6 +369,7 @@ class Intervention(nn.Module, ABC):
             raise InterventionError(f"{path}: a {cls.kind} needs {err.args[0]!r}, which the file lacks") from err
         except (TypeError, ValueError, RuntimeError) as err:
             raise InterventionError(f"{path}: not a valid {cls.kind}: {err}") from err
+        intervention.to(device)  # from_state copies into parameters made on the CPU: every kind lands on `device`
         for name, tensor in intervention.state_dict().items():
             _check_finite(tensor, f"{path}: {name!r}")
         if not math.isfinite(intervention.norm):
