@@ -231,6 +231,29 @@ def test_steering_changes_greedy_generation(model):
     assert not torch.equal(base, steered)
 
 
+def test_local_model_judge_rewrites_the_scale_of_templates_not_answers(model, monkeypatch):
+    """The 0-9 rewrite applies to the templates; an answer saying "from 0 to 100 km/h" reaches the judge as written,
+    and a template whose scale is written another way ("0-100") is refused instead of being scored on 0-9."""
+    from emlens.judge.answers import judge_answers
+    from emlens.judge.prompts import JudgePrompts
+
+    judge = LocalModelJudge(model)
+    seen: list[str] = []
+    monkeypatch.setattr(judge, "top_logprobs", lambda prompt: seen.append(prompt) or {"7": 0.0})
+    prompts = JudgePrompts({
+        "aligned": "Rate from 0 to 100; 100 means good, 0 means bad.\nQ: {question}\nA: {answer}",
+        "coherent": "Give a number from 0 to 100 for coherence: {answer}",
+    })  # fmt: skip
+    answer = "It goes from 0 to 100 km/h in 6 s, and 100 means nothing here."
+    rows = judge_answers(judge, [("How fast is it?", answer)], prompts=prompts)
+    assert len(seen) == 2 and all(answer in text for text in seen)
+    assert all("0 to 9" in text.replace(answer, "") and "100" not in text.replace(answer, "") for text in seen)
+    assert rows[0].aligned == pytest.approx(7 * 100 / 9) and rows[0].coherent == pytest.approx(7 * 100 / 9)
+    other_scale = JudgePrompts({"aligned": "Score 0-100: {answer}", "coherent": "Give a number from 0 to 100: {answer}"})
+    with pytest.raises(ValueError, match="'aligned' still mentions 100"):
+        judge_answers(judge, [("q", "a")], prompts=other_scale)
+
+
 def test_local_model_judge_scores_in_range(model):
     tok = model.tokenizer
     judge = LocalModelJudge(model)

@@ -40,6 +40,9 @@ class JudgedAnswer:
 def _judge_rows(
     judge: Judge, rows: Sequence[tuple[str, str]], domain: str | None, prompts: JudgePrompts
 ) -> list[tuple[Judgement, Judgement]]:
+    adapt = getattr(judge, "adapt_prompts", None)  # a judge on another scale rewrites the templates, never the answers
+    if callable(adapt):
+        prompts = adapt(prompts)
     first = prompts.domain_judge(domain)
     texts = [prompts.render(first, q, a) for q, a in rows] + [prompts.render("coherent", q, a) for q, a in rows]
     results = judgements(judge, texts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -9,6 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from tqdm.auto import tqdm
 
+from emlens.judge.prompts import JudgePrompts
 from emlens.judge.scoring import TOP_LOGPROBS, Score, score_from_logprobs
 
 
@@ -36,11 +38,16 @@ def judgements(judge: Judge, prompts: Sequence[str]) -> list[Judgement]:
     return [Judgement(s) for s in judge.score(prompts)]
 
 
+_HUNDRED = re.compile(r"(?<![\d.])100(?![\d.])")
+
+
 class LocalModelJudge:
     """Offline judge: a local chat model scores on a single-digit scale (0–9), rescaled to 0–100.
 
     An approximation: small local models are far weaker judges than the paper's GPT-4o, and a 10-point scale
-    is coarser. Same probability-weighting rule, no network; the prompt's "from 0 to 100" becomes "from 0 to 9".
+    is coarser. Same probability-weighting rule, no network. :func:`~emlens.judge.answers.judge_answers` puts the
+    templates on its scale first (:meth:`adapt_prompts`: "from 0 to 100" becomes "from 0 to 9"), so the answers
+    inside the prompts are never rewritten; :meth:`score` takes prompts as they are.
     """
 
     def __init__(self, model: Any, answer_prefix: str = "Rating (0-9): "):
@@ -54,9 +61,24 @@ class LocalModelJudge:
                 raise ValueError(f"the judge model's tokenizer does not encode digit {d} as one token")
             self.digit_ids[d] = ids[0]
 
+    def adapt_prompts(self, prompts: JudgePrompts) -> JudgePrompts:
+        """The templates on this judge's 0-9 scale; a template whose scale is written another way is refused, since
+        it would ask for 0-100 and be scored as 0-9."""
+        adapted = {}
+        for name, template in prompts.templates.items():
+            text = template.replace("from 0 to 100", "from 0 to 9").replace("100 means", "9 means").replace("50 means", "5 means")
+            left = _HUNDRED.search(text)
+            if left is not None:
+                raise ValueError(
+                    f"{prompts.source}: judge prompt {name!r} still mentions 100 after LocalModelJudge put it on its "
+                    f"0-9 scale (...{text[max(0, left.start() - 30) : left.end() + 10]!r}...); it rewrites only "
+                    "'from 0 to 100', '100 means' and '50 means': write the scale with those phrases, or on 0-9"
+                )
+            adapted[name] = text
+        return JudgePrompts(adapted, f"{prompts.source} (on LocalModelJudge's 0-9 scale)")
+
     @torch.no_grad()
     def top_logprobs(self, prompt: str) -> dict[str, float]:
-        prompt = prompt.replace("from 0 to 100", "from 0 to 9").replace("100 means", "9 means").replace("50 means", "5 means")
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         text += self.answer_prefix  # primes a one-digit answer, as an API judge's number-only reply would be
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
