@@ -309,7 +309,8 @@ def test_control_vector_gguf_reads_back(tmp_path: Path) -> None:
     vector = SteeringVector(3, d, alpha=2.0, init=torch.randn(d))
     multi = MultiLayerSteering([1, 2], d, hook="mlp_out", alpha=1.0, init=torch.randn(2, d))
     pre = SteeringVector(3, d, hook="resid_pre", alpha=1.0, init=torch.randn(d))  # = block 2's output
-    path = export_control_vector(vector + multi + pre, tmp_path / "cv", model_hint="tiny", n_layers=4)
+    with pytest.warns(UserWarning, match="pass the model"):  # hook_mlp_out, with no model to check its architecture
+        path = export_control_vector(vector + multi + pre, tmp_path / "cv", model_hint="tiny", n_layers=4)
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["general.architecture"].contents() == "controlvector"
     assert reader.fields["controlvector.model_hint"].contents() == "tiny"
@@ -324,12 +325,31 @@ def test_control_vector_gguf_reads_back(tmp_path: Path) -> None:
     assert back.layers == [1, 2, 3] and back.hook_names()[0] == "blocks.1.hook_resid_post"
     torch.testing.assert_close(back.vector_at(2), 2 * expected[2])
     assert read_control_vector(path)[1]["controlvector.layer_count"] == 4
-    assert [llama_cpp_layer(h) for h in ("blocks.5.hook_resid_post", "blocks.5.hook_mlp_out", "blocks.5.hook_resid_pre")] == [5, 5, 4]
+    assert [llama_cpp_layer(h) for h in ("blocks.5.hook_resid_post", "blocks.5.hook_resid_pre")] == [5, 4]
+    with pytest.warns(UserWarning, match="pass the model"):
+        assert llama_cpp_layer("blocks.5.hook_mlp_out") == 5
     for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.2.attn.hook_z"):
         with pytest.raises(InterventionError):
             llama_cpp_layer(hook)
     with pytest.raises(InterventionError, match="control-vector form"):
         export_control_vector(LoRAAdapter({"down": (8, 4)}, [1]), path)
+
+
+def test_a_control_vector_at_mlp_out_is_checked_against_the_models_architecture(tmp_path: Path) -> None:
+    """hook_mlp_out is a block's output on the proved architectures (Gemma's post-norm too), not known elsewhere."""
+    import warnings
+    from types import SimpleNamespace
+
+    from transformers import Gemma2Config, GPT2Config, LlamaConfig
+
+    vector = SteeringVector(2, 16, hook="mlp_out", init=torch.randn(16))
+    for config in (LlamaConfig(num_hidden_layers=4), Gemma2Config(num_hidden_layers=4)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert llama_cpp_layer("blocks.2.hook_mlp_out", SimpleNamespace(config=config)) == 2
+            export_control_vector(vector, tmp_path / config.model_type, model=SimpleNamespace(original_model=SimpleNamespace(config=config)))
+    with pytest.raises(InterventionError, match="gpt2, not among the architectures emlens proves"):
+        export_control_vector(vector, tmp_path / "gpt2", model=SimpleNamespace(config=GPT2Config(n_layer=4)))
 
 
 def _llama_cpp_buffer(path: Path, n_embd: int, n_layer: int) -> np.ndarray:

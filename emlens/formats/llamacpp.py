@@ -15,6 +15,7 @@ written; vectors landing on the same block are summed. Import gives a
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,14 @@ ARCH = "controlvector"
 _HOOK = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|hook_resid_pre)$")
 
 
-def llama_cpp_layer(hook: str) -> int:
-    """The llama.cpp block ``k`` (tensor ``direction.k``) where adding a vector equals adding it at ``hook``."""
+def llama_cpp_layer(hook: str, model: Any | None = None) -> int:
+    """The llama.cpp block ``k`` (tensor ``direction.k``) where adding a vector equals adding it at ``hook``.
+
+    ``hook_mlp_out`` is block ``L``'s output only where the MLP's output is the last thing added to the residual:
+    on every architecture emlens proves (Gemma's post-norm included), not necessarily on others. Given the
+    ``model`` the vector was trained on, that is checked (an unproved architecture is refused); without one, a
+    ``hook_mlp_out`` vector is exported with a warning saying so.
+    """
     found = _HOOK.match(hook)
     if found is None:
         raise InterventionError(
@@ -38,11 +45,34 @@ def llama_cpp_layer(hook: str) -> int:
     layer = int(found.group(1)) - (1 if found.group(2) == "hook_resid_pre" else 0)
     if layer < 1:
         raise InterventionError(f"{hook} is block {layer}'s output or earlier; llama.cpp control vectors start at block 1")
+    if found.group(2) == "hook_mlp_out":
+        _check_mlp_out_is_block_output(hook, model)
     return layer
 
 
-def control_vectors(intervention: Intervention) -> dict[int, torch.Tensor]:
-    """``{llama.cpp block k: effective vector}`` of a steering vector, multi-layer steering, or a sum of them."""
+def _check_mlp_out_is_block_output(hook: str, model: Any | None) -> None:
+    from emlens.runner.architectures import PROVED_MODEL_TYPES, Architecture
+
+    config = getattr(getattr(model, "original_model", model), "config", None)
+    if config is None:
+        warnings.warn(
+            f"{hook} is exported as its block's output, which it is on the architectures emlens proves "
+            f"({', '.join(PROVED_MODEL_TYPES)}); on another architecture the MLP's output may not be the last thing "
+            "added to the residual: pass the model (model=...) to check",
+            stacklevel=4,
+        )
+        return
+    if Architecture.of(config).residual_layer(hook) is None:
+        raise InterventionError(
+            f"{hook}: on this model ({getattr(config, 'model_type', '?')}, not among the architectures emlens proves: "
+            f"{', '.join(PROVED_MODEL_TYPES)}) adding at the MLP's output is not known to equal adding to the block's "
+            "output, which is all llama.cpp steers; train the vector at hook_resid_post instead"
+        )
+
+
+def control_vectors(intervention: Intervention, model: Any | None = None) -> dict[int, torch.Tensor]:
+    """``{llama.cpp block k: effective vector}`` of a steering vector, multi-layer steering, or a sum of them
+    (``model``: the model it was trained on, to check ``hook_mlp_out`` sites; see :func:`llama_cpp_layer`)."""
     parts = intervention.members() if isinstance(intervention, Composed) else [intervention]
     out: dict[int, torch.Tensor] = {}
     for part in parts:
@@ -55,14 +85,19 @@ def control_vectors(intervention: Intervention) -> dict[int, torch.Tensor]:
         else:
             raise InterventionError(f"a {part.kind} has no llama.cpp control-vector form (only steering vectors do)")
         for hook, vector in pairs:
-            k = llama_cpp_layer(hook)
+            k = llama_cpp_layer(hook, model)
             vector = vector.float().cpu()
             out[k] = out[k] + vector if k in out else vector.clone()
     return dict(sorted(out.items()))
 
 
-def export_control_vector(intervention: Intervention, path: str | Path, model_hint: str | None = None, n_layers: int | None = None) -> Path:
+def export_control_vector(
+    intervention: Intervention, path: str | Path, model_hint: str | None = None, n_layers: int | None = None, model: Any | None = None
+) -> Path:
     """Write a llama.cpp control-vector GGUF (``direction.k`` tensors, float32).
+
+    ``model``: the model the vector was trained on; it checks that a ``hook_mlp_out`` site is its block's output
+    (:func:`llama_cpp_layer`).
 
     ``model_hint`` (default: the intervention's model name) and ``n_layers`` (the model's block count;
     default: the highest block steered + 1) fill ``controlvector.model_hint`` / ``controlvector.layer_count``,
@@ -70,7 +105,7 @@ def export_control_vector(intervention: Intervention, path: str | Path, model_hi
     """
     import gguf
 
-    vectors = control_vectors(intervention)
+    vectors = control_vectors(intervention, model)
     path = Path(path)
     if path.suffix != ".gguf":
         path = path.with_suffix(".gguf")
