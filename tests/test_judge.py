@@ -188,6 +188,19 @@ def test_hesitating_split_judge_is_refused():
         score_reply(cut)
 
 
+def test_a_reply_without_evidence_of_how_numbers_are_written_says_so():
+    """No multi-digit token and no continued number: "auto" must assume split (the safe reading) and say that it
+    only assumed it, naming number_tokens='whole' for a judge with one token per number."""
+    reply = JudgeReply(("7",), ((("7", LN(0.6)), ("8", LN(0.4))),))
+    dist = number_distribution(reply)
+    assert dist.split and dist.split_assumed and dist.unresolved == pytest.approx(0.4)
+    with pytest.raises(SplitNumberError, match="no multi-digit token.*number_tokens='whole'"):
+        score_reply(reply)
+    assert score_reply(reply, number_tokens="whole") == pytest.approx(0.6 * 7 + 0.4 * 8)
+    seen = number_distribution(JudgeReply(("8", "5"), ((("8", LN(0.5)), ("9", LN(0.5))), (("5", LN(1.0)),))))
+    assert seen.split and not seen.split_assumed  # the judge's own answer continued a number: seen, not assumed
+
+
 def test_whole_number_vocabulary_keeps_single_digits():
     # multi-digit tokens in the list: the judge's vocabulary has one token per number, so "9" means 9
     reply = JudgeReply(("85",), ((("85", LN(0.5)), ("9", LN(0.3)), ("80", LN(0.2))),))

@@ -74,6 +74,7 @@ class NumberDistribution:
     unresolved: float
     split: bool
     unresolved_prefixes: list[str] = field(default_factory=list)
+    split_assumed: bool = False  # "auto" found neither a number continued by another token nor a multi-digit token
 
     @property
     def mass(self) -> float:
@@ -89,19 +90,21 @@ def _extendable(digits: str, max_score: int) -> bool:
     return digits != "0" and int(digits) * 10 <= max_score
 
 
-def _splits_numbers(reply: JudgeReply, number_tokens: NumberTokens) -> bool:
+def _splits_numbers(reply: JudgeReply, number_tokens: NumberTokens) -> tuple[bool, bool]:
+    """``(split, assumed)``: whether numbers are read as split into tokens, and whether that is only assumed
+    (``"auto"`` with no evidence either way in this reply: then the safe reading, split, is taken)."""
     if number_tokens != "auto":
-        return number_tokens == "split"
+        return number_tokens == "split", False
     for a, b in zip(reply.tokens, reply.tokens[1:]):
         ma = _NUMBER_START.fullmatch(a)
         if ma and not ma.group(2) and _DIGITS_FIRST.fullmatch(b):
-            return True  # the judge's own answer continues a number with another token
+            return True, False  # the judge's own answer continues a number with another token
     for position in reply.top_logprobs:
         for token, _ in position:
             m = _NUMBER_START.fullmatch(token)
             if m and len(m.group(1)) >= 2:
-                return False  # the vocabulary has multi-digit tokens: numbers are whole tokens
-    return True
+                return False, False  # the vocabulary has multi-digit tokens: numbers are whole tokens
+    return True, True
 
 
 def number_distribution(reply: JudgeReply, max_score: int = 100, number_tokens: NumberTokens = "auto") -> NumberDistribution:
@@ -122,7 +125,7 @@ def number_distribution(reply: JudgeReply, max_score: int = 100, number_tokens: 
     Only ASCII digits count ("²" and "½" are ordinary non-number tokens); leading whitespace before the number is
     allowed; other tokens are not numbers and leave the normalisation.
     """
-    split = _splits_numbers(reply, number_tokens)
+    split, assumed = _splits_numbers(reply, number_tokens)
     probs: dict[int, float] = defaultdict(float)
     unresolved = 0.0
     unresolved_prefixes: list[str] = []
@@ -158,7 +161,7 @@ def number_distribution(reply: JudgeReply, max_score: int = 100, number_tokens: 
         if follow is None:
             break
         cur, prefix_p = follow
-    return NumberDistribution(dict(probs), unresolved, split, unresolved_prefixes)
+    return NumberDistribution(dict(probs), unresolved, split, unresolved_prefixes, split and assumed)
 
 
 def reply_label(reply: JudgeReply) -> str | None:
@@ -194,8 +197,15 @@ def score_reply(
         return reply_label(reply)
     if dist.unresolved > unresolved_tolerance * (mass + dist.unresolved):
         prefixes = ", ".join(repr(p) for p in dict.fromkeys(dist.unresolved_prefixes))
+        how = (
+            "this reply shows no multi-digit token and no number continued by another token, so the judge may write "
+            "numbers as several tokens (if it writes each number 0-100 as one token, as GPT-4o does, pass "
+            "number_tokens='whole'); read that way"
+            if dist.split_assumed
+            else "the judge writes numbers as several tokens, and"
+        )
         raise SplitNumberError(
-            f"the judge writes numbers as several tokens, and {dist.unresolved:.2f} of its probability "
+            f"{how} {dist.unresolved:.2f} of its probability "
             f"({dist.unresolved / (mass + dist.unresolved):.0%} of the number mass) sits on prefixes ({prefixes}) "
             "whose continuation the API does not report, so the score cannot be computed exactly"
         )
