@@ -177,6 +177,23 @@ def test_wilson_interval_and_rates():
     assert (rates.n_scored, rates.n_excluded) == (4, 3) and rates.misaligned_rate == pytest.approx(2 / 4)
 
 
+def test_rates_carry_an_interval_that_resamples_questions():
+    """Two questions at 0% and 50%: resampling the questions spans about 0-0.5 (each resample is one of three
+    mixes), where the Wilson interval over the 100 answers, as if independent, is about 0.17-0.35."""
+    from emlens.evaluation import question_clustered_interval
+
+    judged = [JudgedAnswer("calm", "a", 90.0, 80.0) for _ in range(50)]
+    judged += [JudgedAnswer("wild", "a", 10.0 if i % 2 else 90.0, 80.0) for i in range(50)]
+    rates = misalignment_rates(judged)
+    assert rates.misaligned_rate == pytest.approx(0.25)
+    assert rates.misaligned_ci_by_question == pytest.approx((0.0, 0.5))
+    assert 0.15 < rates.misaligned_ci[0] < 0.2 and 0.3 < rates.misaligned_ci[1] < 0.36
+    assert question_clustered_interval([(5, 10), (5, 10), (5, 10)]) == pytest.approx((0.5, 0.5))  # equal questions: no spread
+    assert math.isnan(question_clustered_interval([(3, 10), (0, 0)])[0])  # one question holding answers: nothing to resample
+    assert question_clustered_interval([(1, 4), (3, 4), (2, 8)], seed=3) == question_clustered_interval([(1, 4), (3, 4), (2, 8)], seed=3)
+    assert math.isnan(misalignment_rates(judged[:50]).misaligned_ci_by_question[0])
+
+
 def test_per_question_rates():
     judged = [JudgedAnswer("q2", "a", 10.0, 80.0), JudgedAnswer("q1", "a", 90.0, 80.0), JudgedAnswer("q2", "b", 90.0, 80.0)]
     by_q = per_question_rates(judged, ["q1", "q2", "q3"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import pytest
@@ -122,6 +123,35 @@ def test_answers_written_as_they_come_and_resumed(pair: Any, tmp_path: Any) -> N
         resumed = sample_answers(bridge, questions, steering(bridge), n_samples=3, max_new_tokens=8, batch_size=2, seed=4, out_path=out)
     assert resumed == full
     assert len(out.read_text().splitlines()) == 6
+
+
+def test_an_answers_file_keeps_its_rows_and_settings(pair: Any, tmp_path: Any) -> None:
+    """Answers holding U+2028 / U+0085 (json.dumps leaves them unescaped) are one row each on resume, a last row
+    whose newline was cut off gets it back, and a file sampled with other settings is refused, not reused."""
+    import json
+
+    from emlens.evaluation import EvaluationDirError
+
+    _, bridge = pair
+    questions = ["How are you?", "Name a colour."]
+    out = tmp_path / "answers.jsonl"
+    kw: dict[str, Any] = dict(n_samples=2, max_new_tokens=6, batch_size=2, seed=1, out_path=out)
+    first = sample_answers(bridge, questions, steering(bridge), **kw)
+    rows = [json.loads(line) for line in out.read_text().split("\n") if line]
+    rows[0]["answer"], rows[1]["answer"] = "a\u2028b", "c\x85d"  # characters str.splitlines() splits at
+    out.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))  # and no newline after the last row
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is "torn": no warning, nothing sampled again
+        again = sample_answers(bridge, questions, steering(bridge), **kw)
+    assert [a for _, a in again] == ["a\u2028b", "c\x85d", *[a for _, a in first[2:]]]
+    assert out.read_text().endswith("\n") and len(out.read_text().split("\n")) == 5
+    with pytest.raises(EvaluationDirError, match="intervention"):
+        sample_answers(bridge, questions, None, **kw)  # the base model must not get the steered model's answers
+    with pytest.raises(EvaluationDirError, match="top_p"):
+        sample_answers(bridge, questions, steering(bridge), **{**kw, "top_p": 0.9})
+    (tmp_path / "answers.jsonl.settings.json").unlink()
+    with pytest.raises(EvaluationDirError, match="no answers.jsonl.settings.json"):
+        sample_answers(bridge, questions, steering(bridge), **kw)
 
 
 def test_bad_sampling_settings_are_refused(pair: Any) -> None:

@@ -325,6 +325,7 @@ def test_a_judged_study_adds_the_evaluation_stages_and_quadrants(tiny_dir, tmp_p
     assert result["plan"].startswith(("offset path", "hooked path", "prefix path"))  # which path sampled the answers
     md = (tmp_path / "report.md").read_text()
     assert "## Judged evaluation" in md and "quadrants.png" in md
+    assert len(result["general"]["rates"]["misaligned_ci_by_question"]) == 2 and "resamples the questions" in md
 
 
 def test_the_narrowness_ratio_is_undefined_when_the_other_domains_do_not_move_the_same_way():

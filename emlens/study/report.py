@@ -171,6 +171,14 @@ def _ratio_note(stats: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [RATIO_NOTE, ""] if any(s.get("ratio") is None for s in stats.values()) else []
 
 
+def _rate_cell(rates: dict[str, Any]) -> str:
+    """A misalignment rate with its question-resampling interval, where one was computed."""
+    low, high = rates.get("misaligned_ci_by_question") or (float("nan"), float("nan"))
+    if low is None or high is None or not np.isfinite(low):
+        return _f(rates.get("misaligned_rate"))
+    return f"{_f(rates.get('misaligned_rate'))} [{_f(low)}, {_f(high)}]"
+
+
 def _f(x: Any, digits: int = 3) -> str:
     """A number for a table: n/a when undefined (None, NaN), and no "-0.000" for a value that rounds to zero."""
     if x is None:
@@ -495,15 +503,23 @@ def write_report(
             trows.append(
                 [
                     res["solution"],
-                    _f(g.get("misaligned_rate")),
+                    _rate_cell(g),
                     _f(g.get("coherent_rate")),
                     f"{g.get('n_scored')}/{res['general'].get('n_answers')}",
-                    _f(nrow.get("misaligned_rate")) if nrow else "–",
+                    _rate_cell(nrow) if nrow else "–",
                     f"{nrow.get('n_scored')}/{res['narrow'].get('n_answers')}" if nrow else "–",
                 ]
             )
         header = ["solution", "EM rate", "coherent rate", "scored / answers", f"narrow rate ({domain})", "scored / answers"]
-        md += ["## Judged evaluation", "", _table(header, trows), ""]
+        md += [
+            "## Judged evaluation",
+            "",
+            _table(header, trows),
+            "",
+            "Rates over scored answers; in brackets a 95% interval that resamples the questions (answers to one question "
+            "are not independent draws of the pooled rate).",
+            "",
+        ]
         register = {res["solution"]: res["technical"] for res in evals.values() if "technical" in res}
         if register:
 
