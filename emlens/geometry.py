@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Union, runtime_checkable
@@ -67,18 +68,46 @@ def rescale(x: Float[Tensor, " d"], norm: float) -> Float[Tensor, " d"]:
 
 
 def orthogonal_noise(x: Float[Tensor, " d"], epsilon: float, generator: torch.Generator | None = None) -> Float[Tensor, " d"]:
-    """Norm-preserving perturbation ``sqrt(1-ε²)·x + ε·y`` with ``y ⟂ x``, ``‖y‖ = ‖x‖`` (Gaussian, then orthogonalised)."""
+    """Norm-preserving perturbation ``sqrt(1-ε²)·x + ε·y`` with ``y ⟂ x``, ``‖y‖ = ‖x‖`` (Gaussian, then orthogonalised).
+
+    The projection runs in float64, twice, so ``y`` is orthogonal to rounding. A draw (nearly) parallel to ``x``,
+    whose orthogonal part would be mostly rounding error, is drawn again from the same generator: that happens
+    when ``x`` itself came from the same seed's stream (``random_like(seed=s)`` perturbed with seed ``s``).
+    """
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon must lie in [0, 1], got {epsilon}")
     xf = x.detach().float()
-    norm = xf.norm()
-    if norm == 0:
+    if xf.norm() == 0:
         return xf.clone()
-    y = torch.randn(xf.shape, generator=generator, dtype=torch.float32, device="cpu").to(xf.device)
-    unit = xf / norm
-    y = y - (y.flatten() @ unit.flatten()) * unit
+    x64 = xf.double().cpu()
+    norm = x64.norm()
+    unit = (x64 / norm).flatten()
+    for _ in range(_MAX_DRAWS):
+        y = torch.randn(xf.shape, generator=generator, dtype=torch.float32, device="cpu").double()
+        drawn = y.norm()
+        for _ in range(2):  # a second pass removes what the first one's rounding left along x
+            y = y - (y.flatten() @ unit) * unit.view(y.shape)
+        if y.norm() > _MIN_ORTHOGONAL_PART * drawn:
+            break
+    else:
+        raise ValueError(f"{_MAX_DRAWS} Gaussian draws all lay along x: the generator does not give independent draws")
     y = y / y.norm() * norm
-    return ((1 - epsilon**2) ** 0.5) * xf + epsilon * y
+    return (((1 - epsilon**2) ** 0.5) * x64 + epsilon * y).to(device=xf.device, dtype=torch.float32)
+
+
+def noise_seed(seed: int) -> int:
+    """The generator seed of :func:`~emlens.metrics.stability`'s noise for ``seed``: a stream of its own.
+
+    Interventions start from, and random baselines draw from, ``torch.Generator().manual_seed(seed)``; noise from
+    that same stream is not random relative to them (a LoRA adapter's initial ``A`` and the seed-0 noise have cosine
+    about −0.34, and ``random_like(seed=s)`` perturbed with seed ``s`` would draw its own direction).
+    """
+    digest = hashlib.sha256(f"emlens stability noise {int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+_MAX_DRAWS = 8
+_MIN_ORTHOGONAL_PART = 1e-3  # a draw whose part orthogonal to x is below this share of its norm is drawn again
 
 
 def mean_difference_direction(positive: Tensor, negative: Tensor, normalize: bool = True) -> Float[Tensor, " d"]:
@@ -103,7 +132,8 @@ class PCAResult:
 
     ``components`` holds the principal axes in the points' own coordinates; it is ``None`` when the
     PCA was computed from inner products alone (:func:`pca` of interventions), where no axis is formed.
-    Each component's sign is fixed so that its largest coordinate (in absolute value) is positive.
+    Each axis's sign is fixed so that, along it, the point farthest from the centre (the largest coordinate in
+    absolute value) has a positive coordinate.
     """
 
     coordinates: np.ndarray  # [n_points, n_components]

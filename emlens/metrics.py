@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from emlens.data import TokenDataset
-from emlens.geometry import PCAResult, cosine_similarity, pca
+from emlens.geometry import PCAResult, cosine_similarity, noise_seed, pca
 from emlens.interventions import Intervention
 from emlens.runner import acts_alike, kl_sweep, loss_sweep, runner_for
 from emlens.training import TrainConfig, TrainingCaches, TrainingResult, train
@@ -113,7 +113,9 @@ def stability(
 
     ``epsilons`` are sorted (duplicates refused) and ε = 0 is added when missing. Each seed draws
     one noise direction, the same for every ε of that seed, so the value at a given (seed, ε)
-    does not depend on which other ε are in the grid.
+    does not depend on which other ε are in the grid. The noise of seed ``s`` comes from its own stream
+    (:func:`~emlens.geometry.noise_seed`), never from the stream that seed ``s`` starts an intervention or
+    draws a random baseline with.
     """
     epsilons = sorted(check_grid("epsilons", epsilons, minimum=0, maximum=1))
     if not seeds:
@@ -127,7 +129,7 @@ def stability(
     points: list[Intervention | None] = [None, intervention]
     for seed in seeds:
         # a fresh generator per point: the noise for (seed, ε) is drawn the same way whatever the grid
-        points += [intervention.perturbed(eps, torch.Generator().manual_seed(seed)) for eps in epsilons[1:]]
+        points += [intervention.perturbed(eps, torch.Generator().manual_seed(noise_seed(seed))) for eps in epsilons[1:]]
     flat = loss_sweep(model, dataset, points, batch_size, cache_prefix, progress, desc="stability")
     per_seed = len(epsilons) - 1
     table = np.array([[flat[1]] + flat[2 + s * per_seed : 2 + (s + 1) * per_seed] for s in range(len(seeds))])

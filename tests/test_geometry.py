@@ -16,6 +16,29 @@ def test_orthogonal_noise_preserves_norm_and_sets_angle(eps):
     assert cosine_similarity(x, y) == pytest.approx(math.sqrt(1 - eps**2), abs=1e-5)
 
 
+def test_orthogonal_noise_draws_again_when_its_draw_lies_along_x():
+    """x drawn from seed 0's stream and perturbed with seed 0: the first draw is x's own direction, whose orthogonal
+    part is rounding error; scaled up to ‖x‖ it was neither orthogonal nor norm-preserving (norm ratio 1.34)."""
+    x = torch.randn(4864, generator=torch.Generator().manual_seed(0)) * 3
+    for eps in (0.5, 1.0):
+        y = orthogonal_noise(x, eps, torch.Generator().manual_seed(0))
+        assert y.norm().item() == pytest.approx(x.norm().item(), rel=1e-5)
+        assert cosine_similarity(x, y) == pytest.approx(math.sqrt(1 - eps**2), abs=1e-5)
+    vector = SteeringVector(1, 4864, init=torch.ones(4864))
+    baseline = vector.random_like(seed=0)
+    moved = baseline.perturbed(0.5, torch.Generator().manual_seed(0))
+    assert moved.norm == pytest.approx(baseline.norm, rel=1e-5)
+    assert cosine_similarity(moved, baseline) == pytest.approx(math.sqrt(0.75), abs=1e-5)
+
+
+def test_stability_noise_has_a_stream_of_its_own():
+    """The seed-s noise never shares seed s's stream, from which interventions start and baselines are drawn."""
+    from emlens.geometry import noise_seed
+
+    assert len({noise_seed(s) for s in range(100)} | set(range(100))) == 200
+    assert noise_seed(3) == noise_seed(3) and 0 <= noise_seed(0) < 2**63
+
+
 def test_orthogonal_noise_rejects_bad_epsilon():
     with pytest.raises(ValueError, match=r"epsilon must lie in \[0, 1\]"):
         orthogonal_noise(torch.ones(3), 1.5)

@@ -334,14 +334,20 @@ def test_scaled_to_and_random_like(llama: Any) -> None:
 
 @pytest.mark.parametrize("factors", ("both", "A", "B"))
 def test_perturbation_rule(llama: Any, factors: str) -> None:
-    """Norm-preserving orthogonal noise on A, B or both, each module (and factor) independently."""
+    """Norm-preserving orthogonal noise on A, B or both, each module (and factor) independently; at rank > 1, B is
+    rescaled so that every module's update keeps its norm (the factors' norms alone do not fix it there)."""
     lora = make_lora(llama, "all7-r3")
+    with torch.no_grad():  # B's columns of unequal norm, as after training: the update's norm then depends on BᵀB
+        for key in lora.B:
+            lora.B[key].mul_(torch.tensor([1.0, 3.0, 0.2]))
     eps = 0.6
     noisy = lora.perturbed(eps, torch.Generator().manual_seed(0), factors=factors)  # type: ignore[arg-type]
+    assert list(noisy.module_norms().values()) == pytest.approx(list(lora.module_norms().values()), rel=1e-5)
     for layer, proj in lora.sites():
         for which, (old, new) in zip("AB", zip(lora.factors(layer, proj), noisy.factors(layer, proj))):
             old, new = old.detach().flatten(), new.detach().flatten()
-            assert float(new.norm()) == pytest.approx(float(old.norm()), rel=1e-5)
+            if which == "A":
+                assert float(new.norm()) == pytest.approx(float(old.norm()), rel=1e-5)
             expected = math.sqrt(1 - eps**2) if factors in ("both", which) else 1.0
             assert float(F.cosine_similarity(old, new, dim=0)) == pytest.approx(expected, abs=1e-5), (layer, proj, which)
     # independent draws: the modules' noise directions differ

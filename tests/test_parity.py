@@ -297,8 +297,10 @@ def test_stability_sweep(pair: Any, data: TokenDataset, kind: str) -> None:
     intervention = make_intervention(kind, bridge)
     eps = [0.0, 0.3, 1.0]
     got = stability(bridge, intervention, data, eps, seeds=(5,), batch_size=2, progress=False)
-    # each (seed, ε) point draws its noise from a fresh generator of that seed (independent of the ε grid)
-    perturbed = [intervention.perturbed(e, torch.Generator().manual_seed(5)) for e in eps[1:]]
+    # each (seed, ε) point draws its noise from a fresh generator of that seed's noise stream (independent of the ε grid)
+    from emlens.geometry import noise_seed
+
+    perturbed = [intervention.perturbed(e, torch.Generator().manual_seed(noise_seed(5))) for e in eps[1:]]
     expected = [reference_loss(reference, data, i) for i in [intervention, *perturbed]]
     assert list(got.losses[0]) == pytest.approx(expected, **TOL)
     assert got.base_loss == pytest.approx(reference_loss(reference, data, None), **TOL)

@@ -272,8 +272,11 @@ class LoRAAdapter(Intervention):
     def perturbed(self, epsilon: float, generator: torch.Generator | None = None, factors: PerturbFactors | None = None) -> LoRAAdapter:
         """Norm-preserving orthogonal noise on ``A``, ``B`` or both (default: :attr:`perturb`), each module independently.
 
-        Per module, in :meth:`sites` order, ``A`` then ``B`` draw from ``generator``; each factor keeps
-        its own norm (the paper's rule for LoRA). With ``"both"`` the update's norm is not exactly kept.
+        Per module, in :meth:`sites` order, ``A`` then ``B`` draw from ``generator``, each factor perturbed with
+        its own norm kept (the paper's rule for LoRA). At rank 1 that keeps each module's update norm
+        ``‖s·B A‖`` exactly; at higher rank it does not (the update's norm depends on ``BᵀB``, not only on the
+        factors' norms), so ``B`` is then rescaled to give every module its update norm back: the noise changes
+        the update's direction only, as it does for a steering vector.
         """
         factors = self.perturb if factors is None else factors
         if factors not in self.PERTURB_CHOICES:
@@ -283,6 +286,11 @@ class LoRAAdapter(Intervention):
             a, b = self.A[key].detach(), self.B[key].detach()
             new_a[key] = orthogonal_noise(a.flatten(), epsilon, generator).view(a.shape) if factors in ("both", "A") else a
             new_b[key] = orthogonal_noise(b.flatten(), epsilon, generator).view(b.shape) if factors in ("both", "B") else b
+            if self.rank > 1:
+                before = float((b.double() @ a.double()).norm())
+                after = float((new_b[key].double() @ new_a[key].double()).norm())
+                if after > 0:
+                    new_b[key] = new_b[key] * (before / after)
         return self.with_factors(new_a, new_b)
 
     def random_like(self, seed: int = 0) -> LoRAAdapter:
