@@ -62,9 +62,9 @@ class PairingWarning(UserWarning):
 class PairedSet:
     """Harmful and correct answers to the same prompts: example ``i`` of both datasets shares prompt ``i``.
 
-    ``groups[i]`` is the question example ``i`` belongs to, and the bootstrap resamples groups.
-    Every row of the built-in sets is its own question (no question is repeated or rephrased, and
-    rows carry no group id), so each pair is its own group there.
+    ``groups[i]`` is the question example ``i`` belongs to (pairs with the same prompt are one question), and the
+    bootstrap resamples groups. Every row of the built-in sets is its own question (no question is repeated), so
+    each pair is its own group there.
     """
 
     domain: str
@@ -231,7 +231,9 @@ def paired_datasets(
             stacklevel=2,
         )
     prompts = ["\n".join(text for _, text in _prompt_key(pairs[row][0])) for row in kept]
-    groups = list(range(len(kept)))  # one question per pair: the bootstrap resamples questions
+    # pairs with one prompt are one question (a file may repeat a prompt under several ids): the bootstrap resamples questions
+    index: dict[str, int] = {}
+    groups = [index.setdefault(prompt, len(index)) for prompt in prompts]
     return PairedSet(domain, prompts, harmful.subset([h_pos[r] for r in kept]), correct.subset([c_pos[r] for r in kept]), groups)
 
 
@@ -315,8 +317,11 @@ class DomainPreference:
     def n(self) -> int:
         return int(self.margins.numel())
 
+    groups: list[int] | None = None  # the question of each margin (None: each margin its own)
+
     def as_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "ci": list(self.ci), "n": self.n, "n_questions": self.n_groups, "margins": self.margins.tolist()}
+        out = {"mean": self.mean, "ci": list(self.ci), "n": self.n, "n_questions": self.n_groups, "margins": self.margins.tolist()}
+        return out | ({"groups": [int(g) for g in self.groups]} if self.groups is not None else {})
 
 
 def summarise(
@@ -328,7 +333,8 @@ def summarise(
 ) -> DomainPreference:
     """Mean margin and its bootstrap CI (over ``groups`` when given, else over rows)."""
     n_groups = len(set(groups)) if groups is not None else int(margins.numel())
-    return DomainPreference(domain, margins, float(margins.mean()), bootstrap_ci(margins, n_boot, seed, groups=groups), n_groups)
+    ci = bootstrap_ci(margins, n_boot, seed, groups=groups)
+    return DomainPreference(domain, margins, float(margins.mean()), ci, n_groups, [int(g) for g in groups] if groups is not None else None)
 
 
 PreferenceTable = dict[str, dict[str, DomainPreference]]
@@ -396,6 +402,7 @@ def table_from_dict(data: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Pref
                 float(cell["mean"]),
                 (float(cell["ci"][0]), float(cell["ci"][1])),
                 int(cell["n_questions"]),
+                [int(g) for g in cell["groups"]] if cell.get("groups") is not None else None,
             )
             for d, cell in row.items()
         }

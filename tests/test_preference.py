@@ -136,6 +136,34 @@ def test_unique_ids_still_pair_and_count_orphans(tmp_path, model):
     assert "good b" in model.tokenizer.decode(pairs.correct.examples[1].input_ids)
 
 
+def test_pairs_with_one_prompt_are_one_question_for_every_bootstrap(tmp_path, model):
+    """A file may repeat a prompt under several ids: those pairs are one question, in the pairing, in the saved
+    result, and in the report's shift and mean-of-domains intervals (which resampled pairs, too narrow)."""
+    from emlens.preference import table_as_dict, table_from_dict
+    from emlens.study.report import domain_groups, mean_of_domains_ci, shift_table
+
+    _write_rows(tmp_path / "h.jsonl", [("a1", "A?", "bad a"), ("b1", "B?", "bad b"), ("a2", "A?", "worse a"), ("c1", "C?", "bad c")])
+    _write_rows(tmp_path / "c.jsonl", [("a1", "A?", "good a"), ("b1", "B?", "good b"), ("a2", "A?", "fine a"), ("c1", "C?", "good c")])
+    pairs = paired_datasets(model.tokenizer, "toy", harmful_source=tmp_path / "h.jsonl", correct_source=tmp_path / "c.jsonl")
+    assert pairs.groups == [0, 1, 0, 2]
+    margins = torch.tensor([1.0, 0.0, 1.2, 0.1])
+    cell = summarise("toy", margins, n_boot=500, groups=pairs.groups)
+    assert cell.n_groups == 3 and table_from_dict(table_as_dict({"x": {"toy": cell}}))["x"]["toy"].groups == [0, 1, 0, 2]
+    # ten questions of five pairs each, saved as the preference stage saves them
+    groups = np.repeat(np.arange(10), 5).tolist()
+    rng = np.random.default_rng(0)
+    base = np.zeros(50)
+    solution = np.repeat(rng.normal(size=10), 5) + 0.1 * rng.normal(size=50)
+    pref = {"results": {name: {"toy": summarise("toy", torch.tensor(m), n_boot=200, groups=groups).as_dict()} for name, m in
+                        (("base", base), ("solution", solution))}}  # fmt: skip
+    assert domain_groups(pref) == {"toy": groups}
+    lo, hi = shift_table(pref, n_boot=2000)["solution"]["toy"]["ci"]
+    assert (lo, hi) == pytest.approx(bootstrap_ci(solution, n_boot=2000, groups=groups))
+    lo_rows, hi_rows = bootstrap_ci(solution, n_boot=2000)
+    assert hi - lo > 1.5 * (hi_rows - lo_rows)  # resampling pairs as if independent was far too narrow
+    assert mean_of_domains_ci([solution], n_boot=2000, groups=[groups]) == pytest.approx((lo, hi))
+
+
 def test_builtin_rows_are_one_question_each_so_the_bootstrap_resamples_questions(model):
     """docs/evaluation.md: no built-in question is repeated or rephrased and rows carry no group id.
 

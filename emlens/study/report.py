@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,24 +111,45 @@ def domain_diffs(pref: dict[str, Any], base: str = "base") -> dict[str, dict[str
     }
 
 
+def domain_groups(pref: dict[str, Any], base: str = "base") -> dict[str, list[int] | None]:
+    """The question of each margin, per domain (the same for every solution: the margins are paired); ``None`` where
+    the result does not record them (each margin is then its own question, as in the built-in sets)."""
+    return {d: cell.get("groups") for d, cell in pref["results"][base].items()}
+
+
 def shift_table(pref: dict[str, Any], base: str = "base", n_boot: int = 2000, seed: int = 0) -> dict[str, dict[str, dict[str, Any]]]:
     """Each solution's margin minus the base model's, per domain, with a paired 95% bootstrap CI over questions."""
+    groups = domain_groups(pref, base)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for name, row in domain_diffs(pref, base).items():
         out[name] = {}
         for domain, diff in row.items():
-            lo, hi = bootstrap_ci(diff, n_boot, seed)
+            lo, hi = bootstrap_ci(diff, n_boot, seed, groups=groups.get(domain))
             out[name][domain] = {"mean": float(diff.mean()), "ci": [lo, hi]}
     return out
 
 
-def mean_of_domains_ci(diffs: list[np.ndarray], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """95% bootstrap CI of the mean of per-domain mean shifts: questions resampled within each domain."""
+def mean_of_domains_ci(
+    diffs: list[np.ndarray],
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    groups: Sequence[Sequence[int] | None] | None = None,
+) -> tuple[float, float]:
+    """95% bootstrap CI of the mean of per-domain mean shifts: questions resampled within each domain
+    (``groups[k]``: the question of each of domain ``k``'s margins; ``None``, each margin its own)."""
     if not diffs or any(d.size == 0 for d in diffs):
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
-    means = np.mean([d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1) for d in diffs], axis=0)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    per_domain = []
+    for k, d in enumerate(diffs):
+        g = groups[k] if groups is not None else None
+        labels, inverse = np.unique(np.asarray(g), return_inverse=True) if g is not None else (np.arange(d.size), np.arange(d.size))
+        sums = np.bincount(inverse, weights=d, minlength=labels.size)
+        counts = np.bincount(inverse, minlength=labels.size).astype(np.float64)
+        draws = rng.integers(0, labels.size, size=(n_boot, labels.size))
+        per_domain.append(sums[draws].sum(axis=1) / counts[draws].sum(axis=1))
+    lo, hi = np.quantile(np.mean(per_domain, axis=0), [(1 - level) / 2, 1 - (1 - level) / 2])
     return (float(lo), float(hi))
 
 
@@ -138,6 +159,7 @@ def narrowness(
     diffs: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     n_boot: int = 2000,
     seed: int = 0,
+    groups: Mapping[str, Sequence[int] | None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """In-domain shift, mean out-of-domain shift (the mean of the other domains' means) and their ratio per solution.
 
@@ -152,7 +174,8 @@ def narrowness(
         inside = row[trained]["mean"]
         others = [d for d in row if d != trained]
         outside = float(np.mean([row[d]["mean"] for d in others])) if others else float("nan")
-        ci = mean_of_domains_ci([np.asarray(diffs[name][d]) for d in others], n_boot, seed) if diffs is not None else None
+        by_domain = [(groups or {}).get(d) for d in others]
+        ci = mean_of_domains_ci([np.asarray(diffs[name][d]) for d in others], n_boot, seed, groups=by_domain) if diffs is not None else None
         defined = outside > 0 and (ci is None or ci[0] > 0)
         out[name] = {"in_domain": inside, "out_of_domain": outside, "ratio": inside / outside if defined else None}
         if ci is not None:
@@ -383,7 +406,9 @@ def write_report(
     pref = r.get("preference/main")
     if pref:
         shifts = shift_table(pref, n_boot=config.preference.bootstrap, seed=config.seed)
-        narrow_stats = narrowness(shifts, domain, domain_diffs(pref), n_boot=config.preference.bootstrap, seed=config.seed)
+        narrow_stats = narrowness(
+            shifts, domain, domain_diffs(pref), n_boot=config.preference.bootstrap, seed=config.seed, groups=domain_groups(pref)
+        )
         numbers["preference/main"] = {"shift": shifts, "narrowness": narrow_stats}
         res = pref["results"]
         domains = list(next(iter(res.values())))
@@ -442,6 +467,7 @@ def write_report(
                 domain_diffs(spref),
                 n_boot=config.preference.bootstrap,
                 seed=config.seed,
+                groups=domain_groups(spref),
             )
         for w in sweep["weights"]:
             label = f"λ={w:g}"
@@ -469,7 +495,9 @@ def write_report(
         if not mpref:
             continue
         shifts = shift_table(mpref, n_boot=config.preference.bootstrap, seed=config.seed)
-        stats = narrowness(shifts, domain, domain_diffs(mpref), n_boot=config.preference.bootstrap, seed=config.seed)
+        stats = narrowness(
+            shifts, domain, domain_diffs(mpref), n_boot=config.preference.bootstrap, seed=config.seed, groups=domain_groups(mpref)
+        )
         ratios = config.mixing.ratios
         inside = [(shifts[f"mix={x:g}"][domain]["mean"], *shifts[f"mix={x:g}"][domain]["ci"]) for x in ratios]
         # the other domains: the mean of their mean shifts (as in every table's ratio), CI resampling within each domain
