@@ -79,7 +79,7 @@ def orthogonal_noise(x: Float[Tensor, " d"], epsilon: float, generator: torch.Ge
     xf = x.detach().float()
     if xf.norm() == 0:
         return xf.clone()
-    x64 = xf.double().cpu()
+    x64 = xf.cpu().double()  # on the CPU first: MPS has no float64
     norm = x64.norm()
     unit = (x64 / norm).flatten()
     for _ in range(_MAX_DRAWS):
