@@ -180,16 +180,7 @@ def sample_answers(
         return _sample(model, questions, intervention, n_samples, max_new_tokens, temperature, top_p, batch_size, seed, None)[0]
     path = Path(out_path)
     sidecar = path.with_name(path.name + ".settings.json")
-    settings: dict[str, Any] = {
-        "model": getattr(getattr(model, "cfg", None), "model_name", None) or type(model).__name__,
-        "intervention": intervention_digest(intervention),
-        "questions": hashlib.sha256("\n".join(questions).encode()).hexdigest()[:16],
-        "n_samples": n_samples,
-        "max_new_tokens": max_new_tokens,
-        "temperature": float(temperature),
-        "top_p": float(top_p),
-        "seed": seed,
-    }
+    settings = _sampling_settings(model, None, intervention, questions, n_samples, max_new_tokens, temperature, top_p, seed)
     recorded: dict[str, Any] = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.exists() else {}
     if path.exists() and path.stat().st_size and not recorded:
         raise EvaluationDirError(
@@ -213,6 +204,30 @@ def sample_answers(
         sidecar.write_text(json.dumps({**settings, "batch_size": recorded.get("batch_size", size)}, indent=1), encoding="utf-8")
 
     return _sample(model, questions, intervention, n_samples, max_new_tokens, temperature, top_p, batch_size, seed, path, record)[0]
+
+
+def _sampling_settings(
+    model: Any,
+    model_name: str | None,
+    intervention: Intervention | None,
+    questions: Sequence[str],
+    n_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> dict[str, Any]:
+    """What made a set of sampled answers, as recorded beside them (``run.json``, or an answers file's settings)."""
+    return {
+        "model": model_name or getattr(getattr(model, "cfg", None), "model_name", None) or type(model).__name__,
+        "intervention": intervention_digest(intervention),
+        "questions": hashlib.sha256("\n".join(questions).encode()).hexdigest()[:16],
+        "n_samples": n_samples,
+        "max_new_tokens": max_new_tokens,
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "seed": seed,
+    }
 
 
 def _sample(
@@ -666,17 +681,8 @@ def _sampling_run(
         questions = DOMAIN_QUESTIONS[domain] if domain is not None else GENERAL_QUESTIONS
     questions = list(questions)
     out = Path(out_dir)
-    settings = {
-        "model": model_name or getattr(getattr(model, "cfg", None), "model_name", None) or type(model).__name__,
-        "intervention": intervention_digest(intervention),
-        "questions": hashlib.sha256("\n".join(questions).encode()).hexdigest()[:16],
-        "n_samples": n_samples,
-        "max_new_tokens": max_new_tokens,
-        "temperature": float(temperature),
-        "top_p": float(top_p),
-        "seed": seed,
-        "domain": domain,
-    }
+    settings = _sampling_settings(model, model_name, intervention, questions, n_samples, max_new_tokens, temperature, top_p, seed)
+    settings["domain"] = domain
     recorded = _check_settings(out, settings, overwrite).get("batch_size")
 
     def record(size: int, done: int, missing: int) -> None:
