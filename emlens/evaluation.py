@@ -181,8 +181,10 @@ def sample_answers(
     path = Path(out_path)
     sidecar = path.with_name(path.name + ".settings.json")
     settings = _sampling_settings(model, None, intervention, questions, n_samples, max_new_tokens, temperature, top_p, seed)
-    recorded: dict[str, Any] = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.exists() else {}
-    if path.exists() and path.stat().st_size and not recorded:
+    has_answers = path.exists() and path.stat().st_size > 0
+    # settings left beside an empty or missing file describe no answers: a new run records its own
+    recorded: dict[str, Any] = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.exists() and has_answers else {}
+    if has_answers and not recorded:
         raise EvaluationDirError(
             f"{path} holds answers but no {sidecar.name} saying what sampled them; delete it or choose another out_path"
         )
