@@ -74,6 +74,11 @@ def model_projection_dims(model: Any, layer: int, proj: str) -> tuple[int, int]:
     return int(weight.shape[1]), int(weight.shape[0])
 
 
+def _update_sq_norm(a: Tensor, b: Tensor) -> Tensor:
+    """``‖B A‖_F²`` without forming ``B A`` (``d_out × d_in``): ``Σ (BᵀB) ⊙ (A Aᵀ)``, two ``r × r`` products."""
+    return ((b.T @ b) * (a @ a.T)).sum().clamp_min(0)
+
+
 @register_intervention
 class LoRAAdapter(Intervention):
     """LoRA ``ΔW = scale · B A`` on projections ``modules`` of every layer in ``layers``, applied by hooks.
@@ -210,11 +215,7 @@ class LoRAAdapter(Intervention):
     # --- geometry -------------------------------------------------------------------------------
     def _sq_norms(self) -> Float[Tensor, " n_modules"]:
         """``‖B A‖_F²`` per module (unscaled) without forming ``B A``: ``Σ (BᵀB) ⊙ (A Aᵀ)``."""
-        out = []
-        for key in self.A:
-            a, b = self.A[key].detach(), self.B[key].detach()
-            out.append(((b.T @ b) * (a @ a.T)).sum().clamp_min(0))
-        return torch.stack(out)
+        return torch.stack([_update_sq_norm(self.A[key].detach(), self.B[key].detach()) for key in self.A])
 
     def module_norms(self) -> dict[tuple[int, str], float]:
         """``‖scale · B A‖_F`` of every module."""
@@ -287,8 +288,8 @@ class LoRAAdapter(Intervention):
             new_a[key] = orthogonal_noise(a.flatten(), epsilon, generator).view(a.shape) if factors in ("both", "A") else a
             new_b[key] = orthogonal_noise(b.flatten(), epsilon, generator).view(b.shape) if factors in ("both", "B") else b
             if self.rank > 1:
-                before = float((b.double() @ a.double()).norm())
-                after = float((new_b[key].double() @ new_a[key].double()).norm())
+                before = float(_update_sq_norm(a.double(), b.double()).sqrt())
+                after = float(_update_sq_norm(new_a[key].double(), new_b[key].double()).sqrt())
                 if after > 0:
                     new_b[key] = new_b[key] * (before / after)
         return self.with_factors(new_a, new_b)
