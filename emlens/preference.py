@@ -287,20 +287,26 @@ def bootstrap_ci(
     x = np.asarray(values.detach().cpu().numpy() if isinstance(values, Tensor) else values, dtype=np.float64)
     if x.size == 0:
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    else:
-        if len(groups) != x.size:
-            raise ValueError(f"{len(groups)} group labels for {x.size} values")
-        labels, inverse = np.unique(np.asarray(groups), return_inverse=True)
-        sums = np.bincount(inverse, weights=x, minlength=labels.size)
-        counts = np.bincount(inverse, minlength=labels.size).astype(np.float64)
-        draws = rng.integers(0, labels.size, size=(n_boot, labels.size))
-        means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    means = bootstrap_means(x, n_boot, np.random.default_rng(seed), groups)
     alpha = (1.0 - level) / 2
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return (float(lo), float(hi))
+
+
+def bootstrap_means(
+    x: np.ndarray, n_boot: int, rng: np.random.Generator, groups: Sequence[int | np.integer] | np.ndarray | None = None
+) -> np.ndarray:
+    """``n_boot`` resampled means of ``x`` (one draw of ``rng``): rows resampled with replacement, or with ``groups``
+    whole groups, each resample's mean taken over its rows (a ratio of sums)."""
+    if groups is None:
+        return x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    if len(groups) != x.size:
+        raise ValueError(f"{len(groups)} group labels for {x.size} values")
+    labels, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    sums = np.bincount(inverse, weights=x, minlength=labels.size)
+    counts = np.bincount(inverse, minlength=labels.size).astype(np.float64)
+    draws = rng.integers(0, labels.size, size=(n_boot, labels.size))
+    return sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from emlens.jsonl import dumps_strict
-from emlens.preference import bootstrap_ci
+from emlens.preference import bootstrap_ci, bootstrap_means
 from emlens.study.config import StudyConfig
 from emlens.study.stages import SESSION, StageOutput, general_name, hardware, narrow_name, package_versions
 
@@ -140,15 +140,8 @@ def mean_of_domains_ci(
     (``groups[k]``: the question of each of domain ``k``'s margins; ``None``, each margin its own)."""
     if not diffs or any(d.size == 0 for d in diffs):
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    per_domain = []
-    for k, d in enumerate(diffs):
-        g = groups[k] if groups is not None else None
-        labels, inverse = np.unique(np.asarray(g), return_inverse=True) if g is not None else (np.arange(d.size), np.arange(d.size))
-        sums = np.bincount(inverse, weights=d, minlength=labels.size)
-        counts = np.bincount(inverse, minlength=labels.size).astype(np.float64)
-        draws = rng.integers(0, labels.size, size=(n_boot, labels.size))
-        per_domain.append(sums[draws].sum(axis=1) / counts[draws].sum(axis=1))
+    rng = np.random.default_rng(seed)  # one stream, drawn domain after domain
+    per_domain = [bootstrap_means(np.asarray(d, dtype=np.float64), n_boot, rng, groups[k] if groups else None) for k, d in enumerate(diffs)]
     lo, hi = np.quantile(np.mean(per_domain, axis=0), [(1 - level) / 2, 1 - (1 - level) / 2])
     return (float(lo), float(hi))
 
