@@ -188,9 +188,13 @@ def test_rates_carry_an_interval_that_resamples_questions():
     assert rates.misaligned_rate == pytest.approx(0.25)
     assert rates.misaligned_ci_by_question == pytest.approx((0.0, 0.5))
     assert 0.15 < rates.misaligned_ci[0] < 0.2 and 0.3 < rates.misaligned_ci[1] < 0.36
-    assert question_clustered_interval([(5, 10), (5, 10), (5, 10)]) == pytest.approx((0.5, 0.5))  # equal questions: no spread
-    assert math.isnan(question_clustered_interval([(3, 10), (0, 0)])[0])  # one question holding answers: nothing to resample
-    assert question_clustered_interval([(1, 4), (3, 4), (2, 8)], seed=3) == question_clustered_interval([(1, 4), (3, 4), (2, 8)], seed=3)
+    def answers(*counts):  # (hits, n) per question -> per-answer hits and their questions
+        pairs = [(i < h, f"q{k}") for k, (h, n) in enumerate(counts) for i in range(n)]
+        return [h for h, _ in pairs], [q for _, q in pairs]
+
+    assert question_clustered_interval(*answers((5, 10), (5, 10), (5, 10))) == pytest.approx((0.5, 0.5))  # equal questions: no spread
+    assert math.isnan(question_clustered_interval(*answers((3, 10), (0, 0)))[0])  # one question holding answers: nothing to resample
+    assert question_clustered_interval(*answers((1, 4), (3, 4), (2, 8)), seed=3) == question_clustered_interval(*answers((1, 4), (3, 4), (2, 8)), seed=3)
     assert math.isnan(misalignment_rates(judged[:50]).misaligned_ci_by_question[0])
 
 
