@@ -24,6 +24,7 @@ from typing import Any, TypeGuard
 
 import torch
 
+from emlens.data import render_chat
 from emlens.interventions import Intervention
 from emlens.jsonl import dumps_strict, json_safe
 from emlens.judge import (
@@ -259,9 +260,7 @@ def _sample(
     tok = model.tokenizer
     jobs = [(q, k) for q in questions for k in range(n_samples)]
     prompts = [
-        tok(
-            tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True), add_special_tokens=False
-        )["input_ids"]
+        tok(render_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
         for q, _ in jobs
     ]
     answers: dict[int, str] = {}

@@ -281,11 +281,22 @@ class EncodedExample:
     loss_mask: list[bool]
 
 
+def render_chat(tokenizer: Any, messages: Conversation, add_generation_prompt: bool) -> str:
+    """The chat template's text for ``messages``, rendered with thinking off (``enable_thinking=False``).
+
+    Every conversation emlens trains on, samples from or judges with is rendered here. A template with a
+    thinking switch (Qwen3's) then closes an empty think block right after the generation prompt, so the
+    reply that follows is the answer itself: trained targets hold no think block, and sampled answers hold
+    no reasoning text for the judge to score. Templates without the switch ignore it.
+    """
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, enable_thinking=False))
+
+
 def _encode_full(tokenizer: Any, messages: Conversation) -> EncodedExample:
     """A conversation's tokens and assistant mask, before any truncation."""
 
     def render(msgs: Conversation, add_generation_prompt: bool) -> list[int]:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = render_chat(tokenizer, msgs, add_generation_prompt)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     full = render(messages, add_generation_prompt=False)

@@ -10,6 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from tqdm.auto import tqdm
 
+from emlens.data import render_chat
 from emlens.judge.prompts import JudgePrompts
 from emlens.judge.scoring import TOP_LOGPROBS, Score, score_from_logprobs
 
@@ -79,7 +80,7 @@ class LocalModelJudge:
 
     @torch.no_grad()
     def top_logprobs(self, prompt: str) -> dict[str, float]:
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = render_chat(self.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
         text += self.answer_prefix  # primes a one-digit answer, as an API judge's number-only reply would be
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         device = next(self.model.parameters()).device
