@@ -3,8 +3,16 @@ import math
 import pytest
 import torch
 
-from emlens.geometry import cosine_similarity, cosine_similarity_matrix, mean_difference_direction, orthogonal_noise, pca, rescale
-from emlens.interventions import RankOneAdapter, SteeringVector, perturb, random_direction_like
+from emlens.geometry import (
+    baseline_generator,
+    cosine_similarity,
+    cosine_similarity_matrix,
+    mean_difference_direction,
+    orthogonal_noise,
+    pca,
+    rescale,
+)
+from emlens.interventions import LoRAAdapter, RankOneAdapter, SteeringVector, perturb, random_direction_like
 from emlens.runner.activations import collect_activations
 
 
@@ -26,7 +34,7 @@ def test_orthogonal_noise_draws_again_when_its_draw_lies_along_x():
         assert cosine_similarity(x, y) == pytest.approx(math.sqrt(1 - eps**2), abs=1e-5)
     vector = SteeringVector(1, 4864, init=torch.ones(4864))
     baseline = vector.random_like(seed=0)
-    moved = baseline.perturbed(0.5, torch.Generator().manual_seed(0))
+    moved = baseline.perturbed(0.5, baseline_generator(0))  # the baseline's own stream: its first draw is itself
     assert moved.norm == pytest.approx(baseline.norm, rel=1e-5)
     assert cosine_similarity(moved, baseline) == pytest.approx(math.sqrt(0.75), abs=1e-5)
 
@@ -37,6 +45,25 @@ def test_stability_noise_has_a_stream_of_its_own():
 
     assert len({noise_seed(s) for s in range(100)} | set(range(100))) == 200
     assert noise_seed(3) == noise_seed(3) and 0 <= noise_seed(0) < 2**63
+
+
+def test_random_baselines_have_a_stream_of_their_own():
+    """A seed-s random baseline is random relative to an adapter started from seed s. Drawn from seed s's own stream
+    (the adapter's A is uniform from it, the baseline's Gaussian), its A had cosine -0.33 with the initial A."""
+    d_model, d_mlp = 576, 1536
+    for seed in range(3):
+        adapter = RankOneAdapter(0, d_model, d_mlp, seed=seed)
+        with torch.no_grad():
+            adapter.b.fill_(1.0)
+        baseline = adapter.random_like(seed)
+        assert abs(cosine_similarity(adapter.a.detach(), baseline.a.detach())) < 0.1  # ~N(0, 1/sqrt(1536) = 0.026)
+        lora = LoRAAdapter({"down_proj": (d_mlp, d_model)}, 0, rank=2, seed=seed)
+        (key,) = lora.A.keys()
+        with torch.no_grad():
+            lora.B[key].fill_(1.0)
+        rand = lora.random_like(seed)
+        assert abs(cosine_similarity(lora.A[key].detach().flatten(), rand.A[key].detach().flatten())) < 0.1
+    assert torch.equal(adapter.random_like(7).a, adapter.random_like(7).a)  # still reproducible
 
 
 def test_orthogonal_noise_rejects_bad_epsilon():
@@ -174,7 +201,10 @@ def test_every_intervention_flattens_in_the_geometry_of_its_inner_product():
         (SteeringVector.from_vector(torch.randn(6), 0), SteeringVector.from_vector(torch.randn(6), 0)),
         (_adapter(1), _adapter(2)),
         (lora(1), lora(2)),
-        (MultiLayerSteering.from_vectors({0: torch.randn(6), 1: torch.randn(6)}), MultiLayerSteering.from_vectors({0: torch.randn(6), 1: torch.randn(6)})),
+        (
+            MultiLayerSteering.from_vectors({0: torch.randn(6), 1: torch.randn(6)}),
+            MultiLayerSteering.from_vectors({0: torch.randn(6), 1: torch.randn(6)}),
+        ),
         (DirectionAblation(torch.randn(6), ["blocks.0.hook_resid_post"]), DirectionAblation(torch.randn(6), ["blocks.0.hook_resid_post"])),
     ]
     for x, y in pairs:

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from emlens.geometry import orthogonal_noise
+from emlens.geometry import baseline_generator, orthogonal_noise
 from emlens.interventions.base import (
     HookFn,
     Intervention,
@@ -139,7 +139,7 @@ class DirectionAblation(Intervention):
         return self.with_direction(orthogonal_noise(self.direction, epsilon, generator), self.strength)
 
     def random_like(self, seed: int = 0) -> DirectionAblation:
-        gen = torch.Generator().manual_seed(seed)
+        gen = baseline_generator(seed)
         return self.with_direction(torch.randn(self.d_model, generator=gen), self.strength)
 
     def scaled_to(self, norm: float) -> DirectionAblation:

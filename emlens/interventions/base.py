@@ -31,7 +31,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from emlens.geometry import orthogonal_noise, rescale
+from emlens.geometry import baseline_generator, orthogonal_noise, rescale
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
 
@@ -497,7 +497,7 @@ class SteeringVector(Intervention):
         return self.with_effective(orthogonal_noise(self.effective, epsilon, generator))
 
     def random_like(self, seed: int = 0) -> SteeringVector:
-        gen = torch.Generator().manual_seed(seed)
+        gen = baseline_generator(seed)
         return self.with_effective(rescale(torch.randn(self.d_model, generator=gen), self.norm))
 
     def with_effective(self, vector: Float[Tensor, " d_model"]) -> SteeringVector:
@@ -675,7 +675,7 @@ class RankOneAdapter(Intervention):
         return self.with_factors(orthogonal_noise(self.a, epsilon, generator), orthogonal_noise(self.b, epsilon, generator))
 
     def random_like(self, seed: int = 0) -> RankOneAdapter:
-        gen = torch.Generator().manual_seed(seed)
+        gen = baseline_generator(seed)
         rand = self.with_factors(torch.randn(self.d_mlp, generator=gen), torch.randn(self.d_model, generator=gen))
         return rand.scaled_to(self.norm)
 

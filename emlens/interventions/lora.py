@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from emlens.geometry import orthogonal_noise
+from emlens.geometry import baseline_generator, orthogonal_noise
 from emlens.interventions.base import (
     HookFn,
     Intervention,
@@ -296,7 +296,7 @@ class LoRAAdapter(Intervention):
 
     def random_like(self, seed: int = 0) -> LoRAAdapter:
         """Gaussian ``A`` and ``B`` of the same rank, each module rescaled to this adapter's norm there."""
-        gen = torch.Generator().manual_seed(seed)
+        gen = baseline_generator(seed)
         norms = self.module_norms()
         new_a, new_b = {}, {}
         for layer, proj in self.sites():

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from emlens.geometry import orthogonal_noise
+from emlens.geometry import baseline_generator, orthogonal_noise
 from emlens.interventions.base import (
     HookFn,
     Intervention,
@@ -166,7 +166,7 @@ class MultiLayerSteering(Intervention):
 
     def random_like(self, seed: int = 0) -> MultiLayerSteering:
         """Gaussian vectors, each layer's rescaled to this one's norm there."""
-        gen = torch.Generator().manual_seed(seed)
+        gen = baseline_generator(seed)
         rand = torch.randn(len(self.layers), self.d_model, generator=gen).to(self.vectors.device)
         norms = self.effective.detach().norm(dim=-1, keepdim=True)
         return self.with_effective(rand / rand.norm(dim=-1, keepdim=True) * norms)
