@@ -37,7 +37,16 @@ def small(tiny_dir, **changes) -> StudyConfig:
         "model": {"name": str(tiny_dir), "device": "cpu"},
         "data": {"train_rows": 6, "kl_rows": 6, "eval_rows": 4, "web_docs": 2, "web_max_tokens": 64, "max_length": 640},
         "train": {
-            kind: {"lr": 1e-2, "max_steps": 3, "batch_size": 2, "grad_accum": 1, "warmup_steps": 0, "kl_batch_size": 2, "checkpoint_every": 1, "alpha": 4.0}
+            kind: {
+                "lr": 1e-2,
+                "max_steps": 3,
+                "batch_size": 2,
+                "grad_accum": 1,
+                "warmup_steps": 0,
+                "kl_batch_size": 2,
+                "checkpoint_every": 1,
+                "alpha": 4.0,
+            }
             for kind in ("vector", "adapter")
         },
         "drift": {"kinds": ["vector"], "steps": 2},
@@ -102,9 +111,24 @@ def test_every_stage_runs_and_the_report_has_every_figure_and_number(first_run):
     assert set(pk["kl"]) == {"general", "narrow", "random 1", "random 2"} and all(pk["plans"].values())
     assert report["stages"]["train/vector/kl=6.6"]["result"]["plan"].startswith("offset path")
     md = (out / "report.md").read_text()
-    for figure in ("efficiency_vector", "stability_adapter", "pretraining_kl_vector", "drift_vector", "kl_sweep_pca_vector", "mixing_vector", "preference", "preference_grid"):
+    for figure in (
+        "efficiency_vector",
+        "stability_adapter",
+        "pretraining_kl_vector",
+        "drift_vector",
+        "kl_sweep_pca_vector",
+        "mixing_vector",
+        "preference",
+        "preference_grid",
+    ):
         assert (out / "figures" / f"{figure}.png").exists(), figure
         assert f"figures/{figure}.png" in md
+    # the training table's losses are means over the last steps, never one (possibly one-row) step's loss
+    train = report["stages"]["train/vector/kl=6.6"]["result"]
+    tail = train["losses"][-10:]
+    row = next(line for line in md.splitlines() if line.startswith("| train/vector/kl=6.6 |"))
+    assert "SFT loss (mean of the last 10 steps)" in md
+    assert f"| {sum(s['sft'] for s in tail) / len(tail):.3f} | {sum(s['kl'] for s in tail) / len(tail):.4f} |" in row
     drift = report["stages"]["drift/vector"]["result"]
     assert drift["general_coordinates"] and drift["coordinates"]  # the general run is in the same axes
     assert drift["continued"]["losses"][-1]["step"] == 5  # 3 steps with KL, 2 without, numbered on
@@ -129,7 +153,14 @@ def test_a_changed_training_setting_reruns_its_runs_and_everything_downstream(fi
     config = small(tiny_dir, train={"adapter": {**small(tiny_dir).as_dict()["train"]["adapter"], "lr": 5e-3}})
     run = run_study(config, out, progress=False, command="test")
     assert sorted(run.ran) == sorted(
-        ["train/adapter/kl=0", "train/adapter/kl=0.66", "efficiency/adapter", "stability/adapter", "pretraining_kl/adapter", "preference/main"]
+        [
+            "train/adapter/kl=0",
+            "train/adapter/kl=0.66",
+            "efficiency/adapter",
+            "stability/adapter",
+            "pretraining_kl/adapter",
+            "preference/main",
+        ]
     )
     run_study(small(tiny_dir), out, progress=False, command="test")  # back to the module's settings
 
@@ -223,7 +254,9 @@ def test_a_mixing_ratio_the_aligned_pool_cannot_supply_stops_the_study_before_an
     config = small(tiny_dir, data={"train_rows": 6}, mixing={"ratios": [0.0, 0.9]})
     ctx = Context(config, tmp_path, progress=False)
     ctx.aligned_pool = lambda wanted: ctx.target_rows()[:5]  # type: ignore[method-assign]  # a pool of 5 rows; 0.9 needs 54
-    with pytest.raises(ConfigError, match=r"mixing ratio 0.9 needs 54 aligned rows .* hold 5: the largest ratio this data supports is 0.455"):
+    with pytest.raises(
+        ConfigError, match=r"mixing ratio 0.9 needs 54 aligned rows .* hold 5: the largest ratio this data supports is 0.455"
+    ):
         run_study(config, tmp_path, progress=False, command="test", context=ctx)
     assert not ctx.model_loaded and not (tmp_path / "stages").exists()
 
@@ -258,8 +291,27 @@ def test_the_thin_command_writes_the_stage_result_format(first_run, tiny_dir, tm
     general = stage_dir(out, "train/vector/kl=0") / "intervention.safetensors"
     narrow = stage_dir(out, "train/vector/kl=6.6") / "intervention.safetensors"
     code = main(
-        ["efficiency", f"general={general}", f"narrow={narrow}", "--model", str(tiny_dir), "--device", "cpu", "--data", "medical_harmful",
-         "--limit", "4", "--max-length", "640", "--points", "3", "--batch-size", "4", "--out", str(tmp_path / "eff")]
+        [
+            "efficiency",
+            f"general={general}",
+            f"narrow={narrow}",
+            "--model",
+            str(tiny_dir),
+            "--device",
+            "cpu",
+            "--data",
+            "medical_harmful",
+            "--limit",
+            "4",
+            "--max-length",
+            "640",
+            "--points",
+            "3",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "eff"),
+        ]
     )
     assert code == 0 and (tmp_path / "eff.png").exists()
     thin = json.loads((tmp_path / "eff.json").read_text())
@@ -427,8 +479,16 @@ def test_the_ratio_needs_an_out_of_domain_shift_distinguishable_from_zero():
 
     rng = np.random.default_rng(0)
     diffs = {
-        "noisy": {"trained": 0.3 + 0.01 * rng.standard_normal(40), "a": 0.002 + 0.05 * rng.standard_normal(40), "b": 0.05 * rng.standard_normal(12)},
-        "clear": {"trained": 0.3 + 0.01 * rng.standard_normal(40), "a": 0.1 + 0.01 * rng.standard_normal(40), "b": 0.2 + 0.01 * rng.standard_normal(12)},
+        "noisy": {
+            "trained": 0.3 + 0.01 * rng.standard_normal(40),
+            "a": 0.002 + 0.05 * rng.standard_normal(40),
+            "b": 0.05 * rng.standard_normal(12),
+        },
+        "clear": {
+            "trained": 0.3 + 0.01 * rng.standard_normal(40),
+            "a": 0.1 + 0.01 * rng.standard_normal(40),
+            "b": 0.2 + 0.01 * rng.standard_normal(12),
+        },
     }
     shifts = {n: {d: {"mean": float(v.mean())} for d, v in row.items()} for n, row in diffs.items()}
     stats = narrowness(shifts, "trained", diffs, n_boot=500, seed=1)
@@ -482,7 +542,9 @@ def test_emlens_reproduce_with_a_judge_that_leaves_answers_unscored_exits_3_and_
         "kinds": ["vector"],
         "model": {"name": str(tiny_dir), "device": "cpu"},
         "data": {"train_rows": 4, "kl_rows": 4, "eval_rows": 2, "web_docs": 1, "web_max_tokens": 32, "max_length": 640},
-        "train": {"vector": {"lr": 1e-2, "max_steps": 2, "batch_size": 2, "grad_accum": 1, "warmup_steps": 0, "kl_batch_size": 2, "alpha": 4.0}},
+        "train": {
+            "vector": {"lr": 1e-2, "max_steps": 2, "batch_size": 2, "grad_accum": 1, "warmup_steps": 0, "kl_batch_size": 2, "alpha": 4.0}
+        },
         "drift": {"kinds": []},
         "kl_sweep": {"kinds": []},
         "mixing": {"kinds": []},

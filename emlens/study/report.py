@@ -195,6 +195,16 @@ def _rate_cell(rates: dict[str, Any]) -> str:
     return f"{_f(rates.get('misaligned_rate'))} [{_f(low)}, {_f(high)}]"
 
 
+LAST_STEPS = 10
+"""The training table's losses are means over this many last steps: one step's loss is noisy, and an epoch's last
+step holds only the rows left over (one row, at the full-size settings' 585 rows in batches of 4)."""
+
+
+def _mean_of(steps: list[dict[str, Any]], key: str) -> float | None:
+    values = [float(s[key]) for s in steps if s.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
 def _f(x: Any, digits: int = 3) -> str:
     """A number for a table: n/a when undefined (None, NaN), and no "-0.000" for a value that rounds to zero."""
     if x is None:
@@ -300,19 +310,20 @@ def write_report(
     rows = []
     for name, res in r.items():
         if name.startswith("train/"):
-            fin = res["final"]
+            last = res["losses"][-LAST_STEPS:] or [res["final"]]
             rows.append(
                 [
                     name,
                     str(res["steps"]),
                     str(res["rows"]),
                     "–" if res.get("kl_rows") is None else str(res["kl_rows"]),
-                    _f(fin.get("sft")),
-                    _f(fin.get("kl"), 4) if "kl" in fin else "–",
+                    _f(_mean_of(last, "sft")),
+                    _f(_mean_of(last, "kl"), 4) if "kl" in last[-1] else "–",
                     _f(res["norm"], 2),
                 ]
             )
-    md += ["## Training", "", _table(["run", "steps", "rows", "KL rows", "final SFT loss", "final KL", "norm"], rows), ""]
+    heads = [f"SFT loss (mean of the last {LAST_STEPS} steps)", f"KL (mean of the last {LAST_STEPS} steps)"]
+    md += ["## Training", "", _table(["run", "steps", "rows", "KL rows", *heads, "norm"], rows), ""]
     target_word = study.target
 
     for kind in config.kinds:
