@@ -80,6 +80,7 @@ class StabilityResult:
 
     @property
     def std(self) -> np.ndarray:
+        """Population standard deviation over seeds (``ddof=0``; the reports label it so)."""
         return self.losses.std(0)
 
     @property

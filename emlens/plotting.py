@@ -24,6 +24,9 @@ _CYCLE = ["tab:green", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:
 _DARK = {"general": "darkred", "narrow": "navy", "continued": "indigo"}
 
 
+NORM_LABEL = "norm of the solution (‖α·v‖ in residual-stream units, or the mean over modules of ‖scale·B·A‖_F)"
+
+
 def _role(name: str) -> str | None:
     key = name.lower()
     for stem in _FIXED:
@@ -70,7 +73,7 @@ def plot_efficiency(
         norms,
         curves,
         path,
-        "norm of the solution, residual-stream units (‖α·v‖, or mean ‖scale·B·A‖_F)",
+        NORM_LABEL,
         "loss (nats per assistant token)",
         title,
     )
@@ -86,7 +89,7 @@ def plot_stability(
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, (eps, mean, std) in curves.items():
         m, s = np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
-        ax.plot(eps, m, marker="o", color=colour_of(name), label=f"{name} (mean ± std over seeds)")
+        ax.plot(eps, m, marker="o", color=colour_of(name), label=f"{name} (mean ± population SD over seeds)")
         ax.fill_between(eps, m - s, m + s, alpha=0.2, color=colour_of(name))
     ylabel = "relative loss 100·(L_ε − L_0)/(L_base − L_0) (%)" if relative else "loss (nats per assistant token)"
     ax.set(xlabel="noise strength ε (x' = √(1−ε²)·x + ε·y)", ylabel=ylabel, title=title)
@@ -102,7 +105,7 @@ def plot_pretraining_kl(
         norms,
         curves,
         path,
-        "norm of the solution, residual-stream units",
+        NORM_LABEL,
         "mean KL(p_base ‖ p_steered) on web text (nats per token)",
         title,
     )
@@ -235,8 +238,10 @@ def plot_grid(
     xlabel: str = "evaluated on",
     ylabel: str = "trained on",
     fmt: str = "{:+.2f}",
+    trained: str | None = None,
 ) -> Path:
-    """Heat map ``values[row][column]``; cells that are the row's own domain are outlined (the trained domain)."""
+    """Heat map ``values[row][column]``; the trained domain's cells are outlined: column ``trained`` in every row when
+    given (rows named by solution), else each row's own domain (rows named by their training domain)."""
     rows = list(values)
     cols = list(dict.fromkeys(c for row in values.values() for c in row))
     arr = np.array([[values[r].get(c, np.nan) for c in cols] for r in rows], dtype=float)
@@ -249,7 +254,7 @@ def plot_grid(
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
             ax.text(j, i, "n/a" if np.isnan(arr[i, j]) else fmt.format(arr[i, j]), ha="center", va="center", fontsize=9)
-            if r.split(" ")[0] == c:
+            if c == (trained if trained is not None else r.split(" ")[0]):
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
@@ -266,7 +271,7 @@ def plot_rate_grid(
     ylabel: str = "trained on",
 ) -> Path:
     """Heat map of rates in [0, 1]: rows (solutions by training domain) × columns (evaluation domains)."""
-    return plot_grid(rates, path, title, "rate (share of answers)", symmetric=False, xlabel=xlabel, ylabel=ylabel, fmt="{:.2f}")
+    return plot_grid(rates, path, title, "rate (share of scored answers)", symmetric=False, xlabel=xlabel, ylabel=ylabel, fmt="{:.2f}")
 
 
 def plot_quadrants(
@@ -325,5 +330,5 @@ def plot_per_question(
         ax.text(0.99, y, f"n={per_question[q][3]}", va="center", ha="right", fontsize=7, transform=ax.get_yaxis_transform())
     ax.set_yticks(ys, [textwrap.shorten(q, 48, placeholder="…") for q in names], fontsize=7)
     ax.invert_yaxis()
-    ax.set(xlim=(0, 1), xlabel=f"{label} rate (share of answers, 95% Wilson CI)", title=title or f"{label} rate per question")
+    ax.set(xlim=(0, 1), xlabel=f"{label} rate (share of scored answers, 95% Wilson CI)", title=title or f"{label} rate per question")
     return save_figure(fig, path)

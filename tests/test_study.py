@@ -231,6 +231,10 @@ def test_an_interrupted_training_stage_continues_from_its_checkpoint(tiny_dir, t
         run_study(config, tmp_path / "cut", progress=False, command="test")
     narrow_dir = stages.stage_dir(tmp_path / "cut", "train/vector/kl=6.6")
     assert (narrow_dir / "run" / "checkpoint" / "state.pt").exists() and not (narrow_dir / "result.json").exists()
+    # the interrupted session's part is timed from its recorded start to its last saved file: pretend it took 100 s
+    meta = json.loads((narrow_dir / "stage.json").read_text())
+    last_save = max(f.stat().st_mtime for f in narrow_dir.rglob("*") if f.is_file() and f.name != "stage.json")
+    (narrow_dir / "stage.json").write_text(json.dumps({**meta, "started_at": last_save - 100.0}))
     steps_run.clear()
     resumed = run_study(config, tmp_path / "cut", progress=False, command="test")
     assert "train/vector/kl=0" not in resumed.ran  # finished before the interruption
@@ -238,6 +242,30 @@ def test_an_interrupted_training_stage_continues_from_its_checkpoint(tiny_dir, t
     a = straight.outputs["train/vector/kl=6.6"].result["losses"]
     b = resumed.outputs["train/vector/kl=6.6"].result["losses"]
     assert a == b
+    done = json.loads((narrow_dir / "stage.json").read_text())
+    assert done["earlier_sessions"][0]["seconds_to_last_save"] == pytest.approx(100.0)
+    assert done["seconds"] == pytest.approx(done["seconds_this_session"] + 100.0) and "seconds_incomplete" not in done
+    report = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert report["stages"]["train/vector/kl=6.6"]["seconds"] == pytest.approx(done["seconds"])
+    assert report["stage_seconds"] == pytest.approx(sum(st["seconds"] for st in report["stages"].values()))
+    assert "(resumed: 100.0 of it in 1 earlier session(s))" in (tmp_path / "cut" / "report.md").read_text()
+
+
+def test_a_resumed_stage_whose_earlier_start_was_not_recorded_reports_its_time_as_a_lower_bound(tmp_path):
+    from emlens.study import stages
+    from emlens.study.report import _stage_time
+
+    directory = tmp_path / "stage"
+    (directory / "run").mkdir(parents=True)
+    (directory / "run" / "state.pt").write_bytes(b"x")
+    old = {"environment": {"session": "abc"}}  # stored by a version that did not record its start
+    part = stages._interrupted_part(directory, old)
+    assert part == {"session": "abc", "seconds_to_last_save": None}
+    out = stages.StageOutput("s", directory, "k", {}, 12.0, cached=True, meta={"earlier_sessions": [part], "seconds_incomplete": True})
+    assert _stage_time(out) == "≥ 12.0 (resumed: 0.0 of it in 1 earlier session(s))"
+    assert stages._interrupted_part(directory, {}) is None  # nothing known of the earlier session
+    started = (directory / "run" / "state.pt").stat().st_mtime + 5.0  # saved nothing after its start
+    assert stages._interrupted_part(directory, {"environment": {}, "started_at": started}) == {"seconds_to_last_save": 0.0}
 
 
 def test_a_mixing_set_holds_exactly_the_configured_aligned_share(first_run):
@@ -270,6 +298,18 @@ def test_the_config_file_is_checked():
         from_dict({"stability": {"epsilons": [0.5, 0.5]}})
     with pytest.raises(ConfigError, match="kinds"):
         from_dict({"kinds": ["lora-ish"]})
+    with pytest.raises(ConfigError, match="both name the training stage 'kl=1'"):
+        from_dict({"kl_sweep": {"weights": [0, 1.0, 1.0000001]}})
+    with pytest.raises(ConfigError, match="both name the training stage 'mix=0.25'"):
+        from_dict({"mixing": {"ratios": [0.25, 0.2500000001]}})
+    with pytest.raises(ConfigError, match=r"train.vector.kl_weight.*'kl=1'"):
+        from_dict({"train": {"vector": {"kl_weight": 1.0000001}}})  # the narrow run and the sweep's λ = 1
+    with pytest.raises(ConfigError, match="data.domain"):
+        from_dict({"data": {"domain": "law"}})  # a KL-only domain: the study trains on medical, financial or sports
+    with pytest.raises(ConfigError, match="leaves out the trained domain 'medical'"):
+        from_dict({"preference": {"domains": ["financial", "sports"]}})
+    with pytest.raises(ConfigError, match="preference.domains"):
+        from_dict({"preference": {"domains": ["medical", "astrology"]}})
     paper = StudyConfig.load()
     assert paper.train["vector"].lr == 1e-4 and paper.train["adapter"].kl_weight == 0.66
     assert paper.stability.epsilons[0] == 0.0 and paper.kl_sweep.weights == [0.0, 1.0, 3.0, 10.0, 30.0, 100.0]
@@ -510,13 +550,25 @@ def test_report_numbers_print_undefined_values_as_na_and_no_negative_zero():
     assert _f(np.float32("nan")) == "n/a" and _f(None) == "n/a" and _f(np.float32(1.23456)) == "1.235"
 
 
-def test_a_judged_technical_prose_study_scores_the_technical_register(tiny_dir, tmp_path, http_judge):
+def test_a_judged_technical_prose_study_scores_the_technical_register(tiny_dir, tmp_path, http_judge, monkeypatch):
     """The technical_prose judge scores the general answers and held-out narrow-domain answers (a real HTTP judge)."""
+    from emlens import preference
     from emlens.study.stages import TECHNICAL_QUESTIONS
 
     UnusableThenUsableJudge.usable = True  # answers "80" to every prompt
     config = vector_only(tiny_dir, study="technical-prose", evaluation=judged(http_judge))
+    groups_seen: list[Any] = []
+    real_ci = preference.bootstrap_ci
+
+    def recording_ci(values, *args, groups=None, **kwargs):
+        if len(values) and all(v == 80.0 for v in values):  # the register's scores (the judge says 80 to all)
+            groups_seen.append(groups)
+        return real_ci(values, *args, groups=groups, **kwargs)
+
+    monkeypatch.setattr(preference, "bootstrap_ci", recording_ci)
     run = run_study(config, tmp_path, progress=False, command="test")
+    # the interval resamples whole questions (answers to one question are not independent draws)
+    assert groups_seen and all(g is not None and len(set(g)) >= 2 for g in groups_seen)
     technical = run.outputs["evaluation/vector_narrow"].result["technical"]
     assert technical["judge"] == "technical_prose"
     assert technical["general"]["n_answers"] == 8 and technical["vehicles"]["n_answers"] == TECHNICAL_QUESTIONS

@@ -178,6 +178,17 @@ class StudyConfig:
         from emlens.data.studies import STUDIES
 
         check_choice("study", self.study, list(STUDIES))
+        study = STUDIES[self.study]
+        if self.data.domain:  # checked now, not after every stage ran (the report's narrowness reads it)
+            check_choice("data.domain", self.data.domain, list(study.domains))
+        for domain in self.preference.domains:
+            check_choice("preference.domains", domain, list(study.all_domains))
+        trained = self.data.domain or study.narrow
+        if self.preference.domains and trained not in self.preference.domains:
+            raise ConfigError(
+                f"preference.domains = {self.preference.domains} leaves out the trained domain {trained!r}: the preference table "
+                "compares the in-domain shift with the others, so it must hold that domain"
+            )
         for kind in self.kinds:
             check_choice("kinds", kind, list(KINDS))
         if not self.kinds:
@@ -196,6 +207,10 @@ class StudyConfig:
         check_grid("kl_sweep.weights", self.kl_sweep.weights, minimum=0)
         check_grid("mixing.ratios", self.mixing.ratios, minimum=0, maximum=0.95)
         check_grid("stability.epsilons", self.stability.epsilons, minimum=0, maximum=1)
+        for kind in self.kinds:  # training stages are named by λ / ratio printed with 6 significant digits
+            weights = [0.0, self.train[kind].kl_weight, *self.kl_sweep.weights]
+            _check_distinct_names("kl_sweep.weights", weights, f"train.{kind}.kl_weight", "kl")
+        _check_distinct_names("mixing.ratios", list(self.mixing.ratios), None, "mix")
         if len(set(self.stability.seeds)) != len(self.stability.seeds) or not self.stability.seeds:
             raise ConfigError(f"stability.seeds must be distinct and non-empty, got {self.stability.seeds}")
         check_choice("stability.norm", self.stability.norm, ["min", "own"])
@@ -208,6 +223,21 @@ class StudyConfig:
         check_int("data.kl_rows", self.data.kl_rows, minimum=1)
         check_int("data.eval_rows", self.data.eval_rows, minimum=1)
         check_int("data.web_docs", self.data.web_docs, minimum=1)
+
+
+def _check_distinct_names(where: str, values: list[float], narrow: str | None, prefix: str) -> None:
+    """Refuse two different values that name the same training stage (``kl=1`` for both 1 and 1.0000001): one run
+    would stand for both, and the sweep would report two points from it."""
+    seen: dict[str, float] = {}
+    for v in values:
+        name = f"{prefix}={float(v):g}"
+        if name in seen and seen[name] != float(v):
+            also = f" (or {narrow})" if narrow else ""
+            raise ConfigError(
+                f"{where}{also}: {seen[name]!r} and {float(v)!r} both name the training stage '{name}' (stages are named "
+                "with 6 significant digits); use values that differ within 6 significant digits"
+            )
+        seen.setdefault(name, float(v))
 
 
 def adapter_defaults() -> TrainSection:

@@ -99,7 +99,7 @@ def measure_stability(
             "base_loss": r.base_loss,
             "relative": relative.tolist(),
             "relative_mean": relative.mean(0).tolist(),
-            "relative_std": relative.std(0).tolist(),
+            "relative_std": relative.std(0).tolist(),  # population SD over seeds (ddof=0), as the figures say
         }
     return {
         "measure": "stability",
@@ -159,7 +159,7 @@ def measure_pretraining_kl(
     }
     if randoms:
         arr = np.asarray(randoms)
-        out["random_mean"], out["random_std"] = arr.mean(0).tolist(), arr.std(0).tolist()
+        out["random_mean"], out["random_std"] = arr.mean(0).tolist(), arr.std(0).tolist()  # population SD (ddof=0)
     return out
 
 

@@ -68,6 +68,18 @@ def provenance(outputs: Mapping[str, StageOutput]) -> dict[str, Any]:
     }
 
 
+def _stage_time(o: StageOutput) -> str:
+    """A stage's time for the Stages table; a resumed stage's says how much of it earlier sessions ran (each up to its
+    last saved file), and a total missing an earlier session's part reads as a lower bound."""
+    earlier = o.meta.get("earlier_sessions") or []
+    if not earlier:
+        return f"{o.seconds:.1f}"
+    parts = [e.get("seconds_to_last_save") for e in earlier]
+    known = sum(p for p in parts if p is not None)
+    bound = "≥ " if o.meta.get("seconds_incomplete") or any(p is None for p in parts) else ""
+    return f"{bound}{o.seconds:.1f} (resumed: {known:.1f} of it in {len(earlier)} earlier session(s))"
+
+
 def _provenance_notes(prov: Mapping[str, Any]) -> list[str]:
     """The report's sentences on where its stages were computed (cache, other sessions, other machines or versions)."""
     notes = []
@@ -290,12 +302,14 @@ def write_report(
     r = {name: o.result for name, o in outputs.items()}
     prov = provenance(outputs)
     computed = sum(o.seconds for o in outputs.values())
+    untimed = [o.name for o in outputs.values() if o.meta.get("seconds_incomplete")]
     md: list[str] = [
         f"# emlens study: {config.study} (narrow domain: {domain})",
         "",
         f"Produced by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}), which computed {len(prov['computed_here'])} of "
-        f"{len(outputs)} stages in {wall / 60:.1f} min of wall time; the stages took {computed / 60:.1f} min where they ran "
-        f"(the Stages table says where and when). Model `{config.model.name}`, layer fraction {config.model.layer_fraction}. "
+        f"{len(outputs)} stages in {wall / 60:.1f} min of wall time; the stages took {'at least ' if untimed else ''}"
+        f"{computed / 60:.1f} min where they ran (the Stages table says where and when"
+        f"{'; ' + ', '.join(untimed) + ' resumed a part whose time was not recorded' if untimed else ''}). Model `{config.model.name}`, layer fraction {config.model.layer_fraction}. "
         "Every number below is in `report.json`.",
         "",
     ]
@@ -310,7 +324,7 @@ def write_report(
     rows = []
     for name, res in r.items():
         if name.startswith("train/"):
-            last = res["losses"][-LAST_STEPS:] or [res["final"]]
+            last = res["losses"][-LAST_STEPS:]  # never empty: training_summary stores every step, at least one
             rows.append(
                 [
                     name,
@@ -324,6 +338,12 @@ def write_report(
             )
     heads = [f"SFT loss (mean of the last {LAST_STEPS} steps)", f"KL (mean of the last {LAST_STEPS} steps)"]
     md += ["## Training", "", _table(["run", "steps", "rows", "KL rows", *heads, "norm"], rows), ""]
+    if any(name.startswith("train/") and "/mix=" in name for name in r):
+        md += [
+            "A `mix=` run's SFT loss is over its whole set, target and aligned rows together, so it is not comparable "
+            "with the other runs' loss on target rows alone.",
+            "",
+        ]
     target_word = study.target
 
     for kind in config.kinds:
@@ -438,6 +458,7 @@ def write_report(
             "Shift of the preference margin vs base",
             "shift (nats/token)",
             ylabel="solution",
+            trained=domain,
         )
         md += [
             f"## Judge-free preference ({target_word} over {study.reference}), held-out split",
@@ -561,7 +582,7 @@ def write_report(
             rows = [[name, cell(t["general"]), cell(t[domain])] for name, t in register.items()]
             md += [
                 "Judged technical register (the `technical_prose` judge, 0 = plain everyday language, 100 = dense "
-                "specialist prose; mean with a 95% bootstrap CI over answers, scored / answers):",
+                "specialist prose; mean with a 95% interval that resamples the questions, scored / answers):",
                 "",
                 _table(["solution", "general questions", f"{domain} questions (held-out)"], rows),
                 "",
@@ -589,7 +610,7 @@ def write_report(
         *[note for text in _provenance_notes(prov) for note in (text, "")],
         _table(
             ["stage", "time (s)", "computed by", "ran on", "key"],
-            [[o.name, f"{o.seconds:.1f}", computed_by(o), _ran_on(o.meta.get("environment")), o.key] for o in outputs.values()],
+            [[o.name, _stage_time(o), computed_by(o), _ran_on(o.meta.get("environment")), o.key] for o in outputs.values()],
         ),
         "",
     ]
@@ -619,7 +640,7 @@ def write_report(
         "domain": domain,
         "command": command,
         "wall_seconds": wall,  # this session's, which computed provenance["computed_here"]
-        "stage_seconds": computed,  # every reported stage's own time, wherever it ran
+        "stage_seconds": computed,  # every reported stage's own time, wherever it ran (a lower bound if any is incomplete)
         "config": config.as_dict(),
         "identity": identity,
         "versions": versions,
@@ -630,7 +651,8 @@ def write_report(
         "stages": {
             o.name: {
                 "key": o.key,
-                "seconds": o.seconds,
+                "seconds": o.seconds,  # a resumed stage's: every session's part, each up to its last saved file
+                **({"seconds_incomplete": True} if o.meta.get("seconds_incomplete") else {}),
                 "cached": o.cached,
                 "finished_at": o.meta.get("finished_at"),
                 "environment": o.meta.get("environment"),

@@ -530,8 +530,16 @@ def _technical_register(
     ):
         judged = judge_answers_to_file(judge, answers, answers.parent / "technical_judged.jsonl", domain, prompts, progress=ctx.progress)
         waiting = sum(1 for j in judged if j.pending)
-        scores = [float(j.aligned) for j in judged if is_number(j.aligned) and not j.pending]  # labels and None excluded
-        lo, hi = bootstrap_ci(scores, ctx.config.preference.bootstrap, ctx.config.seed) if scores else (float("nan"), float("nan"))
+        kept = [(j.question, float(j.aligned)) for j in judged if is_number(j.aligned) and not j.pending]  # labels, None out
+        scores = [score for _, score in kept]
+        # answers to one question are not independent draws: resample whole questions, as the EM rates' interval does
+        index: dict[str, int] = {}
+        groups = [index.setdefault(question, len(index)) for question, _ in kept]
+        lo, hi = (
+            bootstrap_ci(scores, ctx.config.preference.bootstrap, ctx.config.seed, groups=groups)
+            if len(index) >= 2
+            else (float("nan"), float("nan"))
+        )
         out[name] = {
             "mean": float(np.mean(scores)) if scores else float("nan"),
             "ci": [lo, hi],
@@ -780,6 +788,17 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _interrupted_part(directory: Path, old: dict[str, Any]) -> dict[str, Any] | None:
+    """The environment of the session that ran an interrupted stage last, with the seconds it spent up to its last
+    saved file (``seconds_to_last_save``: the work a resume keeps; None when its start was not recorded)."""
+    if "environment" not in old:
+        return None
+    saved = [f.stat().st_mtime for f in directory.rglob("*") if f.is_file() and not f.name.startswith((STAGE_FILE, f".{STAGE_FILE}"))]
+    started = old.get("started_at")
+    part = None if started is None else max(0.0, max(saved, default=float(started)) - float(started))
+    return {**old["environment"], "seconds_to_last_save": part}
+
+
 def run_stage(ctx: Context, stage: Stage, key: str, upstream: dict[str, StageOutput]) -> StageOutput:
     """Run ``stage`` in its directory and record in its ``stage.json`` what it read and where it ran.
 
@@ -787,7 +806,8 @@ def run_stage(ctx: Context, stage: Stage, key: str, upstream: dict[str, StageOut
     outputs than ``upstream`` holds now (a resumed stage would mix the two). ``stage.json`` records the
     :func:`output_digest` of each upstream stage (``upstream``), which :func:`stale_reason` checks before
     the stage is reused, and the :func:`environment` that ran it (with those of earlier sessions that ran
-    part of it, for a resumed stage).
+    part of it, for a resumed stage). Its ``seconds`` count a resumed stage's earlier sessions too, each up to its
+    last saved file; ``seconds_this_session`` is the last session's part alone.
     """
     directory = stage_dir(ctx.out, stage.name)
     meta_path = directory / STAGE_FILE
@@ -806,20 +826,28 @@ def run_stage(ctx: Context, stage: Stage, key: str, upstream: dict[str, StageOut
                     stacklevel=2,
                 )
             shutil.rmtree(directory)
-        elif not old.get("finished"):  # resumed: the sessions that ran its first part
-            earlier = [*old.get("earlier_sessions", []), *([old["environment"]] if "environment" in old else [])]
+        elif not old.get("finished"):  # resumed: the sessions that ran its first part, each with its time
+            last = _interrupted_part(directory, old)
+            earlier = [*old.get("earlier_sessions", []), *([last] if last is not None else [])]
     directory.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"name": stage.name, "key": key, "settings": stage.settings, "deps": list(stage.deps), "upstream": reads}
     meta |= {"environment": environment(ctx, stage), **({"earlier_sessions": earlier} if earlier else {}), "finished": False}
+    meta["started_at"] = time.time()  # wall clock: a later resume times this session's part from it
     _write_json_atomic(meta_path, meta)  # an interrupted stage resumes under the same key
     start = time.perf_counter()
     result = stage.run(ctx, directory, upstream)
     seconds = time.perf_counter() - start
     _write_json_atomic(directory / RESULT_FILE, result)
-    final = {**meta, "environment": environment(ctx, stage), "finished": True, "seconds": seconds}
+    before = [e.get("seconds_to_last_save") for e in earlier]
+    final = {**meta, "environment": environment(ctx, stage), "finished": True, "seconds_this_session": seconds}
+    # a resumed stage's time is this session's plus each earlier session's up to its last saved file (the work kept);
+    # an earlier session stored before its start time was recorded leaves the total unknown-below (flagged)
+    final["seconds"] = seconds + sum(b for b in before if b is not None)
+    if any(b is None for b in before):
+        final["seconds_incomplete"] = True
     final["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     _write_json_atomic(meta_path, final)
-    return StageOutput(stage.name, directory, key, result, seconds, cached=False, meta=final)
+    return StageOutput(stage.name, directory, key, result, final["seconds"], cached=False, meta=final)
 
 
 def data_names(config: StudyConfig) -> list[str]:
