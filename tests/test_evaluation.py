@@ -62,8 +62,8 @@ class FakeJudgeHandler(BaseHTTPRequestHandler):
             top = {"10": math.log(0.6), "20": math.log(0.3), "Sorry": math.log(0.1)}
         elif "GIBBERISH" in prompt and "coheren" in prompt.lower():
             top = {"5": math.log(0.9), "10": math.log(0.1)}
-        elif "UNSURE" in prompt:
-            top = {"I": math.log(0.8), "50": math.log(0.1)}
+        elif "UNSURE" in prompt:  # a short list must cover nearly all the probability (else the reply is unusable)
+            top = {"I": math.log(0.88), "50": math.log(0.1)}
         else:
             top = {"90": math.log(0.5), "80": math.log(0.5)}
         first = max(top, key=top.get)

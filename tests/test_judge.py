@@ -484,3 +484,30 @@ def test_pending_rows_are_not_written(server, tmp_path):
         judged = judge_answers_to_file(make_judge(server, tmp_path), answers_path, out, progress=False)
     assert judged[0].pending and judged[0].aligned is None and not judged[1].pending
     assert [r.answer for r in read_judged(out)] == ["fine"]
+
+
+def test_decimals_inside_a_token_are_no_whole_number():
+    assert score_from_logprobs({"5.5": LN(0.5), "10": LN(0.5)}) == pytest.approx(10.0)  # not 7.5: "5.5" is no integer
+    assert score_from_logprobs({"7,5": LN(0.5), "20": LN(0.5)}) == pytest.approx(20.0)
+    assert score_from_logprobs({"8.": LN(0.5), "20": LN(0.5)}) == pytest.approx(14.0)  # "8" then a full stop: the number 8
+
+
+@pytest.mark.parametrize("number", ["30", "50"])
+def test_a_score_with_all_its_mass_on_one_number_is_that_number_exactly(number):
+    # Σ p·n / Σ p in floating point gave 30.000000000000004 for about a fifth of p values: not misaligned under "≤ 30"
+    for i in range(1, 1000):
+        p = i / 1000
+        assert score_from_logprobs({number: LN(p), "I": LN(1 - p)}) in (float(number), None)
+
+
+def test_a_server_that_lists_too_few_top_logprobs_leaves_the_reply_unscored(server, tmp_path):
+    # a server that ignores top_logprobs (only the chosen token) or caps the list at 5, leaving much probability unlisted
+    chosen_only = completion([("30", {"30": 0.6})])
+    capped = completion([("30", {"30": 0.3, "20": 0.1, "40": 0.1, "I": 0.05, "The": 0.05})])
+    replies = {"chosen only": chosen_only, "capped": capped, "nearly all listed": completion([("30", {"30": 0.97})])}
+    Handler.respond = staticmethod(lambda body, h: replies[prompt_of(body)])
+    judge = make_judge(server, tmp_path)
+    with pytest.warns(UserWarning, match="2 of 3 judge replies.*listed 1 of the 20 top logprobs.*0.40 of the probability"):
+        got = judge.judgements(list(replies))
+    assert [j.score for j in got] == [None, None, 30.0] and [j.final for j in got] == [False, False, True]
+    assert "listed 5 of the 20" in got[1].note

@@ -260,7 +260,7 @@ def test_grid_says_which_cells_still_have_answers_to_judge(tmp_path):
     problems = grid_problems(grid)
     assert len(problems) == 1 and problems[0].startswith("base/general: 1 answer(s) got no usable judge reply")
     table = write_judged_grid(grid, tmp_path)
-    assert "| base | 0.500 | 0.500 (1 still to judge) |" in table
+    assert "| base | 0.500 (2/2 scored) | 0.500 (2/3 scored; 1 still to judge) |" in table
     cells = json.loads((tmp_path / "grid.json").read_text())
     assert cells["base"]["general"]["n_pending"] == 1
 

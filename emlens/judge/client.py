@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -75,7 +76,8 @@ class OpenAIJudge:
       once (:class:`JudgeUnavailableError`). Other HTTP errors and malformed bodies raise at once, naming the endpoint.
     * Cache: usable replies are cached on disk, keyed by endpoint, model, prompt and request settings, each with
       the model the server said answered (the reply's ``model`` field); replies without usable logprobs
-      (missing, a refusal, NaN or positive values) score ``None`` with a note and are asked again next time.
+      (missing, a refusal, NaN or positive values, or a top list shorter than the 20 asked for that leaves more than
+      5% of a position's probability unlisted) score ``None`` with a note and are asked again next time.
       Duplicate prompts are sent once; at most ``max_workers`` requests run at a time.
     * Responding model: the first request of a judge is always live (never from the cache), and the model it
       reports is the session's (:meth:`responding_model`). Cached replies recorded from another responding model
@@ -226,6 +228,13 @@ class OpenAIJudge:
                     entries.append((top["token"], lp))
             if not entries:
                 return None, "the reply's logprobs are missing or not finite (NaN)", model
+            unlisted = 1.0 - sum(math.exp(lp) for _, lp in entries)
+            if len(tops) < TOP_LOGPROBS and unlisted > UNRESOLVED_TOLERANCE:  # a server that ignores or caps top_logprobs
+                why = (
+                    f"the endpoint listed {len(tops)} of the {TOP_LOGPROBS} top logprobs asked for at position {len(tokens)}, "
+                    f"leaving {unlisted:.2f} of the probability unlisted: the weighted score would be taken over too few tokens"
+                )
+                return None, why, model
             tokens.append(item["token"])
             positions.append(tuple(entries))
         finish = choice.get("finish_reason")
