@@ -146,7 +146,11 @@ def test_ablation_geometry_and_saving(tmp_path: Any) -> None:
     assert ablation.scaled_to(0.25).strength == 0.25 and ablation.scaled_to(0.25).norm == pytest.approx(0.25)
     noisy = ablation.perturbed(0.6, torch.Generator().manual_seed(1))
     assert float(noisy.direction.norm()) == pytest.approx(1.0, abs=1e-6)
-    assert cosine_similarity(noisy, ablation) == pytest.approx(0.8, abs=1e-5)
+    # the geometry is that of the projection s·u uᵀ: cosine (u·u')² = (√(1−ε²))² = 0.64
+    assert cosine_similarity(noisy, ablation) == pytest.approx(0.64, abs=1e-5)
+    flipped = ablation.with_direction(-ablation.direction)  # ablates exactly as u does
+    assert cosine_similarity(flipped, ablation) == pytest.approx(1.0, abs=1e-6)
+    assert float(flipped.flatten() @ ablation.flatten()) == pytest.approx(ablation.inner(flipped), rel=1e-5)
     rand = ablation.random_like(2)
     assert rand.norm == pytest.approx(1.0) and rand.hooks == ablation.hooks
     assert ablation.inner(ablation.scaled_to(2.0)) == pytest.approx(2.0)
@@ -226,14 +230,24 @@ def test_composed_geometry_saving_and_disabling(tmp_path: Any) -> None:
     multi = MultiLayerSteering([0, 2], d, alpha=1.0, init=torch.randn(2, d))
     ablation = DirectionAblation.at_layer(direction(d), 3, strength=1.0)
     x = Composed([vector, multi, ablation])
-    assert x.norm == pytest.approx(math.sqrt(vector.norm**2 + multi.norm**2 + 1.0), rel=1e-6)
+    # the ablation is no size: the composition's geometry is that of its two vectors, and rescaling, noise and the
+    # random counterpart leave the ablation as it is ("solution + ablation" swept over the solution's norm)
+    assert x.norm == pytest.approx(math.sqrt(vector.norm**2 + multi.norm**2), rel=1e-6)
     assert x.inner(x) == pytest.approx(float(x.flatten() @ x.flatten()), rel=1e-5)
     y = x.random_like(4)
-    assert x.inner(y) == pytest.approx(vector.inner(y.members()[0]) + multi.inner(y.members()[1]) + ablation.inner(y.members()[2]), rel=1e-6)
+    assert x.inner(y) == pytest.approx(vector.inner(y.members()[0]) + multi.inner(y.members()[1]), rel=1e-6)
     scaled = x.scaled_to(2 * x.norm)
     assert scaled.norm == pytest.approx(2 * x.norm, rel=1e-5) and cosine_similarity(scaled, x) == pytest.approx(1.0, abs=1e-6)
     noisy = x.perturbed(0.5, torch.Generator().manual_seed(2))
     assert [p.kind for p in noisy] == [p.kind for p in x]
+    for changed in (y, scaled, noisy, x.scaled_to(0.0)):
+        kept = changed.members()[2]
+        assert kept.strength == 1.0 and kept is not ablation
+        torch.testing.assert_close(kept.direction, ablation.direction, rtol=0, atol=1e-7)  # a copy (re-normalised)
+    assert cosine_similarity(noisy.members()[0], vector) == pytest.approx(math.sqrt(1 - 0.25), abs=1e-5)  # the vectors moved
+    only = Composed([ablation, DirectionAblation.at_layer(direction(d), 1, strength=0.5)])  # no sized part: all count
+    assert only.norm == pytest.approx(math.sqrt(1.0 + 0.25), rel=1e-6)
+    assert only.scaled_to(2 * only.norm).members()[0].strength == pytest.approx(2.0, rel=1e-6)
     loaded = Intervention.load(x.save(tmp_path / "composed.safetensors"))
     assert isinstance(loaded, Composed) and loaded.metadata() == x.metadata()
     torch.testing.assert_close(loaded.flatten(), x.flatten())
@@ -250,6 +264,31 @@ def test_composed_geometry_saving_and_disabling(tmp_path: Any) -> None:
         Composed([vector, vector])
     nested = Composed([Composed([vector, multi]), ablation])
     assert nested.members() == [vector, multi, ablation]
+
+
+def test_steering_vectors_at_one_layer_combine_as_their_sum() -> None:
+    d = 16
+    e1, e2, e3 = (SteeringVector(layer, d, alpha=2.0, init=torch.randn(d)) for layer in (2, 2, 3))
+    multi = MultiLayerSteering.from_steering_vectors([e1, e2, e3])
+    assert multi.layers == [2, 3]
+    torch.testing.assert_close(multi.vector_at(2), e1.effective + e2.effective)  # both act there: their sum, not the last
+    torch.testing.assert_close(multi.vector_at(3), e3.effective)
+
+
+@pytest.mark.parametrize("alpha", (-3.0, 3.0))
+def test_an_adapters_size_does_not_depend_on_the_sign_of_alpha(alpha: float) -> None:
+    rank_one = RankOneAdapter(1, 8, 12, alpha=alpha, seed=0)
+    with torch.no_grad():
+        rank_one.b.copy_(torch.randn(8))
+    size = abs(alpha) * float(rank_one.a.detach().norm() * rank_one.b.detach().norm())
+    assert rank_one.norm == pytest.approx(size, rel=1e-6)  # a negative alpha flips the update, it is no negative size
+    doubled = rank_one.scaled_to(2 * size)
+    assert doubled.norm == pytest.approx(2 * size, rel=1e-5)
+    torch.testing.assert_close(doubled.delta_weight(), 2 * rank_one.delta_weight())  # same direction, not flipped
+    lora = LoRAAdapter.from_rank_one(rank_one)
+    assert lora.norm == pytest.approx(size, rel=1e-5) and all(n > 0 for n in lora.module_norms().values())
+    layer, proj = lora.sites()[0]
+    torch.testing.assert_close(lora.scaled_to(2 * size).delta_weight(layer, proj), 2 * lora.delta_weight(layer, proj))
 
 
 # --- a direction projected out of an adapter's B -------------------------------------------------------

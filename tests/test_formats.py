@@ -191,6 +191,14 @@ def test_adapters_saved_by_peft_import(pair: Any, tmp_path: Path) -> None:
         assert isinstance(imported, LoRAAdapter if name == "plain" else Composed), name
         torch.testing.assert_close(emlens_logits(bridge, imported), expected, rtol=1e-4, atol=1e-5, msg=name)
         assert runner_for(bridge).plan(imported).fast
+        # the paper's LoRA size, from peft's own modules: the mean over modules of ‖scaling · B A‖_F (per-module ranks
+        # and alphas included: their composition is one adapter, not a root-sum-square of per-pattern means)
+        sizes = [
+            float(module.scaling["default"] * (module.lora_B["default"].weight @ module.lora_A["default"].weight).norm())
+            for module in model.modules()
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})
+        ]
+        assert len(sizes) > 1 and imported.norm == pytest.approx(sum(sizes) / len(sizes), rel=1e-5), name
 
 
 def test_peft_config_without_alpha_or_rank_takes_peft_defaults(pair: Any, tmp_path: Path) -> None:

@@ -374,6 +374,51 @@ def test_foreign_hook_falls_back_to_the_hooked_path(pair: Any, data: TokenDatase
     assert abs(got - evaluate_loss(bridge, data, vector)) > 1e-5
 
 
+@pytest.mark.parametrize("ablation_first", [True, False])
+def test_a_composition_at_one_plain_site_acts_in_the_hooked_paths_order(pair: Any, data: TokenDataset, ablation_first: bool) -> None:
+    """blocks.2.hook_resid_pre and blocks.1.hook_resid_post are one plain tensor (block 1's output): the hooked path
+    runs resid_post(1)'s hook first, whatever the composition's order, so the fast path must too (here: steer along u,
+    then ablate u, so the steering is removed again)."""
+    from emlens import DirectionAblation
+
+    arch, reference, bridge = pair
+    d = bridge.cfg.d_model
+    u = torch.randn(d, generator=torch.Generator().manual_seed(3))
+    u = u / u.norm()
+    ablation = DirectionAblation.at_layer(u, LAYER + 1, "resid_pre")
+    steer = SteeringVector(LAYER, d, alpha=1.0, init=3.0 * u + 0.5 * torch.randn(d, generator=torch.Generator().manual_seed(4)))
+    composed = ablation + steer if ablation_first else steer + ablation
+    fast = evaluate_loss(bridge, data, composed)
+    assert runner_for(bridge).last_plan.fast
+    hooked = evaluate_loss(bridge, data, composed, cache_prefix=False)
+
+    def steer_then_ablate(m: Any, a: Any, out: torch.Tensor) -> torch.Tensor:
+        x = out + steer.effective.detach()
+        return x - (x @ u).unsqueeze(-1) * u
+
+    handle = reference.model.layers[LAYER].register_forward_hook(steer_then_ablate)
+    try:
+        expected = reference_loss(reference, data, None)
+    finally:
+        handle.remove()
+    assert fast == pytest.approx(expected, **TOL) and hooked == pytest.approx(expected, **TOL)
+
+
+def test_a_disabled_part_of_a_composition_acts_on_no_path(pair: Any, data: TokenDataset) -> None:
+    """``with a.disabled():`` switches part ``a`` of ``a + b`` off on the fast (offset) path too: the loss is ``b``'s alone."""
+    arch, reference, bridge = pair
+    a, b = make_intervention("resid_post", bridge, seed=1), make_intervention("resid_post", bridge, seed=2)
+    expected = reference_loss(reference, data, b)
+    with a.disabled():
+        fast = evaluate_loss(bridge, data, a + b)
+        assert runner_for(bridge).last_plan.path == "offset"
+        hooked = evaluate_loss(bridge, data, a + b, cache_prefix=False)
+    assert fast == pytest.approx(expected, **TOL) and hooked == pytest.approx(expected, **TOL)
+    both = a + b
+    with a.disabled(), b.disabled():
+        assert evaluate_loss(bridge, data, both) == pytest.approx(reference_loss(reference, data, None), **TOL)
+
+
 def test_unproved_architecture_falls_back() -> None:
     reference, bridge = tiny_pair("gpt2")
     data = TokenDataset.from_conversations(bridge.tokenizer, CONVERSATIONS, max_length=64)
@@ -636,3 +681,40 @@ def test_a_sliding_window_is_kept_or_refused() -> None:
                                                   bridge.tokenizer.eos_token_id)
     assert tokens.tolist() == want_tokens.tolist()
     torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_activations_under_a_positional_vector_count_positions_within_each_sequence(pair: Any, data: TokenDataset) -> None:
+    """collect_activations with a vector on positions [1, 3, -2] equals plain transformers running each row alone."""
+    from emlens.runner.activations import collect_activations
+
+    arch, reference, bridge = pair
+    vector = positional_vector(bridge)
+    got = collect_activations(bridge, data, f"blocks.{LAYER + 1}.hook_resid_post", batch_size=len(data), intervention=vector)
+    expected = []
+    with torch.no_grad():
+        for example in data.examples:
+            ids = torch.tensor([example.input_ids])
+            with reference_positional(reference, vector, ids.shape[1]):
+                hidden = reference(input_ids=ids, output_hidden_states=True).hidden_states[LAYER + 2][0]
+            expected.append(hidden[torch.tensor(example.loss_mask, dtype=torch.bool)])
+    torch.testing.assert_close(got, torch.cat(expected).float(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_measurement_inside_a_training_callback_is_refused(pair: Any, data: TokenDataset) -> None:
+    """Inside train()'s on_step the intervention's hooks sit on the model: a nested measurement would count the edit
+    twice, or read it as the base model. It is refused, naming the callback."""
+    from emlens.interventions import InterventionError
+
+    arch, reference, bridge = pair
+    adapter = make_intervention("adapter", bridge)
+    seen: list[str] = []
+
+    def measure(step: int, record: Any) -> None:
+        for intervention in (None, adapter):
+            with pytest.raises(InterventionError, match="on_step"):
+                evaluate_loss(bridge, data, intervention)
+            seen.append("refused")
+
+    train(bridge, adapter, data, TrainConfig(lr=1e-3, batch_size=2, max_steps=1, progress=False), on_step=measure)
+    assert seen == ["refused", "refused"]
+    assert evaluate_loss(bridge, data, None) == pytest.approx(reference_loss(reference, data, None), **TOL)  # fine afterwards

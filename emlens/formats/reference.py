@@ -12,7 +12,8 @@ and ``mlp.out.hook_out`` on Gemma-2/3 (whose post-feedforward norm sits between 
 a model, ``hook_mlp_out`` is assumed (the reference repository's models are Qwen and Llama).
 
 One difference on purpose: the reference hook edits ``output[0]``, i.e. only the first element
-of a batch; emlens steers every element (equal at batch size 1, as in the reference's sampling).
+of a batch, in training and in its sampler (which runs batches of 8, so only every eighth answer is
+steered); emlens steers every element (the two agree only at batch size 1).
 """
 
 from __future__ import annotations

@@ -3,8 +3,13 @@
 :class:`DirectionAblation` replaces the activation ``x`` at each of its hook points by
 ``x − s·(x·u) u`` (``u`` unit, ``s`` the strength: 1 removes the component along ``u``, 2
 reflects it, values in between shrink it). :meth:`DirectionAblation.everywhere` ablates the
-residual stream everywhere a block reads it: at ``blocks.0.hook_resid_pre`` and at every
-``hook_resid_post``.
+residual stream between blocks: at ``blocks.0.hook_resid_pre`` and at every ``hook_resid_post``,
+so no block's input and not the unembedding holds ``u``. Inside a block, what attention writes
+along ``u`` still reaches that block's MLP (``hook_resid_mid`` is not ablated).
+
+Geometry: an ablation's size is its strength and its direction is a line, not a sign (``u`` and
+``−u`` ablate alike), so it is that of the projection ``s·u uᵀ``: norm ``s``, inner product
+``s₁ s₂ (u₁·u₂)²``.
 
 :func:`project_out_of_adapter` removes a direction from the output side (``B``) of a
 :class:`~emlens.interventions.RankOneAdapter` or of the residual-writing modules (``o``, ``down``)
@@ -62,6 +67,7 @@ class DirectionAblation(Intervention):
 
     kind = "direction_ablation"
     direction: Tensor  # the unit vector u (a buffer: saved, moved with the module, never trained)
+    fixed_in_compositions = True  # "solution + ablation": rescaling or perturbing the solution leaves the ablation as it is
 
     def __init__(self, direction: Float[Tensor, " d_model"], hooks: Sequence[str], strength: float = 1.0, model_name: str | None = None):
         hooks = list(dict.fromkeys(hooks))
@@ -106,8 +112,9 @@ class DirectionAblation(Intervention):
 
     @classmethod
     def everywhere(cls, model: Any, direction: Float[Tensor, " d_model"], strength: float = 1.0) -> DirectionAblation:
-        """Ablate from the residual stream at every layer: the embeddings (``blocks.0.hook_resid_pre``) and every
-        block's output (``blocks.L.hook_resid_post``), so no block reads, and the unembedding never sees, ``u``."""
+        """Ablate from the residual stream between blocks: the embeddings (``blocks.0.hook_resid_pre``) and every
+        block's output (``blocks.L.hook_resid_post``), so no block's input holds ``u`` and the unembedding never sees
+        it. Within a block, attention's write along ``u`` still reaches the MLP (``hook_resid_mid`` is not ablated)."""
         n_layers = model.cfg.n_layers
         hooks = ["blocks.0.hook_resid_pre"] + [f"blocks.{x}.hook_resid_post" for x in range(n_layers)]
         return cls(direction, hooks, strength, getattr(model.cfg, "model_name", None))
@@ -119,20 +126,24 @@ class DirectionAblation(Intervention):
 
     # --- geometry -------------------------------------------------------------------------------
     def norm_tensor(self) -> Float[Tensor, ""]:
-        """The strength ``s`` (``u`` is a unit vector)."""
+        """The strength ``s`` (``‖s·u uᵀ‖_F``, ``u`` a unit vector)."""
         return self.effective.detach().norm()
 
     flat_geometry = True
 
     def flatten(self) -> Float[Tensor, " n"]:
-        return self.effective.detach().float().cpu()
+        """The projection ``s·u uᵀ``, flattened (``d_model²`` floats): ``u`` and ``−u`` give the same."""
+        u = self.direction.detach().float().cpu()
+        return (self.strength * torch.outer(u, u)).flatten()
 
     def inner(self, other: Intervention) -> float:
+        """``s₁ s₂ (u₁·u₂)²``: the Frobenius inner product of the two projections, blind to the sign of ``u``."""
         self._check_same_kind(other)
         assert isinstance(other, DirectionAblation)
         if other.d_model != self.d_model:
             raise InterventionError(f"ablation directions have different widths: {self.d_model} and {other.d_model}")
-        return float(self.flatten() @ other.flatten())
+        dot = float(self.direction.detach().double().cpu() @ other.direction.detach().double().cpu())
+        return self.strength * other.strength * dot * dot
 
     def perturbed(self, epsilon: float, generator: torch.Generator | None = None) -> DirectionAblation:
         """The direction under norm-preserving orthogonal noise (still a unit vector), same strength."""

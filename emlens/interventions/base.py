@@ -188,6 +188,14 @@ class Intervention(nn.Module, ABC):
         """Inner product with another intervention of the same kind and shape."""
 
     flat_geometry: ClassVar[bool] = False  # True where ``inner`` is the dot product of ``flatten``
+    # True for an edit that is not a size (an ablation): a composition holding it leaves it out of its geometry
+    # (norm, inner product, rescaling, noise, random counterpart) and keeps it as it is
+    fixed_in_compositions: ClassVar[bool] = False
+
+    def norm_modules(self) -> int | None:
+        """How many modules :attr:`norm` is the mean over, where it is such a mean (a LoRA adapter's: the paper's
+        size); None where it is a plain norm. A composition of such parts takes the mean over all their modules."""
+        return None
 
     @classmethod
     def gram(cls, items: Sequence[Intervention]) -> Float[Tensor, "n n"]:
@@ -622,8 +630,8 @@ class RankOneAdapter(Intervention):
         return self.scale
 
     def norm_tensor(self) -> Float[Tensor, ""]:
-        """Frobenius norm of the effective weight update ``scale · b aᵀ``."""
-        return self.scale * self.a.detach().norm() * self.b.detach().norm()
+        """Frobenius norm of the effective weight update ``scale · b aᵀ`` (``|scale|``: a negative alpha flips the update, not its size)."""
+        return abs(self.scale) * self.a.detach().norm() * self.b.detach().norm()
 
     def delta_weight(self) -> Float[Tensor, "d_model d_mlp"]:
         """The dense update to the down-projection weight (``out = W h``)."""

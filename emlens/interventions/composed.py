@@ -4,10 +4,13 @@ The parts act in order: at a hook point shared by two parts, the first one's edi
 first (e.g. ``DirectionAblation(...) + SteeringVector(...)`` at the same hook ablates, then
 adds). Training a composition trains every part's parameters jointly.
 
-Geometry: a composition is the direct sum of its parts. ``flatten`` concatenates the parts'
-flattenings, ``inner`` sums the parts' inner products (part by part, same kinds in the same
-order), ``norm`` is ``sqrt(Σ normᵢ²)``, ``scaled_to`` scales every part's norm by one factor,
-and ``perturbed`` / ``random_like`` apply each part's own rule.
+Geometry: a composition is the direct sum of its *sized* parts. ``flatten`` concatenates their
+flattenings, ``inner`` sums their inner products (part by part, same kinds in the same order),
+``norm`` is ``sqrt(Σ normᵢ²)`` (for LoRA parts, whose norm is a mean over modules, the mean over
+all their modules, as one adapter's), ``scaled_to`` scales every sized part's norm by one factor,
+and ``perturbed`` / ``random_like`` apply each sized part's own rule. Parts that are not sizes
+(an ablation: ``fixed_in_compositions``) are kept as they are, so that "solution + ablation"
+rescaled or perturbed changes the solution only; a composition of such parts alone uses them all.
 """
 
 from __future__ import annotations
@@ -64,18 +67,35 @@ class Composed(Intervention):
         return len(self.parts)
 
     # --- geometry -------------------------------------------------------------------------------
+    def sized_parts(self) -> list[Intervention]:
+        """The parts the geometry covers: all but those ``fixed_in_compositions`` (all, when every part is)."""
+        sized = [p for p in self.members() if not p.fixed_in_compositions]
+        return sized or self.members()
+
+    def _sized(self, part: Intervention) -> bool:
+        return any(part is p for p in self.sized_parts())
+
     def norm_tensor(self) -> Float[Tensor, ""]:
-        """``sqrt(Σ normᵢ²)`` over the parts."""
-        norms = torch.stack([p.norm_tensor().float().cpu() for p in self.members()])
+        """``sqrt(Σ normᵢ²)`` over the sized parts, or the mean over all modules when every part's norm is such a mean."""
+        parts = self.sized_parts()
+        norms = torch.stack([p.norm_tensor().float().cpu() for p in parts])
+        counts = [p.norm_modules() for p in parts]
+        if all(c is not None for c in counts):
+            weights = torch.tensor([float(c) for c in counts if c is not None])
+            return (weights * norms).sum() / weights.sum()
         return norms.square().sum().sqrt()
+
+    def norm_modules(self) -> int | None:
+        counts = [p.norm_modules() for p in self.sized_parts()]
+        return sum(c for c in counts if c is not None) if all(c is not None for c in counts) else None
 
     @property
     def unscaled_norm(self) -> float:
-        """``sqrt(Σ unscaled_normᵢ²)`` over the parts (each without its own scale)."""
-        return float(sum(p.unscaled_norm**2 for p in self.members()) ** 0.5)
+        """``sqrt(Σ unscaled_normᵢ²)`` over the sized parts (each without its own scale)."""
+        return float(sum(p.unscaled_norm**2 for p in self.sized_parts()) ** 0.5)
 
     def flatten(self) -> Float[Tensor, " n"]:
-        return torch.cat([p.flatten() for p in self.members()])
+        return torch.cat([p.flatten() for p in self.sized_parts()])
 
     def _check_compatible(self, other: Intervention) -> Composed:
         self._check_same_kind(other)
@@ -88,36 +108,43 @@ class Composed(Intervention):
 
     def inner(self, other: Intervention) -> float:
         theirs = self._check_compatible(other)
-        return float(sum(mine.inner(part) for mine, part in zip(self.members(), theirs.members())))
+        pairs = zip(self.members(), theirs.members())
+        return float(sum(mine.inner(part) for mine, part in pairs if self._sized(mine)))
 
     def perturbed(self, epsilon: float, generator: torch.Generator | None = None) -> Composed:
-        """Each part under its own rule, in order, drawing from ``generator``."""
-        return Composed([p.perturbed(epsilon, generator) for p in self.members()], self.model_name)
+        """Each sized part under its own rule, in order, drawing from ``generator``; the others as they are."""
+        return Composed([p.perturbed(epsilon, generator) if self._sized(p) else p.clone() for p in self.members()], self.model_name)
 
     def random_like(self, seed: int = 0) -> Composed:
-        """Each part's random counterpart (part ``i`` seeded with ``seed + i``)."""
-        return Composed([p.random_like(seed + i) for i, p in enumerate(self.members())], self.model_name)
+        """Each sized part's random counterpart (part ``i`` seeded with ``seed + i``); the others as they are."""
+        parts = [p.random_like(seed + i) if self._sized(p) else p.clone() for i, p in enumerate(self.members())]
+        return Composed(parts, self.model_name)
 
     def scaled_to(self, norm: float) -> Composed:
-        """Every part's norm multiplied by ``norm / self.norm`` (parts of norm 0 stay as they are)."""
+        """Every sized part's norm multiplied by ``norm / self.norm`` (parts of norm 0, and the others, stay as they are)."""
         norm = _check_norm(norm)
         current = self.norm
         if current == 0:
             raise InterventionError("cannot rescale a composition whose parts are all zero")
         factor = norm / current
-        return Composed([p.scaled_to(p.norm * factor) if p.norm > 0 else p.clone() for p in self.members()], self.model_name)
+        parts = [p.scaled_to(p.norm * factor) if self._sized(p) and p.norm > 0 else p.clone() for p in self.members()]
+        return Composed(parts, self.model_name)
 
     # --- how it acts ------------------------------------------------------------------------------
     def acts_per_position(self) -> bool:
         return any(p.acts_per_position() for p in self.members())
 
     def residual_offset(self) -> ResidualOffset | None:
-        """The summed vector, when every part adds one vector at the same hook (else None)."""
+        """The summed vector of the enabled parts, when every part adds one vector at the same hook (else None).
+
+        A part switched off (``with part.disabled():``) adds nothing, as on the hooked path; all of them off: zeros."""
         offsets = [p.residual_offset() for p in self.members()]
         if any(o is None for o in offsets) or len({o.hook for o in offsets if o is not None}) != 1:
             return None
         found = [o for o in offsets if o is not None]
-        return ResidualOffset(found[0].hook, torch.stack([o.vector for o in found]).sum(0))
+        on = [o.vector for o, p in zip(found, self.members()) if p.enabled]
+        total = torch.stack(on).sum(0) if on else torch.zeros_like(found[0].vector)
+        return ResidualOffset(found[0].hook, total)
 
     def hook_names(self) -> list[str]:
         return list(dict.fromkeys(name for p in self.members() for name in p.hook_names()))

@@ -219,12 +219,15 @@ class LoRAAdapter(Intervention):
 
     def module_norms(self) -> dict[tuple[int, str], float]:
         """``‖scale · B A‖_F`` of every module."""
-        norms = (self.scale * self._sq_norms().sqrt()).tolist()
+        norms = (abs(self.scale) * self._sq_norms().sqrt()).tolist()
         return dict(zip(self.sites(), norms))
 
     def norm_tensor(self) -> Float[Tensor, ""]:
         """The paper's size: the mean over modules of ``‖scale · B A‖_F``."""
-        return self.scale * self._sq_norms().sqrt().mean()
+        return abs(self.scale) * self._sq_norms().sqrt().mean()
+
+    def norm_modules(self) -> int:
+        return len(self.A)
 
     @property
     def fixed_scale(self) -> float:
@@ -304,7 +307,7 @@ class LoRAAdapter(Intervention):
             key = site_key(layer, proj)
             a = torch.randn(self.rank, d_in, generator=gen)
             b = torch.randn(d_out, self.rank, generator=gen)
-            size = float(self.scale * (b @ a).norm())
+            size = float(abs(self.scale) * (b @ a).norm())
             new_a[key], new_b[key] = a, b * (norms[(layer, proj)] / size)
         return self.with_factors(new_a, new_b)
 

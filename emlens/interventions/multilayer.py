@@ -112,7 +112,8 @@ class MultiLayerSteering(Intervention):
 
     @classmethod
     def from_steering_vectors(cls, vectors: Sequence[Any]) -> MultiLayerSteering:
-        """Combine :class:`~emlens.interventions.SteeringVector` s at distinct layers (same shorthand hook, width) into one."""
+        """Combine :class:`~emlens.interventions.SteeringVector` s (same shorthand hook, width) into one; vectors at
+        one layer are summed, as they act together (adding both there is adding their sum)."""
         if not vectors:
             raise InterventionError("no steering vectors given")
         first = vectors[0]
@@ -120,7 +121,11 @@ class MultiLayerSteering(Intervention):
         for v in vectors:
             if v.hook.replace(f"blocks.{v.layer}.", "blocks.{layer}.", 1) != template or v.positions != "all":
                 raise InterventionError("steering vectors must share one hook (per layer) and steer every position")
-        return cls.from_vectors({v.layer: v.effective.detach() for v in vectors}, 1.0, hook=template, model_name=first.model_name)
+        summed: dict[int, Tensor] = {}
+        for v in vectors:
+            vec = v.effective.detach().float().cpu()
+            summed[v.layer] = summed[v.layer] + vec if v.layer in summed else vec
+        return cls.from_vectors(summed, 1.0, hook=template, model_name=first.model_name)
 
     @property
     def effective(self) -> Float[Tensor, "n_layers d_model"]:

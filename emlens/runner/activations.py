@@ -31,6 +31,8 @@ def collect_activations(
     def grab(act: Tensor, hook: Any) -> None:
         store["act"] = act.detach()
 
+    if intervention is not None and intervention.acts_per_position():
+        batch_size = 1  # its positions count within each sequence: every row runs alone, unpadded (as the runner does)
     for batch in dataset.batches(batch_size):
         batch = batch.to(runner.device)
         with runner.applied(intervention, plan), model.hooks(fwd_hooks=[(hook_name, grab)]):

@@ -85,6 +85,7 @@ class Runner:
         self.arch = Architecture.of(self.hf.config)
         self._plain: Any = None
         self._compiled: CompiledBlocks | None = None
+        self._running = 0  # how many of this runner's applied() blocks are open (a callback inside one must not plan)
         self.last_plan: Plan | None = None
 
     @property
@@ -124,6 +125,15 @@ class Runner:
     # --- planning ----------------------------------------------------------------------
     def plan(self, intervention: Any | None, cache_prefix: bool = True, check: bool = True) -> Plan:
         """The path a consumer takes for ``intervention`` (None: the base model)."""
+        if self._running:
+            from emlens.interventions.base import InterventionError
+
+            # its hooks sit on the plain modules, unmarked: a nested consumer would run the edit twice, or call it the base
+            raise InterventionError(
+                "emlens is running an intervention on this model right now (are you inside a callback such as train()'s "
+                "on_step?); its edit is active on the model's modules, so a measurement made here would count it twice or "
+                "read it as the base model. Measure after training, or from a checkpoint."
+            )
         if intervention is not None and check:
             intervention.check_model(self.model)
         if intervention is not None:
@@ -169,15 +179,20 @@ class Runner:
     # --- applying an intervention -------------------------------------------------------
     @contextmanager
     def applied(self, intervention: Any | None, plan: Plan) -> Iterator[None]:
-        """The intervention is active on ``plan``'s path while inside (offsets are added by :meth:`hidden`)."""
-        if intervention is None or plan.path == "offset":
-            yield
-        elif plan.path == "hooked":
-            with self.model.hooks(fwd_hooks=intervention.fwd_hooks()):
+        """The intervention is active on ``plan``'s path while inside (offsets are added by :meth:`hidden`); no consumer
+        may plan another run of this model until it ends (:meth:`plan` refuses)."""
+        self._running += 1
+        try:
+            if intervention is None or plan.path == "offset":
                 yield
-        else:
-            with site_hooks(self.plain, self.arch, intervention.fwd_hooks()):
-                yield
+            elif plan.path == "hooked":
+                with self.model.hooks(fwd_hooks=intervention.fwd_hooks()):
+                    yield
+            else:
+                with site_hooks(self.plain, self.arch, intervention.fwd_hooks()):
+                    yield
+        finally:
+            self._running -= 1
 
     @staticmethod
     def offset_vector(intervention: Any | None, plan: Plan) -> Tensor | None:

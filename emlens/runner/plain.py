@@ -102,12 +102,21 @@ def _input_hook(fn: HookFn) -> Callable[..., Any]:
     return hook
 
 
+def _runs_after_previous_block(hook_name: str) -> bool:
+    """True for ``blocks.L.hook_resid_pre`` with L >= 1: on the plain modules it shares block L-1's output with
+    ``blocks.{L-1}.hook_resid_post``, whose hooks run before it on the hooked path."""
+    return hook_name.endswith(".hook_resid_pre") and not hook_name.startswith("blocks.0.")
+
+
 @contextmanager
 def site_hooks(plain_model: Any, arch: Architecture, hooks: list[tuple[str, HookFn]]) -> Iterator[None]:
     """Run TransformerLens-style ``(hook name, fn)`` pairs as PyTorch hooks on the plain model's modules."""
     handles = []
     try:
-        for name, fn in hooks:
+        # blocks.L.hook_resid_pre (L >= 1) lives on block L-1's output, beside blocks.{L-1}.hook_resid_post; the
+        # hooked path runs resid_post(L-1)'s hooks first, so they are registered first (a stable sort keeps the
+        # given order among the rest, and among several hooks at one point)
+        for name, fn in sorted(hooks, key=lambda pair: _runs_after_previous_block(pair[0])):
             site = arch.site(name)
             if site is None:
                 raise ValueError(f"hook point {name!r} has no plain-module site on {arch.model_type}")
