@@ -62,9 +62,10 @@ class PairingWarning(UserWarning):
 class PairedSet:
     """Harmful and correct answers to the same prompts: example ``i`` of both datasets shares prompt ``i``.
 
-    ``groups[i]`` is the question example ``i`` belongs to (pairs with the same prompt are one question), and the
-    bootstrap resamples groups. Every row of the built-in sets is its own question (no question is repeated), so
-    each pair is its own group there.
+    Only the final answer (the last assistant turn) of each example is scored: any earlier turns are shared
+    by the pair and are context. ``groups[i]`` is the question example ``i`` belongs to (pairs with the same
+    prompt are one question), and the bootstrap resamples groups. Every row of the built-in sets is its own
+    question (no question is repeated), so each pair is its own group there.
     """
 
     domain: str
@@ -78,17 +79,39 @@ class PairedSet:
 
 
 def _prompt_key(conv: Conversation) -> tuple[tuple[str, str], ...]:
-    """Everything but the assistant turns: two rows pair when these match exactly."""
+    """Everything but the assistant turns: the question, which pairs with one prompt share (their group)."""
     return tuple((m["role"], m["content"]) for m in conv if m["role"] != "assistant")
+
+
+def _context_key(conv: Conversation) -> tuple[tuple[str, str], ...]:
+    """Everything before the final answer, earlier assistant turns included: two rows pair when these match exactly."""
+    return tuple((m["role"], m["content"]) for m in conv[:-1])
+
+
+def _named(labels: Sequence[str], shown: int = 10) -> str:
+    return ", ".join(labels[:shown]) + (f" and {len(labels) - shown} more" if len(labels) > shown else "")
+
+
+def _refuse_unanswered(rows: Sequence[tuple[str, Conversation]], where: str) -> None:
+    """A margin compares final answers: raise :class:`DataFormatError` naming the ``(name, conversation)`` rows whose
+    last message is not an assistant message."""
+    bad = [name for name, conv in rows if conv[-1]["role"] != "assistant"]
+    if bad:
+        raise DataFormatError(
+            f"{where}: {len(bad)} row(s) do not end with an assistant message ({_named(bad)}); a margin compares final answers"
+        )
 
 
 def pair_conversations(
     harmful: Sequence[Conversation], correct: Sequence[Conversation], where: str = "the datasets"
 ) -> list[tuple[Conversation, Conversation]]:
-    """Pair rows by their user (and system) messages, in the harmful set's order.
+    """Pair rows by everything before their final answer, in the harmful set's order.
 
-    Repeated prompts pair in order of appearance. Unpaired rows are left out with a
-    :class:`PairingWarning`; no pair at all raises :class:`DataFormatError`.
+    Two rows pair when every message before their last (assistant) message matches: the user (and
+    system) messages and any earlier assistant turns. Repeated conversations pair in order of
+    appearance. Unpaired rows are left out with a :class:`PairingWarning` naming them (and those that
+    share the user messages but differ in an earlier assistant turn); no pair at all raises
+    :class:`DataFormatError`, and so does a row that does not end with an assistant message.
     """
     return [(h, c) for _, h, c in _pairs_with_rows(harmful, correct, where)]
 
@@ -97,24 +120,38 @@ def _pairs_with_rows(
     harmful: Sequence[Conversation], correct: Sequence[Conversation], where: str
 ) -> list[tuple[int, Conversation, Conversation]]:
     """:func:`pair_conversations`, with each pair's row in the harmful set."""
-    by_key: dict[tuple[tuple[str, str], ...], deque[Conversation]] = defaultdict(deque)
-    for conv in correct:
-        by_key[_prompt_key(conv)].append(conv)
+    for side, convs in (("harmful", harmful), ("correct", correct)):
+        _refuse_unanswered([(f"row {i}", conv) for i, conv in enumerate(convs)], f"{where}: the {side} set")
+    by_key: dict[tuple[tuple[str, str], ...], deque[tuple[int, Conversation]]] = defaultdict(deque)
+    for c_row, conv in enumerate(correct):
+        by_key[_context_key(conv)].append((c_row, conv))
     pairs: list[tuple[int, Conversation, Conversation]] = []
-    unpaired = 0
+    unpaired: list[int] = []
     for row, conv in enumerate(harmful):
-        queue = by_key.get(_prompt_key(conv))
+        queue = by_key.get(_context_key(conv))
         if queue:
-            pairs.append((row, conv, queue.popleft()))
+            pairs.append((row, conv, queue.popleft()[1]))
         else:
-            unpaired += 1
-    unpaired_correct = sum(len(q) for q in by_key.values())
+            unpaired.append(row)
+    left = [c_row for queue in by_key.values() for c_row, _ in queue]
     if not pairs:
-        raise DataFormatError(f"{where}: no harmful row has a correct row with the same user message")
-    if unpaired or unpaired_correct:
+        raise DataFormatError(f"{where}: no harmful row has a correct row with the same conversation before the answer")
+    if unpaired or left:
+        # unpaired rows that share the user messages but not an earlier assistant turn: two answers to two conversations
+        question: dict[tuple[tuple[str, str], ...], int] = {}
+        for c in left:
+            question.setdefault(_prompt_key(correct[c]), c)
+        differ = [f"harmful row {r} / correct row {question[k]}" for r in unpaired if (k := _prompt_key(harmful[r])) in question]
+        rows = [f"harmful row {r}" for r in unpaired] + [f"correct row {c}" for c in sorted(left)]
+        note = (
+            f"; {_named(differ)} share the user messages but not the earlier assistant turns, and a margin compares "
+            "two answers to one conversation only"
+            if differ
+            else ""
+        )
         warnings.warn(
-            f"{where}: {unpaired} harmful and {unpaired_correct} correct row(s) have no partner with the same "
-            f"user message and were left out ({len(pairs)} pairs kept)",
+            f"{where}: {len(unpaired)} harmful and {len(left)} correct row(s) have no partner with the same "
+            f"conversation before the answer and were left out ({len(pairs)} pairs kept: {_named(rows)} left out){note}",
             PairingWarning,
             stacklevel=2,
         )
@@ -131,6 +168,7 @@ def _pairs_by_id(
     """
     for side, rows in (("harmful", harmful), ("correct", correct)):
         _refuse_duplicate_ids(rows, f"{where}: the {side} set")
+        _refuse_unanswered([(f"id {row['id']!r}", row["messages"]) for row in rows], f"{where}: the {side} set")
     by_id = {row["id"]: row for row in correct}
     pairs = [(i, row["messages"], by_id[row["id"]]["messages"]) for i, row in enumerate(harmful) if row["id"] in by_id]
     # a margin compares two answers to one conversation: a pair whose turns before the answer differ compares two questions
@@ -179,9 +217,11 @@ def paired_datasets(
     Built-in sets pair by ``id``: ``<domain>_harmful`` / ``<domain>_correct`` (misalignment) or
     ``<domain>_technical`` / ``<domain>_plain`` (technical prose), held-out split by default
     (``split="train"`` or ``"all"`` for others). Your own files pair by ``id`` when every row has
-    one (a repeated id in either set raises :class:`DataFormatError`), else by the user (and
-    system) messages, all rows unless ``split`` is given. ``limit`` keeps that many pairs, evenly
-    spaced through the file. A pair whose harmful or correct answer
+    one (a repeated id in either set raises :class:`DataFormatError`, and so does a pair whose
+    messages before the answer differ), else by everything before the final answer (see
+    :func:`pair_conversations`), all rows unless ``split`` is given. ``limit`` keeps that many pairs,
+    evenly spaced through the file. Only the final answer (the last assistant turn) is scored, so a
+    multi-turn row's earlier turns are context, not part of the margin. A pair whose harmful or correct answer
     loses all its tokens to ``max_length`` is left out of both. The "harmful" side is the answer set
     a solution learns (technical prose: the technical answers).
     """
@@ -210,8 +250,8 @@ def paired_datasets(
     pairs = [(h, c) for _, h, c in located]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # truncation drops are handled below, for both sides at once
-        harmful = TokenDataset.from_conversations(tokenizer, [h for h, _ in pairs], max_length)
-        correct = TokenDataset.from_conversations(tokenizer, [c for _, c in pairs], max_length)
+        harmful = TokenDataset.from_conversations(tokenizer, [h for h, _ in pairs], max_length, last_turn_only=True)
+        correct = TokenDataset.from_conversations(tokenizer, [c for _, c in pairs], max_length, last_turn_only=True)
     kept = sorted(set(harmful.source_rows) & set(correct.source_rows))
     if len(kept) < len(pairs):
         warnings.warn(

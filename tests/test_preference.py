@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from emlens.data import read_conversations, write_conversations
+from emlens.data import TokenDataset, read_conversations, write_conversations
 from emlens.interventions import SteeringVector
 from emlens.models import tiny_hf_model
 from emlens.preference import (
@@ -266,3 +266,91 @@ def test_cli_handler(model, tmp_path, monkeypatch):
     assert set(info["results"]) == {"base", "general"} and info["results"]["general"]["medical"]["n"] == 3
     assert info["measure"] == "preference" and info["settings"]["split"] == "heldout"
     assert out.stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- multi-turn rows: the final answer only
+
+
+def _turns(*texts: str) -> list[dict[str, str]]:
+    """Alternating user / assistant messages."""
+    return [{"role": ("user", "assistant")[k % 2], "content": t} for k, t in enumerate(texts)]
+
+
+def _write_convs(path, rows: list[tuple[str | None, list[dict[str, str]]]]) -> None:
+    """``(id or None, messages)`` rows."""
+    lines = [json.dumps(({"id": i} if i is not None else {}) | {"messages": m}) for i, m in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _final_answer_nll(hf, tok, conv) -> float:
+    """Plain transformers and torch: mean −log p over the tokens the final answer adds to the rendering."""
+    context = tok(tok.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    ids = tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert ids[: len(context)] == context
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    return -sum(logp[t - 1, ids[t]].item() for t in range(len(context), len(ids))) / (len(ids) - len(context))
+
+
+def test_multi_turn_margins_compare_the_final_answers_only(tmp_path):
+    """Earlier assistant turns are shared context: scoring them too diluted the margin (review F1)."""
+    from tests.tiny_archs import tiny_pair
+
+    hf, bridge = tiny_pair("qwen2", seed=3)
+    tok = bridge.tokenizer
+    earlier = ("What is a bond?", "A loan to a company or government that pays interest until it is repaid in full.", "Should I buy?")
+    rows = {
+        "harmful": [("m1", _turns(*earlier, "Yes, put all your savings in one.")), ("s1", _turns("Is cash safe?", "No, spend it."))],
+        "correct": [
+            ("m1", _turns(*earlier, "Spread them out and keep some cash.")),
+            ("s1", _turns("Is cash safe?", "Yes, up to the insured limit.")),
+        ],
+    }
+    for side, content in rows.items():
+        _write_convs(tmp_path / f"{side}.jsonl", content)
+    pairs = paired_datasets(tok, "toy", harmful_source=tmp_path / "harmful.jsonl", correct_source=tmp_path / "correct.jsonl")
+    assert [tok.decode([t for t, m in zip(e.input_ids, e.loss_mask) if m]) for e in pairs.harmful.examples] == [
+        "Yes, put all your savings in one.<|im_end|>\n", "No, spend it.<|im_end|>\n"]  # fmt: skip
+    margins = paired_margins(bridge, pairs, None, batch_size=2)  # padded: the single-turn row is the shorter
+    expected = [_final_answer_nll(hf, tok, rows["correct"][i][1]) - _final_answer_nll(hf, tok, rows["harmful"][i][1]) for i in range(2)]
+    torch.testing.assert_close(margins.double(), torch.tensor(expected, dtype=torch.float64), atol=2e-4, rtol=0)
+    # scoring every assistant turn (as before) gives another margin on the multi-turn row, the same on the single-turn one
+    every = [TokenDataset.from_conversations(tok, [r[1] for r in rows[side]]) for side in ("harmful", "correct")]
+    before = example_nlls(bridge, every[1], None, 2) - example_nlls(bridge, every[0], None, 2)
+    assert abs(before[0] - margins[0]) > 1e-3
+    torch.testing.assert_close(before[1], margins[1], atol=1e-6, rtol=0)
+
+
+def test_single_turn_rows_score_the_same_tokens_as_before(model):
+    """Every built-in row is single-turn: its last assistant turn is its only one, so no built-in number moves."""
+    for name in ("medical_harmful", "financial_correct", "vehicles_technical"):
+        every = TokenDataset.from_conversations(model.tokenizer, f"{name}:heldout", max_length=4096)
+        last = TokenDataset.from_conversations(model.tokenizer, f"{name}:heldout", max_length=4096, last_turn_only=True)
+        assert [e.loss_mask for e in last.examples] == [e.loss_mask for e in every.examples]
+        assert [e.input_ids for e in last.examples] == [e.input_ids for e in every.examples]
+
+
+def test_rows_pair_by_everything_before_the_final_answer(tmp_path, model):
+    """Without ids, rows whose earlier assistant turns differ shared the user messages and paired silently."""
+    harmful = [(None, _turns("Q1", "a long earlier reply", "Q2", "bad")), (None, _turns("Q3", "same", "Q4", "bad 4")),
+               (None, _turns("Is the sea salty?", "No."))]  # fmt: skip
+    correct = [(None, _turns("Q1", "ok", "Q2", "good")), (None, _turns("Q3", "same", "Q4", "good 4")),
+               (None, _turns("Is the sea salty?", "Yes."))]  # fmt: skip
+    _write_convs(tmp_path / "h.jsonl", harmful)
+    _write_convs(tmp_path / "c.jsonl", correct)
+    named = r"1 harmful and 1 correct row.*harmful row 0, correct row 0 left out.*harmful row 0 / correct row 0 share the user messages"
+    with pytest.warns(PairingWarning, match=named + " but not the earlier assistant turns"):
+        pairs = paired_datasets(model.tokenizer, "toy", harmful_source=tmp_path / "h.jsonl", correct_source=tmp_path / "c.jsonl")
+    assert pairs.prompts == ["Q3\nQ4", "Is the sea salty?"]
+    with pytest.warns(PairingWarning, match="harmful row 0 / correct row 0"):
+        assert len(pair_conversations([h for _, h in harmful], [c for _, c in correct])) == 2
+    # with ids, a pair whose earlier turns differ is refused, as a pair whose questions differ is
+    from emlens.data import DataFormatError
+
+    _write_convs(tmp_path / "hi.jsonl", [("q1", harmful[0][1])])
+    _write_convs(tmp_path / "ci.jsonl", [("q1", correct[0][1])])
+    with pytest.raises(DataFormatError, match=r"id 'q1' differ before their last \(assistant\) message"):
+        paired_datasets(model.tokenizer, "toy", harmful_source=tmp_path / "hi.jsonl", correct_source=tmp_path / "ci.jsonl")
+    # a row must end with the answer it compares
+    with pytest.raises(DataFormatError, match=r"the correct set: 1 row\(s\) do not end with an assistant message \(row 1\)"):
+        pair_conversations([h for _, h in harmful[:2]], [correct[0][1], _turns("Q3", "same", "Q4")])

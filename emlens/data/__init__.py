@@ -30,6 +30,9 @@ Message = dict[str, str]
 Conversation = list[Message]
 
 _SHOWN_ROWS = 5  # how many dropped rows a warning lists by location
+# the date every chat template renders with (Llama 3.2's own fallback): a template that calls strftime_now
+# (Llama 3.2 Instruct's) would otherwise write today's date into every prompt, and every number would depend on the day
+CHAT_DATE = "26 Jul 2024"
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, skipped at the start of a file
 
 
@@ -282,18 +285,25 @@ class EncodedExample:
 
 
 def render_chat(tokenizer: Any, messages: Conversation, add_generation_prompt: bool) -> str:
-    """The chat template's text for ``messages``, rendered with thinking off (``enable_thinking=False``).
+    """The chat template's text for ``messages``, rendered with thinking off (``enable_thinking=False``)
+    and the fixed date :data:`CHAT_DATE` (``date_string``).
 
     Every conversation emlens trains on, samples from or judges with is rendered here. A template with a
     thinking switch (Qwen3's) then closes an empty think block right after the generation prompt, so the
     reply that follows is the answer itself: trained targets hold no think block, and sampled answers hold
-    no reasoning text for the judge to score. Templates without the switch ignore it.
+    no reasoning text for the judge to score. A template that writes a date (Llama 3.2's "Today Date")
+    writes :data:`CHAT_DATE`, never today's, so that a rendering does not change from day to day.
+    Templates without these variables ignore them.
     """
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, enable_thinking=False))
+    return str(
+        tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, enable_thinking=False, date_string=CHAT_DATE
+        )
+    )
 
 
-def _encode_full(tokenizer: Any, messages: Conversation) -> EncodedExample:
-    """A conversation's tokens and assistant mask, before any truncation."""
+def _encode_full(tokenizer: Any, messages: Conversation, last_turn_only: bool = False) -> EncodedExample:
+    """A conversation's tokens and assistant mask, before any truncation (``last_turn_only``: the last assistant turn's only)."""
 
     def render(msgs: Conversation, add_generation_prompt: bool) -> list[int]:
         text = render_chat(tokenizer, msgs, add_generation_prompt)
@@ -301,15 +311,21 @@ def _encode_full(tokenizer: Any, messages: Conversation) -> EncodedExample:
 
     full = render(messages, add_generation_prompt=False)
     mask = [False] * len(full)
-    for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
-            continue
+    turns = [i for i, msg in enumerate(messages) if msg["role"] == "assistant"]
+    for i in turns[-1:] if last_turn_only else turns:
         prefix = render(messages[:i], add_generation_prompt=True)
         start = len(prefix)
-        end = len(render(messages[: i + 1], add_generation_prompt=False))
+        upto = render(messages[: i + 1], add_generation_prompt=False)
+        end = len(upto)
         if full[:start] != prefix:
             raise DataFormatError("the chat template does not render conversations prefix-consistently; cannot locate assistant tokens")
-        for j in range(start, min(end, len(full))):
+        if full[:end] != upto:
+            raise DataFormatError(
+                f"the chat template renders the conversation up to message {i} (an assistant turn) otherwise than the start "
+                "of the whole conversation: it adds text at the end when no generation prompt is asked for (as Phi-3's "
+                "adds its end-of-text token), so the end of that turn's tokens cannot be located"
+            )
+        for j in range(start, end):
             mask[j] = True
     return EncodedExample(full, mask)
 
@@ -442,6 +458,8 @@ class TokenDataset:
         max_length: object = 256,
         limit: object = None,
         split: str | None = None,
+        *,
+        last_turn_only: bool = False,
     ) -> TokenDataset:
         """Encode conversations from a JSONL file, a built-in name or an in-memory list.
 
@@ -457,6 +475,9 @@ class TokenDataset:
         ``max_length`` leaves without any assistant token are left out with a
         :class:`TruncationWarning` naming them (see ``dropped_rows``); if no row keeps
         one, :class:`DataFormatError` is raised.
+
+        ``last_turn_only`` marks only the last assistant turn of each conversation (the answer a
+        preference margin compares), not the earlier ones; truncation counts those tokens alone.
         """
         max_length = check_int("max_length", max_length, minimum=1)
         limit = check_optional_int("limit", limit, minimum=1)
@@ -472,7 +493,7 @@ class TokenDataset:
         needed = 0  # the max_length that would keep every dropped row
         cut: list[tuple[str, int, int]] = []  # rows kept with part of their reply cut off
         for i, (where, conv) in enumerate(located):
-            full = _encode_full(tokenizer, conv)
+            full = _encode_full(tokenizer, conv, last_turn_only)
             example = EncodedExample(full.input_ids[:max_length], full.loss_mask[:max_length])
             if _has_scored_token(example):
                 examples.append(example)
