@@ -299,7 +299,7 @@ def test_the_config_file_is_checked():
     with pytest.raises(ConfigError, match="kinds"):
         from_dict({"kinds": ["lora-ish"]})
     with pytest.raises(ConfigError, match="both name the training stage 'kl=1'"):
-        from_dict({"kl_sweep": {"weights": [0, 1.0, 1.0000001]}})
+        from_dict({"kl_sweep": {"weights": [0.0, 1.0, 1.0000001]}})
     with pytest.raises(ConfigError, match="both name the training stage 'mix=0.25'"):
         from_dict({"mixing": {"ratios": [0.25, 0.2500000001]}})
     with pytest.raises(ConfigError, match=r"train.vector.kl_weight.*'kl=1'"):
