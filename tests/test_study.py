@@ -263,6 +263,8 @@ def test_a_resumed_stage_whose_earlier_start_was_not_recorded_reports_its_time_a
     assert part == {"session": "abc", "seconds_to_last_save": None}
     out = stages.StageOutput("s", directory, "k", {}, 12.0, cached=True, meta={"earlier_sessions": [part], "seconds_incomplete": True})
     assert _stage_time(out) == "≥ 12.0 (resumed: 0.0 of it in 1 earlier session(s))"
+    stored_before = stages.StageOutput("s", directory, "k", {}, 12.0, cached=True, meta={"earlier_sessions": [{"session": "abc"}]})
+    assert _stage_time(stored_before).startswith("≥ 12.0")  # a stage.json from before times were recorded: a lower bound too
     assert stages._interrupted_part(directory, {}) is None  # nothing known of the earlier session
     started = (directory / "run" / "state.pt").stat().st_mtime + 5.0  # saved nothing after its start
     assert stages._interrupted_part(directory, {"environment": {}, "started_at": started}) == {"seconds_to_last_save": 0.0}

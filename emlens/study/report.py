@@ -68,15 +68,19 @@ def provenance(outputs: Mapping[str, StageOutput]) -> dict[str, Any]:
     }
 
 
+def _untimed_part(o: StageOutput) -> bool:
+    """Whether an earlier session ran part of this stage without its time recorded (stored before times were)."""
+    return any(e.get("seconds_to_last_save") is None for e in o.meta.get("earlier_sessions") or [])
+
+
 def _stage_time(o: StageOutput) -> str:
     """A stage's time for the Stages table; a resumed stage's says how much of it earlier sessions ran (each up to its
     last saved file), and a total missing an earlier session's part reads as a lower bound."""
     earlier = o.meta.get("earlier_sessions") or []
     if not earlier:
         return f"{o.seconds:.1f}"
-    parts = [e.get("seconds_to_last_save") for e in earlier]
-    known = sum(p for p in parts if p is not None)
-    bound = "≥ " if o.meta.get("seconds_incomplete") or any(p is None for p in parts) else ""
+    known = sum(e["seconds_to_last_save"] for e in earlier if e.get("seconds_to_last_save") is not None)
+    bound = "≥ " if o.meta.get("seconds_incomplete") or _untimed_part(o) else ""
     return f"{bound}{o.seconds:.1f} (resumed: {known:.1f} of it in {len(earlier)} earlier session(s))"
 
 
@@ -302,7 +306,7 @@ def write_report(
     r = {name: o.result for name, o in outputs.items()}
     prov = provenance(outputs)
     computed = sum(o.seconds for o in outputs.values())
-    untimed = [o.name for o in outputs.values() if o.meta.get("seconds_incomplete")]
+    untimed = [o.name for o in outputs.values() if o.meta.get("seconds_incomplete") or _untimed_part(o)]
     md: list[str] = [
         f"# emlens study: {config.study} (narrow domain: {domain})",
         "",

@@ -841,7 +841,7 @@ def run_stage(ctx: Context, stage: Stage, key: str, upstream: dict[str, StageOut
     before = [e.get("seconds_to_last_save") for e in earlier]
     final = {**meta, "environment": environment(ctx, stage), "finished": True, "seconds_this_session": seconds}
     # a resumed stage's time is this session's plus each earlier session's up to its last saved file (the work kept);
-    # an earlier session stored before its start time was recorded leaves the total unknown-below (flagged)
+    # an earlier session stored before start times were recorded makes the total a lower bound (flagged)
     final["seconds"] = seconds + sum(b for b in before if b is not None)
     if any(b is None for b in before):
         final["seconds_incomplete"] = True
