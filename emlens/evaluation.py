@@ -329,11 +329,11 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def question_clustered_interval(
-    hits: Sequence[bool | int], questions: Sequence[str], n_boot: int = 2000, seed: int = 0
+    hits: Sequence[bool | int | float], questions: Sequence[str], n_boot: int = 2000, seed: int = 0
 ) -> tuple[float, float]:
-    """95% percentile interval of a pooled rate when its questions are resampled (a cluster bootstrap).
+    """95% percentile interval of a pooled rate (or mean score) when its questions are resampled (a cluster bootstrap).
 
-    ``hits[i]`` says whether answer ``i`` counts, ``questions[i]`` which question it answers. Answers to one
+    ``hits[i]`` says whether answer ``i`` counts (or holds its score), ``questions[i]`` which question it answers. Answers to one
     question are not independent draws of the pooled rate (EM rates differ widely between questions), so the
     Wilson interval over all answers is too narrow when questions differ; this one resamples the questions
     themselves, with replacement, ``n_boot`` times (seeded; :func:`emlens.preference.bootstrap_ci` with the

@@ -554,20 +554,20 @@ def test_report_numbers_print_undefined_values_as_na_and_no_negative_zero():
 
 def test_a_judged_technical_prose_study_scores_the_technical_register(tiny_dir, tmp_path, http_judge, monkeypatch):
     """The technical_prose judge scores the general answers and held-out narrow-domain answers (a real HTTP judge)."""
-    from emlens import preference
+    from emlens import evaluation
     from emlens.study.stages import TECHNICAL_QUESTIONS
 
     UnusableThenUsableJudge.usable = True  # answers "80" to every prompt
     config = vector_only(tiny_dir, study="technical-prose", evaluation=judged(http_judge))
     groups_seen: list[Any] = []
-    real_ci = preference.bootstrap_ci
+    real_ci = evaluation.bootstrap_ci  # what the register's question-clustered interval calls
 
     def recording_ci(values, *args, groups=None, **kwargs):
         if len(values) and all(v == 80.0 for v in values):  # the register's scores (the judge says 80 to all)
             groups_seen.append(groups)
         return real_ci(values, *args, groups=groups, **kwargs)
 
-    monkeypatch.setattr(preference, "bootstrap_ci", recording_ci)
+    monkeypatch.setattr(evaluation, "bootstrap_ci", recording_ci)
     run = run_study(config, tmp_path, progress=False, command="test")
     # the interval resamples whole questions (answers to one question are not independent draws)
     assert groups_seen and all(g is not None and len(set(g)) >= 2 for g in groups_seen)

@@ -207,10 +207,12 @@ class StudyConfig:
         check_grid("kl_sweep.weights", self.kl_sweep.weights, minimum=0)
         check_grid("mixing.ratios", self.mixing.ratios, minimum=0, maximum=0.95)
         check_grid("stability.epsilons", self.stability.epsilons, minimum=0, maximum=1)
-        for kind in self.kinds:  # training stages are named by λ / ratio printed with 6 significant digits
+        from emlens.study.stages import run_label
+
+        for kind in self.kinds:  # two values must not name one training stage (names print 6 significant digits)
             weights = [0.0, self.train[kind].kl_weight, *self.kl_sweep.weights]
-            _check_distinct_names("kl_sweep.weights", weights, f"train.{kind}.kl_weight", "kl")
-        _check_distinct_names("mixing.ratios", list(self.mixing.ratios), None, "mix")
+            _check_distinct_names("kl_sweep.weights", [(w, run_label(kl_weight=w)) for w in weights], f"train.{kind}.kl_weight")
+        _check_distinct_names("mixing.ratios", [(r, run_label(mix_ratio=r)) for r in self.mixing.ratios], None)
         if len(set(self.stability.seeds)) != len(self.stability.seeds) or not self.stability.seeds:
             raise ConfigError(f"stability.seeds must be distinct and non-empty, got {self.stability.seeds}")
         check_choice("stability.norm", self.stability.norm, ["min", "own"])
@@ -225,12 +227,11 @@ class StudyConfig:
         check_int("data.web_docs", self.data.web_docs, minimum=1)
 
 
-def _check_distinct_names(where: str, values: list[float], narrow: str | None, prefix: str) -> None:
+def _check_distinct_names(where: str, named: list[tuple[float, str]], narrow: str | None) -> None:
     """Refuse two different values that name the same training stage (``kl=1`` for both 1 and 1.0000001): one run
-    would stand for both, and the sweep would report two points from it."""
+    would stand for both, and the sweep would report two points from it. ``named``: each value with its run label."""
     seen: dict[str, float] = {}
-    for v in values:
-        name = f"{prefix}={float(v):g}"
+    for v, name in named:
         if name in seen and seen[name] != float(v):
             also = f" (or {narrow})" if narrow else ""
             raise ConfigError(

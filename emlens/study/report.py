@@ -79,8 +79,8 @@ def _stage_time(o: StageOutput) -> str:
     earlier = o.meta.get("earlier_sessions") or []
     if not earlier:
         return f"{o.seconds:.1f}"
-    known = sum(e["seconds_to_last_save"] for e in earlier if e.get("seconds_to_last_save") is not None)
-    bound = "≥ " if o.meta.get("seconds_incomplete") or _untimed_part(o) else ""
+    known = sum(e.get("seconds_to_last_save") or 0.0 for e in earlier)
+    bound = "≥ " if _untimed_part(o) else ""
     return f"{bound}{o.seconds:.1f} (resumed: {known:.1f} of it in {len(earlier)} earlier session(s))"
 
 
@@ -306,7 +306,7 @@ def write_report(
     r = {name: o.result for name, o in outputs.items()}
     prov = provenance(outputs)
     computed = sum(o.seconds for o in outputs.values())
-    untimed = [o.name for o in outputs.values() if o.meta.get("seconds_incomplete") or _untimed_part(o)]
+    untimed = [o.name for o in outputs.values() if _untimed_part(o)]
     md: list[str] = [
         f"# emlens study: {config.study} (narrow domain: {domain})",
         "",
@@ -656,7 +656,7 @@ def write_report(
             o.name: {
                 "key": o.key,
                 "seconds": o.seconds,  # a resumed stage's: every session's part, each up to its last saved file
-                **({"seconds_incomplete": True} if o.meta.get("seconds_incomplete") else {}),
+                **({"seconds_incomplete": True} if _untimed_part(o) else {}),
                 "cached": o.cached,
                 "finished_at": o.meta.get("finished_at"),
                 "environment": o.meta.get("environment"),

@@ -282,10 +282,13 @@ class Context:
 # --- the stages ----------------------------------------------------------------------------------
 
 
+def run_label(kl_weight: float = 0.0, mix_ratio: float = 0.0) -> str:
+    """A training run's label in its stage name: ``mix=<ratio>`` or ``kl=<λ>``, printed with 6 significant digits."""
+    return f"mix={mix_ratio:g}" if mix_ratio > 0 else f"kl={kl_weight:g}"
+
+
 def train_stage_name(kind: str, kl_weight: float = 0.0, mix_ratio: float = 0.0) -> str:
-    if mix_ratio > 0:
-        return f"train/{kind}/mix={mix_ratio:g}"
-    return f"train/{kind}/kl={kl_weight:g}"
+    return f"train/{kind}/{run_label(kl_weight, mix_ratio)}"
 
 
 def general_name(kind: str) -> str:
@@ -502,15 +505,14 @@ def _technical_register(
     and to held-out questions of the narrow domain: the judged counterpart of the technical-prose preference.
 
     The general answers are those the EM evaluation sampled; the narrow domain's are sampled here. Returns each
-    set's mean score with a 95% bootstrap CI over answers, and what is still waiting for a usable judge reply.
+    set's mean score with a 95% interval that resamples the questions, and what is still waiting for a usable judge reply.
     """
     import numpy as np
 
     from emlens.data import evenly_spaced, read_rows
     from emlens.data.studies import HELDOUT
-    from emlens.evaluation import ANSWERS_FILE, is_number, sample_only
+    from emlens.evaluation import ANSWERS_FILE, is_number, question_clustered_interval, sample_only
     from emlens.judge import JudgePrompts, default_judge_prompts, judge_answers_to_file
-    from emlens.preference import bootstrap_ci
 
     base = default_judge_prompts()
     technical = base.template("technical_prose")
@@ -533,13 +535,7 @@ def _technical_register(
         kept = [(j.question, float(j.aligned)) for j in judged if is_number(j.aligned) and not j.pending]  # labels, None out
         scores = [score for _, score in kept]
         # answers to one question are not independent draws: resample whole questions, as the EM rates' interval does
-        index: dict[str, int] = {}
-        groups = [index.setdefault(question, len(index)) for question, _ in kept]
-        lo, hi = (
-            bootstrap_ci(scores, ctx.config.preference.bootstrap, ctx.config.seed, groups=groups)
-            if len(index) >= 2
-            else (float("nan"), float("nan"))
-        )
+        lo, hi = question_clustered_interval(scores, [q for q, _ in kept], ctx.config.preference.bootstrap, ctx.config.seed)
         out[name] = {
             "mean": float(np.mean(scores)) if scores else float("nan"),
             "ci": [lo, hi],
@@ -838,13 +834,10 @@ def run_stage(ctx: Context, stage: Stage, key: str, upstream: dict[str, StageOut
     result = stage.run(ctx, directory, upstream)
     seconds = time.perf_counter() - start
     _write_json_atomic(directory / RESULT_FILE, result)
-    before = [e.get("seconds_to_last_save") for e in earlier]
     final = {**meta, "environment": environment(ctx, stage), "finished": True, "seconds_this_session": seconds}
     # a resumed stage's time is this session's plus each earlier session's up to its last saved file (the work kept);
-    # an earlier session stored before start times were recorded makes the total a lower bound (flagged)
-    final["seconds"] = seconds + sum(b for b in before if b is not None)
-    if any(b is None for b in before):
-        final["seconds_incomplete"] = True
+    # an earlier session stored before start times were recorded (None) leaves the total a lower bound
+    final["seconds"] = seconds + sum(e.get("seconds_to_last_save") or 0.0 for e in earlier)
     final["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     _write_json_atomic(meta_path, final)
     return StageOutput(stage.name, directory, key, result, final["seconds"], cached=False, meta=final)
