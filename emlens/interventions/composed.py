@@ -85,10 +85,6 @@ class Composed(Intervention):
             return (weights * norms).sum() / weights.sum()
         return norms.square().sum().sqrt()
 
-    def norm_modules(self) -> int | None:
-        counts = [p.norm_modules() for p in self.sized_parts()]
-        return sum(c for c in counts if c is not None) if all(c is not None for c in counts) else None
-
     @property
     def unscaled_norm(self) -> float:
         """``sqrt(Σ unscaled_normᵢ²)`` over the sized parts (each without its own scale)."""
