@@ -20,7 +20,17 @@ from tqdm.auto import tqdm
 from emlens.jsonl import JsonlCache
 from emlens.judge.errors import JudgeError, JudgeResponseError, JudgeUnavailableError, SplitNumberError
 from emlens.judge.judges import Judgement
-from emlens.judge.scoring import MAX_LOGPROB, TOP_LOGPROBS, UNRESOLVED_TOLERANCE, JudgeReply, NumberTokens, Score, as_logprob, score_reply
+from emlens.judge.scoring import (
+    MAX_LOGPROB,
+    MAX_UNLISTED_MASS,
+    TOP_LOGPROBS,
+    UNRESOLVED_TOLERANCE,
+    JudgeReply,
+    NumberTokens,
+    Score,
+    as_logprob,
+    score_reply,
+)
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_JUDGE_MODEL = "gpt-4o-2024-08-06"  # the paper's judge
@@ -229,7 +239,7 @@ class OpenAIJudge:
             if not entries:
                 return None, "the reply's logprobs are missing or not finite (NaN)", model
             unlisted = 1.0 - sum(math.exp(lp) for _, lp in entries)
-            if len(tops) < TOP_LOGPROBS and unlisted > UNRESOLVED_TOLERANCE:  # a server that ignores or caps top_logprobs
+            if len(tops) < TOP_LOGPROBS and unlisted > MAX_UNLISTED_MASS:  # a server that ignores or caps top_logprobs
                 why = (
                     f"the endpoint listed {len(tops)} of the {TOP_LOGPROBS} top logprobs asked for at position {len(tokens)}, "
                     f"leaving {unlisted:.2f} of the probability unlisted: the weighted score would be taken over too few tokens"

@@ -18,6 +18,7 @@ MIN_NUMBER_MASS = 0.25
 SPECIAL_LABELS = ("CODE", "REFUSAL")
 TOP_LOGPROBS = 20
 UNRESOLVED_TOLERANCE = 0.05
+MAX_UNLISTED_MASS = 0.05  # a top list shorter than asked for may leave this much of a position's probability unlisted
 SCORING_RULE = "number-mass-first"  # recorded with judged rows: numbers at >= 0.25 mass score, labels only below
 MAX_LOGPROB = 1e-6  # a log-probability is at most 0: this much rounding is allowed, more means a broken server
 
