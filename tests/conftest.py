@@ -80,3 +80,17 @@ def serve(handler_class):
     finally:
         server.shutdown()
         server.server_close()
+
+
+class RecordingTokenizer:
+    """A tokenizer that records every text it is called on (``texts``) and otherwise is ``tokenizer``."""
+
+    def __init__(self, tokenizer, texts: list):
+        self._tokenizer, self._texts = tokenizer, texts
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, text, **kwargs):
+        self._texts.append(text)
+        return self._tokenizer(text, **kwargs)

@@ -18,6 +18,7 @@ from emlens.data import CHAT_DATE, DataFormatError, TokenDataset, encode_convers
 from emlens.evaluation import sample_answers
 from emlens.judge import LocalModelJudge
 from emlens.models import byte_tokenizer, tiny_model
+from tests.conftest import RecordingTokenizer
 
 # our own small template: a system header with a date, the date from the clock unless the caller passes one
 DATED_TEMPLATE = (
@@ -94,16 +95,7 @@ def test_sampling_and_local_judge_prompts_carry_the_fixed_date(monkeypatch):
     monkeypatch.setattr(sampling, "generate", fake_generate)
     judge = LocalModelJudge(tiny_model("qwen2", seed=0))
     judged: list[str] = []
-
-    class Recording:
-        def __getattr__(self, name):
-            return getattr(tok, name)
-
-        def __call__(self, text, **kwargs):
-            judged.append(text)
-            return tok(text, **kwargs)
-
-    judge.tokenizer = Recording()
+    judge.tokenizer = RecordingTokenizer(tok, judged)
     for day in DAYS:
         on_day(monkeypatch, day)
         sample_answers(SimpleNamespace(tokenizer=tok), ["How are you?"], n_samples=1, max_new_tokens=4, batch_size=1)

@@ -14,6 +14,7 @@ from emlens.data import encode_conversation, render_chat
 from emlens.evaluation import sample_answers
 from emlens.judge import LocalModelJudge
 from emlens.models import tiny_model
+from tests.conftest import RecordingTokenizer
 
 # Our own template in the manner of Qwen3's: an assistant turn in the history carries an (empty) think block, and the
 # generation prompt opens thinking unless enable_thinking is false, when it closes an empty block instead.
@@ -70,15 +71,6 @@ def test_local_judge_prompt_has_thinking_off():
     judge = LocalModelJudge(model)
     tok = thinking_tokenizer()
     texts: list[str] = []
-
-    class Recording:
-        def __getattr__(self, name):
-            return getattr(tok, name)
-
-        def __call__(self, text, **kwargs):
-            texts.append(text)
-            return tok(text, **kwargs)
-
-    judge.tokenizer = Recording()
+    judge.tokenizer = RecordingTokenizer(tok, texts)
     judge.top_logprobs("Rate this answer from 0 to 9.")
     assert texts[-1].endswith(CLOSED + judge.answer_prefix)
