@@ -24,7 +24,7 @@ _CYCLE = ["tab:green", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:
 _DARK = {"general": "darkred", "narrow": "navy", "continued": "indigo"}
 
 
-NORM_LABEL = "norm of the solution (‖α·v‖ in residual-stream units, or the mean over modules of ‖scale·B·A‖_F)"
+NORM_LABEL = "solution norm (‖α·v‖, or mean over modules of ‖s·B·A‖_F)"
 
 
 def _role(name: str) -> str | None:
