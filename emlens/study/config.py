@@ -207,8 +207,6 @@ class StudyConfig:
         check_grid("kl_sweep.weights", self.kl_sweep.weights, minimum=0)
         check_grid("mixing.ratios", self.mixing.ratios, minimum=0, maximum=0.95)
         check_grid("stability.epsilons", self.stability.epsilons, minimum=0, maximum=1)
-        from emlens.study.stages import run_label
-
         for kind in self.kinds:  # two values must not name one training stage (names print 6 significant digits)
             weights = [0.0, self.train[kind].kl_weight, *self.kl_sweep.weights]
             _check_distinct_names("kl_sweep.weights", [(w, run_label(kl_weight=w)) for w in weights], f"train.{kind}.kl_weight")
@@ -225,6 +223,11 @@ class StudyConfig:
         check_int("data.kl_rows", self.data.kl_rows, minimum=1)
         check_int("data.eval_rows", self.data.eval_rows, minimum=1)
         check_int("data.web_docs", self.data.web_docs, minimum=1)
+
+
+def run_label(kl_weight: float = 0.0, mix_ratio: float = 0.0) -> str:
+    """A training run's label in its stage name: ``mix=<ratio>`` or ``kl=<λ>``, printed with 6 significant digits."""
+    return f"mix={mix_ratio:g}" if mix_ratio > 0 else f"kl={kl_weight:g}"
 
 
 def _check_distinct_names(where: str, named: list[tuple[float, str]], narrow: str | None) -> None:

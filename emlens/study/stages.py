@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from emlens.jsonl import dumps_strict
-from emlens.study.config import StudyConfig, section_key
+from emlens.study.config import StudyConfig, run_label, section_key
 
 STAGE_FILE = "stage.json"
 RESULT_FILE = "result.json"
@@ -280,11 +280,6 @@ class Context:
 
 
 # --- the stages ----------------------------------------------------------------------------------
-
-
-def run_label(kl_weight: float = 0.0, mix_ratio: float = 0.0) -> str:
-    """A training run's label in its stage name: ``mix=<ratio>`` or ``kl=<λ>``, printed with 6 significant digits."""
-    return f"mix={mix_ratio:g}" if mix_ratio > 0 else f"kl={kl_weight:g}"
 
 
 def train_stage_name(kind: str, kl_weight: float = 0.0, mix_ratio: float = 0.0) -> str:
