@@ -292,7 +292,7 @@ def test_resume_with_other_scoring_settings_is_refused(server, tmp_path):
     url = server.start("llama-a", "60")
     judge_answers_to_file(judge_at(url, None), answers, out, progress=False)
     row = json.loads(out.read_text().splitlines()[0])
-    assert row["scoring"] == {"rule": "number-mass-first", "on_ambiguous": "error", "number_tokens": "auto", "unresolved_tolerance": 0.05}
+    assert row["scoring"] == {"rule": "number-mass-first-v2", "on_ambiguous": "error", "number_tokens": "auto", "unresolved_tolerance": 0.05}
     with pytest.raises(JudgeFileError, match="on_ambiguous 'error' then, 'none' now"):
         judge_answers_to_file(judge_at(url, None, on_ambiguous="none"), answers, out, progress=False)
     with pytest.raises(JudgeFileError, match="unresolved_tolerance"):

@@ -36,7 +36,7 @@ OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_JUDGE_MODEL = "gpt-4o-2024-08-06"  # the paper's judge
 DEFAULT_MAX_TOKENS = 4  # "100" split into digits, plus a leading space token
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-_CACHE_FORMAT = 2  # bump when the cached reply format or the request changes meaning
+_CACHE_FORMAT = 3  # 3: replies with short top lists became unusable; bump when the cached reply format or the request changes meaning
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

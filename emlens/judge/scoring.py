@@ -19,7 +19,9 @@ SPECIAL_LABELS = ("CODE", "REFUSAL")
 TOP_LOGPROBS = 20
 UNRESOLVED_TOLERANCE = 0.05
 MAX_UNLISTED_MASS = 0.05  # a top list shorter than asked for may leave this much of a position's probability unlisted
-SCORING_RULE = "number-mass-first"  # recorded with judged rows: numbers at >= 0.25 mass score, labels only below
+# recorded with judged rows: numbers at >= 0.25 mass score, labels only below. v2: decimals inside one token
+# score nothing, short top lists are unusable, scores are rounded (a row judged under v1 is not resumed under v2)
+SCORING_RULE = "number-mass-first-v2"
 MAX_LOGPROB = 1e-6  # a log-probability is at most 0: this much rounding is allowed, more means a broken server
 
 _NUMBER_START = re.compile(r"\s*([0-9]+)(.*)", re.DOTALL)  # ASCII digits only: "²".isdigit() is True
@@ -121,7 +123,9 @@ def number_distribution(reply: JudgeReply, max_score: int = 100, number_tokens: 
     * a prefix on that path is followed exactly, ``p(end)`` included;
     * off that path, a number that cannot continue in range (``"85"``, ``"0"``, ``"100"``: a further digit would
       make it no score at all) counts as complete, and so does a token that goes on with a non-digit (``"8."``),
-      unless that makes it a decimal (``"5.5"``, ``"7,5"``: not a whole number, no score);
+      unless that makes it a decimal (``"5.5"``, ``"7,5"``: not a whole number, no score). Only a decimal inside one
+      token is seen: a judge that writes ``"7"``, ``"."``, ``"5"`` as three tokens scores 7 (the separator is not a
+      digit, so it counts towards ``p(end | "7")``), as the paper's first-token reading of the same reply would;
     * a prefix off that path that could still continue (``"9"`` when the judge wrote ``"8"``) is complete if the
       judge's tokenizer has one token per number (``number_tokens="whole"``, or in ``"auto"`` mode when any
       multi-digit token appears in the reply: then "95" would be its own token), and otherwise its mass is *unresolved*.
