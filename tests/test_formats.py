@@ -191,6 +191,14 @@ def test_adapters_saved_by_peft_import(pair: Any, tmp_path: Path) -> None:
         assert isinstance(imported, LoRAAdapter if name == "plain" else Composed), name
         torch.testing.assert_close(emlens_logits(bridge, imported), expected, rtol=1e-4, atol=1e-5, msg=name)
         assert runner_for(bridge).plan(imported).fast
+        # and on that fast path, a loss equals the one from peft's own logits
+        from tests.conftest import CONVERSATIONS
+        from tests.test_parity import reference_loss
+
+        data = TokenDataset.from_conversations(bridge.tokenizer, CONVERSATIONS, max_length=128)
+        fast = evaluate_loss(bridge, data, imported)
+        assert runner_for(bridge).last_plan.fast, name
+        assert fast == pytest.approx(reference_loss(model, data, None), rel=1e-4, abs=1e-5), name
         # the paper's LoRA size, from peft's own modules: the mean over modules of ‖scaling · B A‖_F (per-module ranks
         # and alphas included: their composition is one adapter, not a root-sum-square of per-pattern means)
         sizes = [
@@ -199,6 +207,13 @@ def test_adapters_saved_by_peft_import(pair: Any, tmp_path: Path) -> None:
             if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})
         ]
         assert len(sizes) > 1 and imported.norm == pytest.approx(sum(sizes) / len(sizes), rel=1e-5), name
+        # and the size without the scales (efficiency's unscaled norms) by the same rule: the mean of ‖B A‖_F
+        bare = [
+            float((module.lora_B["default"].weight @ module.lora_A["default"].weight).norm())
+            for module in model.modules()
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})
+        ]
+        assert imported.unscaled_norm == pytest.approx(sum(bare) / len(bare), rel=1e-5), name
 
 
 def test_peft_config_without_alpha_or_rank_takes_peft_defaults(pair: Any, tmp_path: Path) -> None:

@@ -87,8 +87,14 @@ class Composed(Intervention):
 
     @property
     def unscaled_norm(self) -> float:
-        """``sqrt(Σ unscaled_normᵢ²)`` over the sized parts (each without its own scale)."""
-        return float(sum(p.unscaled_norm**2 for p in self.sized_parts()) ** 0.5)
+        """:meth:`norm_tensor`'s rule on each sized part's norm without its own scale: ``sqrt(Σ unscaled_normᵢ²)``,
+        or the module-weighted mean when every part's norm is a mean over modules (LoRA parts)."""
+        parts = self.sized_parts()
+        counts = [p.norm_modules() for p in parts]
+        if all(c is not None for c in counts):
+            weights = [float(c) for c in counts if c is not None]
+            return sum(w * p.unscaled_norm for w, p in zip(weights, parts)) / sum(weights)
+        return float(sum(p.unscaled_norm**2 for p in parts) ** 0.5)
 
     def flatten(self) -> Float[Tensor, " n"]:
         return torch.cat([p.flatten() for p in self.sized_parts()])
