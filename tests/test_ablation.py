@@ -153,6 +153,10 @@ def test_ablation_geometry_and_saving(tmp_path: Any) -> None:
     assert float(flipped.flatten() @ ablation.flatten()) == pytest.approx(ablation.inner(flipped), rel=1e-5)
     rand = ablation.random_like(2)
     assert rand.norm == pytest.approx(1.0) and rand.hooks == ablation.hooks
+    # the Gram matrix from the directions equals the flattened projections' dot products
+    items = [ablation, noisy.scaled_to(0.5), flipped, rand]
+    flat = torch.stack([i.flatten().double() for i in items])
+    torch.testing.assert_close(DirectionAblation.gram(items), flat @ flat.T, rtol=1e-6, atol=1e-9)
     assert ablation.inner(ablation.scaled_to(2.0)) == pytest.approx(2.0)
     loaded = Intervention.load(ablation.save(tmp_path / "abl.safetensors"))
     assert isinstance(loaded, DirectionAblation) and loaded.metadata() == ablation.metadata()

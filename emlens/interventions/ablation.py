@@ -62,7 +62,12 @@ class DirectionAblation(Intervention):
     Args:
         direction: any non-zero vector of the activations' width (normalised here).
         hooks: full hook names (``blocks.L.hook_resid_post``...); see :meth:`at_layer` and :meth:`everywhere`.
-        strength: ``s`` (1: ablate; its :attr:`norm`). Its geometry is that of ``s·u``.
+        strength: ``s`` (1: ablate; its :attr:`norm`).
+
+    Its geometry is that of the projection it applies, ``s·u uᵀ`` (blind to the sign of ``u``, as the edit is).
+    :meth:`perturbed` moves ``u`` itself by the norm-preserving rule, so a perturbed ablation has cosine
+    ``1 − ε²`` with the original (``(u·u')²``), where a vector perturbed by ``ε`` has ``√(1 − ε²)``: the stability
+    curves of the two kinds share the rule, not the cosine at each ε.
     """
 
     kind = "direction_ablation"
@@ -129,7 +134,17 @@ class DirectionAblation(Intervention):
         """The strength ``s`` (``‖s·u uᵀ‖_F``, ``u`` a unit vector)."""
         return self.effective.detach().norm()
 
-    flat_geometry = True
+    @classmethod
+    def gram(cls, items: Sequence[Intervention]) -> Float[Tensor, "n n"]:
+        """``sᵢ sⱼ (uᵢ·uⱼ)²`` for every pair: :meth:`inner` from the directions, no ``d_model²`` projection built."""
+        ablations = [i for i in items if isinstance(i, DirectionAblation)]
+        if len(ablations) != len(items):
+            raise InterventionError("a Gram matrix of direction ablations needs direction ablations only")
+        if len({a.d_model for a in ablations}) > 1:
+            raise InterventionError(f"ablation directions have different widths: {sorted({a.d_model for a in ablations})}")
+        u = torch.stack([a.direction.detach().double().cpu() for a in ablations])
+        s = torch.tensor([a.strength for a in ablations], dtype=torch.float64)
+        return (u @ u.T).square() * torch.outer(s, s)
 
     def flatten(self) -> Float[Tensor, " n"]:
         """The projection ``s·u uᵀ``, flattened (``d_model²`` floats): ``u`` and ``−u`` give the same."""
