@@ -187,3 +187,22 @@ def test_model_generation_defaults_do_not_change_sampling(pair: Any) -> None:
         expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
                                       pad_token_id=bridge.tokenizer.pad_token_id, eos_token_id=bridge.tokenizer.eos_token_id)
         assert before[i] == expected[0, len(prompt):].tolist()[: len(before[i])]
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9), (1.3, 0.5), (0.5, 0.05)])
+def test_the_uncached_decoders_distribution_equals_transformers_warpers(temperature, top_p):
+    """The hooked fallback (positional vectors, foreign hooks, unproved architectures) draws from
+    ``sampling_probs``: equal to transformers' temperature and top-p warpers followed by a softmax."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from emlens.runner.sampling import sampling_probs
+
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        logits = 3.0 * torch.randn(1, 300, generator=gen, dtype=torch.float64)
+        warped = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_p < 1:
+            warped = TopPLogitsWarper(top_p)(None, warped)
+        expected = torch.softmax(warped, dim=-1)[0]
+        got = sampling_probs(logits[0], SamplingSettings(4, temperature, top_p))
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)

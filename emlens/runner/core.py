@@ -125,15 +125,7 @@ class Runner:
     # --- planning ----------------------------------------------------------------------
     def plan(self, intervention: Any | None, cache_prefix: bool = True, check: bool = True) -> Plan:
         """The path a consumer takes for ``intervention`` (None: the base model)."""
-        if self._running:
-            from emlens.interventions.base import InterventionError
-
-            # its hooks sit on the plain modules, unmarked: a nested consumer would run the edit twice, or call it the base
-            raise InterventionError(
-                "emlens is running an intervention on this model right now (are you inside a callback such as train()'s "
-                "on_step?); its edit is active on the model's modules, so a measurement made here would count it twice or "
-                "read it as the base model. Measure after training, or from a checkpoint."
-            )
+        self.refuse_if_running()
         if intervention is not None and check:
             intervention.check_model(self.model)
         if intervention is not None:
@@ -141,6 +133,18 @@ class Runner:
         plan = self._choose(intervention, cache_prefix)
         self.last_plan = plan
         return plan
+
+    def refuse_if_running(self) -> None:
+        """Refuse to plan a run while one of this runner's :meth:`applied` blocks has hooks on the model's modules."""
+        if self._running:
+            from emlens.interventions.base import InterventionError
+
+            # its hooks sit on the modules, unmarked: a nested consumer would run the edit twice, or call it the base
+            raise InterventionError(
+                "emlens is running an intervention on this model right now (are you inside a callback such as train()'s "
+                "on_step?); its edit is active on the model's modules as hooks, so a measurement or sample made here "
+                "would count it twice or read it as the base model. Measure after training, or from a checkpoint."
+            )
 
     def plain_blocker(self, intervention: Any | None) -> str | None:
         """Why the plain transformers modules cannot stand in for the bridge here (None: they can).
@@ -179,13 +183,15 @@ class Runner:
     # --- applying an intervention -------------------------------------------------------
     @contextmanager
     def applied(self, intervention: Any | None, plan: Plan) -> Iterator[None]:
-        """The intervention is active on ``plan``'s path while inside (offsets are added by :meth:`hidden`); no consumer
-        may plan another run of this model until it ends (:meth:`plan` refuses)."""
+        """The intervention is active on ``plan``'s path while inside (offsets are added by :meth:`hidden`). While its
+        hooks are on the model's modules (the hooked and prefix paths) no consumer may plan another run of this model
+        (:meth:`plan` and sampling refuse); an offset, or the base model, leaves the modules as they are."""
+        if intervention is None or plan.path == "offset":
+            yield
+            return
         self._running += 1
         try:
-            if intervention is None or plan.path == "offset":
-                yield
-            elif plan.path == "hooked":
+            if plan.path == "hooked":
                 with self.model.hooks(fwd_hooks=intervention.fwd_hooks()):
                     yield
             else:

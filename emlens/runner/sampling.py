@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from torch.nn.attention import sdpa_kernel
 
@@ -47,6 +47,7 @@ class SamplingSettings:
 
 def sampling_plan(runner: Runner, intervention: Any | None) -> Plan:
     """Plain cached decoding where the plain modules can stand in for the bridge (:meth:`Runner.plain_blocker`); else hooked."""
+    runner.refuse_if_running()
     if intervention is not None:
         intervention.check_model(runner.model)
     blocker = runner.plain_blocker(intervention)
@@ -104,6 +105,7 @@ def generate_batch(
     With ``return_logits``, also the next-token logits of every decoding step: ``[steps, batch, vocab]``.
     """
     runner = runner_for(model)
+    runner.refuse_if_running()  # also when the caller planned: hooks left on the modules would act here too
     plan = plan or sampling_plan(runner, intervention)
     runner.last_plan = plan
     tok = model.tokenizer
@@ -220,15 +222,21 @@ def _uncached_decode(
     return tokens, logits
 
 
-def _pick(logits: Tensor, settings: SamplingSettings) -> int:
-    if settings.temperature == 0:
-        return int(logits.argmax())
+def sampling_probs(logits: Float[Tensor, " vocab"], settings: SamplingSettings) -> Float[Tensor, " vocab"]:
+    """The distribution the uncached (hooked) decoder draws from: softmax at ``temperature``, then the smallest set of
+    most likely tokens whose mass reaches ``top_p`` (nucleus), renormalised. ``temperature`` must be > 0."""
     probs = torch.softmax(logits / settings.temperature, dim=-1)
     if settings.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < settings.top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs / probs.sum(), 1))
+    return probs / probs.sum()
+
+
+def _pick(logits: Tensor, settings: SamplingSettings) -> int:
+    if settings.temperature == 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(sampling_probs(logits, settings), 1))
 
 
 def generate(
