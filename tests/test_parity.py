@@ -69,6 +69,9 @@ def reference_edit(reference: Any, intervention: Any | None, surgery: bool = Fal
         # TransformerLens' hook_mlp_out is what the block adds to the residual: after Gemma's post-MLP norm
         mlp_out = getattr(layer, "post_feedforward_layernorm", layer.mlp)
         module = mlp_out if intervention.hook.endswith("hook_mlp_out") else layer
+        if intervention.hook.endswith("hook_resid_pre"):  # what enters block L is what block L-1 returned
+            assert intervention.layer >= 1, "the reference adds resid_pre vectors to the block before's output"
+            module = reference.model.layers[intervention.layer - 1]
         vec = intervention.effective
         handle = module.register_forward_hook(lambda m, args, out: out + vec.to(out.dtype))
     try:
@@ -120,6 +123,33 @@ def test_evaluate_loss(pair: Any, data: TokenDataset, kind: str) -> None:
     assert runner_for(bridge).last_plan.path == "hooked"
     assert fast == pytest.approx(expected, **TOL) and hooked == pytest.approx(expected, **TOL)
     assert reference_loss(reference, data, intervention) == pytest.approx(expected, **TOL)  # hook = surgery
+
+
+def test_a_vector_at_resid_pre_acts_on_the_output_of_the_block_before(pair: Any, data: TokenDataset) -> None:
+    """``blocks.L.hook_resid_pre`` (L >= 1) takes the offset path after block L-1: the loss equals plain
+    transformers' with the vector added to that block's output, on the fast and the hooked path."""
+    arch, reference, bridge = pair
+    vector = make_intervention("resid_pre", bridge)
+    assert vector.hook == f"blocks.{LAYER}.hook_resid_pre"
+    expected = reference_loss(reference, data, vector)
+    assert expected != pytest.approx(reference_loss(reference, data, None), **TOL)  # the vector changes the loss
+    assert evaluate_loss(bridge, data, vector) == pytest.approx(expected, **TOL)
+    assert runner_for(bridge).last_plan.path == "offset"
+    assert evaluate_loss(bridge, data, vector, cache_prefix=False) == pytest.approx(expected, **TOL)
+
+
+def test_a_sweep_split_into_several_passes_equals_plain_transformers(pair: Any, data: TokenDataset) -> None:
+    """The offset path scores ``max_rows // rows`` points per forward: with ``max_rows`` as small as a batch, every
+    point after the first runs in a pass of its own (the chunks' offsets), and each equals plain transformers'."""
+    from emlens.runner import loss_sweep
+
+    arch, reference, bridge = pair
+    points = [None, *(make_intervention("resid_post", bridge, seed=s) for s in (1, 2, 3))]
+    got = loss_sweep(bridge, data, points, batch_size=2, max_rows=2)
+    assert runner_for(bridge).last_plan.path == "offset"
+    expected = [reference_loss(reference, data, p) for p in points]
+    assert got == pytest.approx(expected, **TOL)
+    assert loss_sweep(bridge, data, points, batch_size=2, max_rows=6) == pytest.approx(expected, **TOL)  # chunks of 3 and 1
 
 
 def test_paths_planned(pair: Any) -> None:
@@ -414,6 +444,12 @@ def test_a_disabled_part_of_a_composition_acts_on_no_path(pair: Any, data: Token
         assert runner_for(bridge).last_plan.path == "offset"
         hooked = evaluate_loss(bridge, data, a + b, cache_prefix=False)
     assert fast == pytest.approx(expected, **TOL) and hooked == pytest.approx(expected, **TOL)
+    # both on: the offset path adds their sum, as two plain hooks on the block's output do
+    with reference_edit(reference, a):
+        expected_both = reference_loss(reference, data, b)
+    assert evaluate_loss(bridge, data, a + b) == pytest.approx(expected_both, **TOL)
+    assert runner_for(bridge).last_plan.path == "offset"
+    assert evaluate_loss(bridge, data, a + b, cache_prefix=False) == pytest.approx(expected_both, **TOL)
     both = a + b
     with a.disabled(), b.disabled():
         assert evaluate_loss(bridge, data, both) == pytest.approx(reference_loss(reference, data, None), **TOL)
@@ -709,12 +745,34 @@ def test_a_measurement_inside_a_training_callback_is_refused(pair: Any, data: To
     adapter = make_intervention("adapter", bridge)
     seen: list[str] = []
 
+    ids = torch.tensor([[1, 2, 3]])
+
     def measure(step: int, record: Any) -> None:
         for intervention in (None, adapter):
             with pytest.raises(InterventionError, match="on_step"):
                 evaluate_loss(bridge, data, intervention)
+            with pytest.raises(InterventionError, match="on_step"):  # sampling too, even with a plan of its own
+                generate_batch(bridge, ids, torch.ones_like(ids), intervention, SamplingSettings(2, 0.0), seed=0)
             seen.append("refused")
 
     train(bridge, adapter, data, TrainConfig(lr=1e-3, batch_size=2, max_steps=1, progress=False), on_step=measure)
     assert seen == ["refused", "refused"]
     assert evaluate_loss(bridge, data, None) == pytest.approx(reference_loss(reference, data, None), **TOL)  # fine afterwards
+
+
+def test_a_measurement_inside_a_vector_training_callback_is_allowed(pair: Any, data: TokenDataset) -> None:
+    """A residual-stream vector trains on the offset path, which adds it to the residual and leaves the model's
+    modules as they are: inside on_step a measurement sees the plain model, and equals plain transformers'."""
+    arch, reference, bridge = pair
+    vector = make_intervention("resid_post", bridge)
+    if runner_for(bridge).plan(vector).path != "offset":
+        pytest.skip("this architecture's vector does not take the offset path")
+    got: list[tuple[float, float]] = []
+
+    def measure(step: int, record: Any) -> None:
+        got.append((evaluate_loss(bridge, data, None), evaluate_loss(bridge, data, vector)))
+
+    train(bridge, vector, data, TrainConfig(lr=1e-3, batch_size=2, max_steps=1, progress=False), on_step=measure)
+    assert len(got) == 1
+    assert got[0][0] == pytest.approx(reference_loss(reference, data, None), **TOL)
+    assert got[0][1] == pytest.approx(reference_loss(reference, data, vector), **TOL)  # the vector after its one step
