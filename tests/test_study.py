@@ -301,7 +301,7 @@ def test_the_config_file_is_checked():
     with pytest.raises(ConfigError, match="kinds"):
         from_dict({"kinds": ["lora-ish"]})
     with pytest.raises(ConfigError, match="both name the training stage 'kl=1'"):
-        from_dict({"kl_sweep": {"weights": [0.0, 1.0, 1.0000001]}})
+        from_dict({"kl_sweep": {"weights": [0, 1.0, 1.0000001]}})  # an int, as TOML writes 0
     with pytest.raises(ConfigError, match="both name the training stage 'mix=0.25'"):
         from_dict({"mixing": {"ratios": [0.25, 0.2500000001]}})
     with pytest.raises(ConfigError, match=r"train.vector.kl_weight.*'kl=1'"):
@@ -312,6 +312,15 @@ def test_the_config_file_is_checked():
         from_dict({"preference": {"domains": ["financial", "sports"]}})
     with pytest.raises(ConfigError, match="preference.domains"):
         from_dict({"preference": {"domains": ["medical", "astrology"]}})
+    # an adapter that the sweep leaves out may share a name with a swept weight of the vector's
+    from_dict({"train": {"adapter": {"kl_weight": 1.0000001}}, "kl_sweep": {"kinds": ["vector"]}})
+    # TOML's integers are read as the floats they stand for: the same config, the same stage keys
+    from emlens.study.config import section_key
+
+    ints = from_dict({"kl_sweep": {"weights": [0, 1, 3]}, "train": {"vector": {"kl_weight": 2}}})
+    floats = from_dict({"kl_sweep": {"weights": [0.0, 1.0, 3.0]}, "train": {"vector": {"kl_weight": 2.0}}})
+    assert section_key(ints.kl_sweep) == section_key(floats.kl_sweep)
+    assert section_key(ints.train["vector"]) == section_key(floats.train["vector"])
     paper = StudyConfig.load()
     assert paper.train["vector"].lr == 1e-4 and paper.train["adapter"].kl_weight == 0.66
     assert paper.stability.epsilons[0] == 0.0 and paper.kl_sweep.weights == [0.0, 1.0, 3.0, 10.0, 30.0, 100.0]

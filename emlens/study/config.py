@@ -1,6 +1,6 @@
 """The study's settings: one dataclass per section, read from one TOML file, every default defined here once.
 
-The shipped ``paper.toml`` holds the paper's settings (``../shared/paper-facts.md``), with the
+The shipped ``paper.toml`` holds the paper's settings (Soligo et al., arXiv 2602.07852), with the
 layer scaled by fraction (layer 24 of 48 → the middle layer of any model). Every grid (norms, ε,
 seeds, λ, mixing ratios) is defined once, here; the per-metric CLI commands read the same
 defaults.
@@ -195,8 +195,9 @@ class StudyConfig:
             raise ConfigError("kinds must name at least one of vector, adapter")
         for name, section in self.train.items():
             check_choice("train section", name, list(KINDS))
-            check_float(f"train.{name}.lr", section.lr, minimum=0, exclusive_min=True)
-            check_float(f"train.{name}.kl_weight", section.kl_weight, minimum=0, exclusive_min=True)
+            # kept as floats: TOML's ``kl_weight = 1`` is an int, and a stage key must not tell 1 from 1.0
+            section.lr = check_float(f"train.{name}.lr", section.lr, minimum=0, exclusive_min=True)
+            section.kl_weight = check_float(f"train.{name}.kl_weight", section.kl_weight, minimum=0, exclusive_min=True)
         for kind in self.kinds:
             if kind not in self.train:
                 raise ConfigError(f"kinds lists {kind!r} but the config has no [train.{kind}] section")
@@ -204,11 +205,12 @@ class StudyConfig:
             for kind in kinds:
                 if kind not in self.kinds:
                     raise ConfigError(f"{where}.kinds lists {kind!r}, which the study does not train (kinds = {self.kinds})")
-        check_grid("kl_sweep.weights", self.kl_sweep.weights, minimum=0)
-        check_grid("mixing.ratios", self.mixing.ratios, minimum=0, maximum=0.95)
-        check_grid("stability.epsilons", self.stability.epsilons, minimum=0, maximum=1)
+        self.kl_sweep.weights = check_grid("kl_sweep.weights", self.kl_sweep.weights, minimum=0)
+        self.mixing.ratios = check_grid("mixing.ratios", self.mixing.ratios, minimum=0, maximum=0.95)
+        self.stability.epsilons = check_grid("stability.epsilons", self.stability.epsilons, minimum=0, maximum=1)
         for kind in self.kinds:  # two values must not name one training stage (names print 6 significant digits)
-            weights = [0.0, self.train[kind].kl_weight, *self.kl_sweep.weights]
+            swept = self.kl_sweep.weights if kind in self.kl_sweep.kinds else []
+            weights = [0.0, self.train[kind].kl_weight, *swept]
             _check_distinct_names("kl_sweep.weights", [(w, run_label(kl_weight=w)) for w in weights], f"train.{kind}.kl_weight")
         _check_distinct_names("mixing.ratios", [(r, run_label(mix_ratio=r)) for r in self.mixing.ratios], None)
         if len(set(self.stability.seeds)) != len(self.stability.seeds) or not self.stability.seeds:
@@ -271,7 +273,22 @@ def _section(cls: type, raw: Any, where: str, base: Any = None) -> Any:
     if unknown:
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
     start = dataclasses.asdict(base) if base is not None else {}
-    return cls(**{**start, **raw})
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    return cls(**{**start, **{name: _as_declared(types[name], value) for name, value in raw.items()}})
+
+
+def _as_declared(declared: str, value: Any) -> Any:
+    """TOML writes ``1`` for 1.0: an integer where the field holds floats is read as that float (so ``weights = [0, 1]``
+    and ``[0.0, 1.0]`` are one config, with one stage key); anything else is left for :meth:`StudyConfig.validate`."""
+
+    def number(v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    if declared == "float":
+        return number(value)
+    if declared == "list[float]" and isinstance(value, list):
+        return [number(v) for v in value]
+    return value
 
 
 def from_dict(raw: dict[str, Any], where: str = "config") -> StudyConfig:

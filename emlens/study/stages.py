@@ -781,7 +781,11 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 def _interrupted_part(directory: Path, old: dict[str, Any]) -> dict[str, Any] | None:
     """The environment of the session that ran an interrupted stage last, with the seconds it spent up to its last
-    saved file (``seconds_to_last_save``: the work a resume keeps; None when its start was not recorded)."""
+    saved file (``seconds_to_last_save``: the work a resume keeps; None when its start was not recorded).
+
+    Read from the files' modification times against the recorded start: a run folder copied without its files'
+    times (plain ``cp``; ``cp -p``, ``rsync -t`` and ``tar`` keep them), or carried between machines whose clocks
+    differ, gives a wrong part."""
     if "environment" not in old:
         return None
     saved = [f.stat().st_mtime for f in directory.rglob("*") if f.is_file() and not f.name.startswith((STAGE_FILE, f".{STAGE_FILE}"))]
