@@ -95,7 +95,7 @@ def _named(labels: Sequence[str], shown: int = 10) -> str:
 def _refuse_unanswered(rows: Sequence[tuple[str, Conversation]], where: str) -> None:
     """A margin compares final answers: raise :class:`DataFormatError` naming the ``(name, conversation)`` rows whose
     last message is not an assistant message."""
-    bad = [name for name, conv in rows if conv[-1]["role"] != "assistant"]
+    bad = [name for name, conv in rows if not conv or conv[-1].get("role") != "assistant"]  # an empty one has no answer
     if bad:
         raise DataFormatError(
             f"{where}: {len(bad)} row(s) do not end with an assistant message ({_named(bad)}); a margin compares final answers"

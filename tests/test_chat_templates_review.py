@@ -113,8 +113,8 @@ def test_a_template_that_adds_text_without_a_generation_prompt_is_refused_on_ear
     # two turns: the first turn's end, from its own rendering, would fall on the next turn's first token
     with pytest.raises(DataFormatError, match=r"up to message 1 .* adds text at the end when no generation prompt is asked for"):
         encode_conversation(tok, TWO, max_length=512)
-    with pytest.raises(DataFormatError, match="adds text at the end"):
-        TokenDataset.from_conversations(tok, [ONE, TWO])
+    with pytest.raises(DataFormatError, match="^row 1: the chat template renders .* adds text at the end"):
+        TokenDataset.from_conversations(tok, [ONE, TWO])  # the error names the row
     # scoring the last turn alone (the preference margin) never locates an earlier turn's end
     last = TokenDataset.from_conversations(tok, [TWO], last_turn_only=True).examples[0]
     assert scored_text(tok, last) == "Green.<|im_end|>\n<|endoftext|>"

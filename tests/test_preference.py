@@ -238,6 +238,18 @@ def test_zero_vector_gives_base_margins_and_a_steer_moves_them(model, tmp_path):
         torch.testing.assert_close(table["zero"][d].margins, table[BASE][d].margins)
         assert table["zero"][d].ci == table[BASE][d].ci and table[BASE][d].n == LIMIT
         assert not torch.allclose(table["push"][d].margins, table[BASE][d].margins)
+    # a steered cell against plain transformers: the vector added to block 1's output by a plain forward hook
+    hf, _ = tiny_hf_model("llama", seed=0)  # the same weights as the session's tiny bridge
+    pairs = paired_datasets(model.tokenizer, "sports", limit=LIMIT)
+    handle = hf.model.layers[1].register_forward_hook(lambda m, args, out: out + push.effective.detach())
+    try:
+        expected = [
+            _hand_nll(hf, c.input_ids, c.loss_mask) - _hand_nll(hf, h.input_ids, h.loss_mask)
+            for h, c in zip(pairs.harmful.examples, pairs.correct.examples)
+        ]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(table["push"]["sports"].margins.double(), torch.tensor(expected, dtype=torch.float64), atol=2e-4, rtol=0)
     text = format_table(table)
     assert text.splitlines()[0] == "| domain | base | zero | push |" and "| medical |" in text
     png = plot_preference(table, tmp_path / "bars.png")
@@ -354,3 +366,5 @@ def test_rows_pair_by_everything_before_the_final_answer(tmp_path, model):
     # a row must end with the answer it compares
     with pytest.raises(DataFormatError, match=r"the correct set: 1 row\(s\) do not end with an assistant message \(row 1\)"):
         pair_conversations([h for _, h in harmful[:2]], [correct[0][1], _turns("Q3", "same", "Q4")])
+    with pytest.raises(DataFormatError, match=r"the correct set: 1 row\(s\) do not end with an assistant message \(row 1\)"):
+        pair_conversations([h for _, h in harmful[:2]], [correct[0][1], []])  # an empty conversation has no answer either

@@ -493,7 +493,10 @@ class TokenDataset:
         needed = 0  # the max_length that would keep every dropped row
         cut: list[tuple[str, int, int]] = []  # rows kept with part of their reply cut off
         for i, (where, conv) in enumerate(located):
-            full = _encode_full(tokenizer, conv, last_turn_only)
+            try:
+                full = _encode_full(tokenizer, conv, last_turn_only)
+            except DataFormatError as err:  # name the row, as every other row error does
+                raise DataFormatError(f"{where}: {err}") from None
             example = EncodedExample(full.input_ids[:max_length], full.loss_mask[:max_length])
             if _has_scored_token(example):
                 examples.append(example)
