@@ -49,9 +49,11 @@ T0 = time.perf_counter()
 
 def chat_prompts(tok: Any, questions: list[str], n_samples: int) -> list[list[int]]:
     """Token ids of each (question, sample) job, question-major: exactly the prompts ``sample_answers`` builds."""
+    from emlens.data import render_chat  # the rendering sample_answers uses (thinking off, fixed date)
+
     out = []
     for q in questions:
-        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        text = render_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True)
         out += [tok(text, add_special_tokens=False)["input_ids"]] * n_samples
     return out
 
