@@ -807,6 +807,8 @@ def make_judge(url: str | None = None, model: str | None = None, evaluated: Any 
     ``url`` (``options``: its other parameters; an empty ``url`` or ``model`` means its default, an empty ``api_key_env``
     no key), or for ``url="local"`` the ``evaluated`` model judging its own answers (:class:`LocalModelJudge`, an approximation)."""
     if url == "local":
+        if evaluated is None:
+            raise JudgeError("judge url 'local' means the evaluated model judges its own answers: pass that model as evaluated=")
         return LocalModelJudge(evaluated)
     if "api_key_env" in options:
         options["api_key_env"] = options["api_key_env"] or None

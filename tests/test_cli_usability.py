@@ -40,6 +40,9 @@ def test_every_flag_has_help_and_help_shows_defaults(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     assert "(default: 0.0001 for a steering" in " ".join(text.split()) and "--warmup" in text and "(default: 5)" in text
+    # a default of 0 shows too (0 == False in Python; it was hidden, and --kl-weight read as if it defaulted to 6.6)
+    assert "0.66 adapter) (default: 0.0)" in " ".join(text.split())
+    assert "initialisation (default: 0)" in " ".join(text.split())
     assert {"--layer", "--seed", "--max-steps"} <= set(commands["drift"]._option_string_actions)
     assert "--norm" in commands["stability"]._option_string_actions
 
@@ -52,6 +55,14 @@ def test_the_top_level_help_and_every_subcommands_help_print(capsys):
             main(argv)
         assert exit_info.value.code == 0, argv
     assert "reproduce" in capsys.readouterr().out
+
+
+def test_reproduce_flags_override_the_config(tmp_path, capsys):
+    """--model, --device and --dtype override the config's [model] (a 14B model need not load in float32)."""
+    argv = ["reproduce", "--model", "some/model", "--device", "cpu", "--dtype", "bfloat16", "--print-config", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert (model["name"], model["device"], model["dtype"]) == ("some/model", "cpu", "bfloat16")
 
 
 def test_version(capsys):
@@ -85,6 +96,10 @@ def test_sample_only_and_the_local_judge_warning(tiny_checkpoint, tmp_path, caps
     rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and not (out / "judged.jsonl").exists()
     assert main([*args, "--local-judge", "--out", str(out)]) == 0  # judges the answers already sampled
+    captured = capsys.readouterr()
+    assert "cannot tell answers apart" in captured.err and "not an EM rate" in captured.out
+    # --judge-url local is the local judge here too, as in `emlens reproduce` (it crashed with a traceback)
+    assert main([*args, "--judge-url", "local", "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert "cannot tell answers apart" in captured.err and "not an EM rate" in captured.out
 
@@ -140,6 +155,20 @@ def test_export_and_import_round_trip_through_the_cli(tmp_path):
     assert main(["import", str(tmp_path / "cv.gguf"), "--format", "gguf", "--out", str(tmp_path / "back")]) == 0
     back = Intervention.load(tmp_path / "back.safetensors")
     assert back.norm == pytest.approx(vector.norm, rel=1e-5)
+
+
+def test_a_reference_import_through_the_cli_says_where_it_placed_the_vector(tmp_path, capsys):
+    from emlens.interventions import Intervention, SteeringVector
+
+    vector = SteeringVector(2, 64, hook="mlp_out", alpha=2.0, init=torch.randn(64, generator=torch.Generator().manual_seed(4)))
+    path = vector.save(tmp_path / "v.safetensors")
+    assert main(["export", str(path), "--format", "reference", "--out", str(tmp_path / "v.pt")]) == 0
+    assert main(["import", str(tmp_path / "v.pt"), "--format", "reference", "--out", str(tmp_path / "back")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "placed at hook_mlp_out" in out and "import_reference_steering_vector(path, model)" in out
+    back = Intervention.load(tmp_path / "back.safetensors")
+    assert back.hook == "blocks.2.hook_mlp_out"
+    torch.testing.assert_close(back.effective, vector.effective)
 
 
 def test_cache_location_follows_the_environment(tmp_path, monkeypatch):

@@ -425,6 +425,7 @@ def test_train_overwrite_resume_and_tidy_warnings(checkpoint, tmp_path, capsys):
     assert run([*base, "--resume", out, "--out", out], capsys)[0] == 0  # resuming in place is fine
     code, _, err = run([*base, "--resume", out, "--kind", "adapter", "--out", tmp_path / "r2"], capsys)
     assert code == 2 and "--kind adapter does not match the run in --resume" in error_line(err)
+    assert run([*base, "--resume", out, "--kind", "vector", "--out", out], capsys)[0] == 0  # the study's name for it
     code, _, err = run([*base, "--layer", "9", "--out", tmp_path / "r3"], capsys)
     assert code == 2 and "--layer must be in [0, 3] for this model (4 layers), got 9" in error_line(err)
     # rows that lose every assistant token are reported as one warning line, not a traceback

@@ -133,6 +133,8 @@ def _prepare(args: argparse.Namespace, domains: list[str | None]) -> tuple[Any, 
     """Before any model loads: the API judge (``None`` for --local-judge) and evaluate's settings, prompts checked."""
     from emlens.evaluation import check_judge_prompts
 
+    if args.judge_url == "local":  # as `emlens reproduce --judge-url local` reads it: the evaluated model judges
+        args.local_judge = True
     prompts = check_judge_prompts(args.judge_prompts, domains)
     settings = dict(flags.values_of(args, SAMPLING_FLAGS), prompts=prompts, model_name=str(args.model))
     return (None if args.local_judge else _api_judge(args)), settings

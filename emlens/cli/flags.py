@@ -32,7 +32,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "%(default)" in text or action.default in (None, argparse.SUPPRESS, False) or action.required:
+        # identity, not ==: 0 and 0.0 equal False, and a default of 0 (--kl-weight, --seed) must still show
+        if "%(default)" in text or any(action.default is x for x in (None, argparse.SUPPRESS, False)) or action.required:
             return text
         return super()._get_help_string(action)
 

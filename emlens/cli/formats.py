@@ -17,7 +17,8 @@ def register(add: Any) -> None:
         help="write an emlens intervention as a PEFT adapter folder, a llama.cpp control-vector GGUF, or a reference .pt",
         description="peft: a LoRA / rank-1 adapter as adapter_config.json + adapter_model.safetensors (any LoRA-capable server "
         "loads it). gguf: a steering vector as a llama.cpp control vector (direction.N = block N's output). reference: a "
-        "steering vector as the reference repository's .pt dict (added at layer L's down_proj output).",
+        "steering vector as the reference repository's .pt dict (added at layer L's down_proj output; a vector at "
+        "hook_mlp_out or hook_resid_post is taken as that edit, as on architectures without a post-MLP norm).",
     )
     ex.add_argument("intervention", help="the emlens .safetensors file")
     ex.add_argument("--format", choices=FORMATS, required=True, help="the format to write")
@@ -53,4 +54,10 @@ def import_command(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, suffix=".safetensors")
     intervention = formats.import_intervention(args.source, args.format, strength=args.strength)
     print(f"wrote {intervention.save(out)}: {intervention!r}")
+    if args.format == "reference":  # no model here: the site is the one of architectures without a post-MLP norm
+        print(
+            "note: placed at hook_mlp_out, which equals the reference's down_proj output on Llama, Qwen2/3 and Mistral; "
+            "on Gemma-2/3 (a norm after the MLP) import it in Python with the model, "
+            "emlens.formats.import_reference_steering_vector(path, model), which places it at mlp.out.hook_out"
+        )
     return 0

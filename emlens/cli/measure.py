@@ -20,19 +20,19 @@ from emlens.validation import ConfigError, check_output_file, named_paths
 
 NORM_GRID = "largest norm, as a multiple of the largest solution norm"
 SCORED: flags.Flags = {  # efficiency and stability score conversations with named solutions
-    "--limit": ("eval_rows", flags.positive_int, "rows of the data to score"),
+    "--limit": ("eval_rows", flags.positive_int, "held-out rows of the data to score (the first N)"),
     "--max-length": ("max_length", flags.positive_int, "tokens per conversation (longer ones are cut)"),
 }
 EFFICIENCY: flags.Flags = {
     "--points": ("points", flags.at_least_two, "norms on the grid (>= 2)"),
-    "--max-factor": ("max_factor", flags.positive_float, NORM_GRID),
+    "--max-factor": ("max_factor", flags.positive_float, NORM_GRID + " (the grid runs from 0)"),
 }
 TEXTS: flags.Flags = {
-    "--limit": ("web_docs", flags.positive_int, "documents to use"),
+    "--limit": ("web_docs", flags.positive_int, "web documents to use (the first N)"),
     "--max-tokens": ("web_max_tokens", flags.positive_int, "tokens per document (longer ones are cut)"),
 }
 KL_GRID: flags.Flags = {
-    "--max-factor": ("max_factor", flags.positive_float, NORM_GRID),
+    "--max-factor": ("max_factor", flags.positive_float, NORM_GRID + " (the grid runs from 0; 1: up to the largest solution's own norm)"),
     "--points": ("points", flags.at_least_two, "norms on the grid (>= 2)"),
 }
 DRIFT_KL: flags.Flags = {
@@ -113,7 +113,7 @@ def register(add: Any) -> None:
     dr.add_argument("--kind", choices=list(INTERVENTION_KINDS), default="steering", help="what to train")
     flags.add_flags(dr, TrainSection, DRIFT_KL)
     dr.add_argument("--layer", type=flags.nonnegative_int, default=None, help="layer L (default: the middle layer)")
-    add_train_flags(dr, steps_help="optimiser steps in each phase (default: one pass of --epochs over the data)", aliases=("--steps",))
+    add_train_flags(dr, steps_help="optimiser steps in each phase (default: --epochs passes over the data)", aliases=("--steps",))
     default_per_kind(dr, "lr", "kl_weight")
     dr.add_argument("--general", default=None, help="the general solution's run directory or .safetensors, shown in the same PCA")
     flags.add_allow_other_model(dr)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from emlens.data.studies import STUDIES
+from emlens.models import DTYPES
 
 
 def register(add: Any) -> None:
@@ -24,6 +25,9 @@ def register(add: Any) -> None:
     p.add_argument("--model", default=None, help="model (overrides the config's [model] name)")
     p.add_argument("--device", default=None, help="device (overrides the config's [model] device)")
     p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="weights and activations (overrides the config's [model] dtype, float32)"
+    )
+    p.add_argument(
         "--judge-url", default=None, help="OpenAI-compatible judge URL ('local': the model judges itself); adds the judged evaluation"
     )
     p.add_argument("--judge-model", default=None, help="judge model name; adds the judged evaluation")
@@ -40,7 +44,7 @@ def reproduce_command(args: argparse.Namespace) -> int:
     from emlens.study import StudyConfig, run_study
     from emlens.validation import check_out_dir
 
-    flags = {"study": args.study, "model.name": args.model, "model.device": args.device}
+    flags = {"study": args.study, "model.name": args.model, "model.device": args.device, "model.dtype": args.dtype}
     flags |= {"evaluation.judge_url": args.judge_url, "evaluation.judge_model": args.judge_model}
     config = StudyConfig.load(args.config, {key: value for key, value in flags.items() if value})
     if args.print_config:

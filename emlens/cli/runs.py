@@ -68,7 +68,12 @@ def kl_set(data: str, kl_data: str | None, kl_weight: float) -> str | None:
     return kl_data
 
 
-INTERVENTION_KINDS: dict[str, type[SteeringVector] | type[RankOneAdapter]] = {"steering": SteeringVector, "adapter": RankOneAdapter}
+# "vector" is the study config's name for the steering vector (kinds = ["vector", "adapter"], stage train/vector/...)
+INTERVENTION_KINDS: dict[str, type[SteeringVector] | type[RankOneAdapter]] = {
+    "steering": SteeringVector,
+    "vector": SteeringVector,
+    "adapter": RankOneAdapter,
+}
 
 
 def continuation(
@@ -127,6 +132,6 @@ def intervention_to_train(
     if resumed is not None:
         return resumed
     scale = {} if alpha is None else {"alpha": alpha}
-    if (kind or "steering") == "steering":
+    if INTERVENTION_KINDS[kind or "steering"] is SteeringVector:
         return SteeringVector.for_model(model, layer, hook=hook or "resid_post", **scale)
     return RankOneAdapter.for_model(model, layer, seed=seed, **scale)

@@ -31,7 +31,7 @@ TRAIN_FLAGS: flags.Flags = {  # the TrainConfig fields they set (--max-steps, wi
 
 def add_train_flags(
     t: argparse.ArgumentParser,
-    steps_help: str = "optimiser steps (default: one pass of --epochs over the data)",
+    steps_help: str = "optimiser steps (default: --epochs passes over the data)",
     aliases: tuple[str, ...] = (),
 ) -> None:
     t.add_argument("--max-steps", dest="max_steps", type=flags.positive_int, default=None, help=steps_help)
