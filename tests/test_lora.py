@@ -223,8 +223,12 @@ def test_training_moves_the_adapter_the_same_on_both_paths() -> None:
         train(bridge, lora, data, config, kl_dataset=data)
         assert all(not torch.equal(s, p) for s, p in zip(start, lora.parameters()))
         trained.append(lora)
+    # AdamW's first step is lr·g/(|g| + 1e-8) per component: where |g| is near 1e-8, a rounding difference between the
+    # paths moves it by a visible part of lr. On one CPU a single component of 192 differed by 2.6e-4 (2.6% of lr)
+    # after the first step, with equal losses; atol is 5% of lr, where a wrong gradient would move components by ~lr
+    # (the first step's loss and gradient are compared with peft's in the tests above)
     for fast, hooked in zip(trained[0].parameters(), trained[1].parameters()):
-        torch.testing.assert_close(fast, hooked, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(fast, hooked, rtol=1e-3, atol=5e-2 * config.lr)
 
 
 def test_sweeps_equal_peft(pair: Any, data: TokenDataset) -> None:
