@@ -47,7 +47,6 @@ class SamplingSettings:
 
 def sampling_plan(runner: Runner, intervention: Any | None) -> Plan:
     """Plain cached decoding where the plain modules can stand in for the bridge (:meth:`Runner.plain_blocker`); else hooked."""
-    runner.refuse_if_running()
     if intervention is not None:
         intervention.check_model(runner.model)
     blocker = runner.plain_blocker(intervention)
@@ -105,7 +104,7 @@ def generate_batch(
     With ``return_logits``, also the next-token logits of every decoding step: ``[steps, batch, vocab]``.
     """
     runner = runner_for(model)
-    runner.refuse_if_running()  # also when the caller planned: hooks left on the modules would act here too
+    runner.refuse_if_running()  # here, where every sample is drawn (planned by the caller or not): hooks left on the modules would act too
     plan = plan or sampling_plan(runner, intervention)
     runner.last_plan = plan
     tok = model.tokenizer
