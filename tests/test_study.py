@@ -321,6 +321,16 @@ def test_the_config_file_is_checked():
     floats = from_dict({"kl_sweep": {"weights": [0.0, 1.0, 3.0]}, "train": {"vector": {"kl_weight": 2.0}}})
     assert section_key(ints.kl_sweep) == section_key(floats.kl_sweep)
     assert section_key(ints.train["vector"]) == section_key(floats.train["vector"])
+    # and so are a config's ints set in Python (in every float field of every section), once it is validated
+    built = from_dict({})
+    built.train["vector"].kl_weight, built.train["vector"].alpha, built.kl_sweep.weights = 2, 256, [0, 1, 3]
+    built.efficiency.max_factor, built.evaluation.temperature, built.model.layer_fraction = 2, 1, 0
+    built.validate()
+    assert section_key(built.kl_sweep) == section_key(floats.kl_sweep)
+    assert section_key(built.train["vector"]) == section_key(floats.train["vector"])
+    assert built.efficiency.max_factor == 2.0 and isinstance(built.efficiency.max_factor, float)
+    assert isinstance(built.evaluation.temperature, float) and isinstance(built.model.layer_fraction, float)
+    assert isinstance(built.efficiency.points, int)  # ints stay ints
     paper = StudyConfig.load()
     assert paper.train["vector"].lr == 1e-4 and paper.train["adapter"].kl_weight == 0.66
     assert paper.stability.epsilons[0] == 0.0 and paper.kl_sweep.weights == [0.0, 1.0, 3.0, 10.0, 30.0, 100.0]

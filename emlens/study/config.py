@@ -177,6 +177,7 @@ class StudyConfig:
     def validate(self) -> None:
         from emlens.data.studies import STUDIES
 
+        _normalise_numbers(self)
         check_choice("study", self.study, list(STUDIES))
         study = STUDIES[self.study]
         if self.data.domain:  # checked now, not after every stage ran (the report's narrowness reads it)
@@ -195,9 +196,8 @@ class StudyConfig:
             raise ConfigError("kinds must name at least one of vector, adapter")
         for name, section in self.train.items():
             check_choice("train section", name, list(KINDS))
-            # kept as floats: TOML's ``kl_weight = 1`` is an int, and a stage key must not tell 1 from 1.0
-            section.lr = check_float(f"train.{name}.lr", section.lr, minimum=0, exclusive_min=True)
-            section.kl_weight = check_float(f"train.{name}.kl_weight", section.kl_weight, minimum=0, exclusive_min=True)
+            check_float(f"train.{name}.lr", section.lr, minimum=0, exclusive_min=True)
+            check_float(f"train.{name}.kl_weight", section.kl_weight, minimum=0, exclusive_min=True)
         for kind in self.kinds:
             if kind not in self.train:
                 raise ConfigError(f"kinds lists {kind!r} but the config has no [train.{kind}] section")
@@ -205,9 +205,9 @@ class StudyConfig:
             for kind in kinds:
                 if kind not in self.kinds:
                     raise ConfigError(f"{where}.kinds lists {kind!r}, which the study does not train (kinds = {self.kinds})")
-        self.kl_sweep.weights = check_grid("kl_sweep.weights", self.kl_sweep.weights, minimum=0)
-        self.mixing.ratios = check_grid("mixing.ratios", self.mixing.ratios, minimum=0, maximum=0.95)
-        self.stability.epsilons = check_grid("stability.epsilons", self.stability.epsilons, minimum=0, maximum=1)
+        check_grid("kl_sweep.weights", self.kl_sweep.weights, minimum=0)
+        check_grid("mixing.ratios", self.mixing.ratios, minimum=0, maximum=0.95)
+        check_grid("stability.epsilons", self.stability.epsilons, minimum=0, maximum=1)
         for kind in self.kinds:  # two values must not name one training stage (names print 6 significant digits)
             swept = self.kl_sweep.weights if kind in self.kl_sweep.kinds else []
             weights = [0.0, self.train[kind].kl_weight, *swept]
@@ -279,7 +279,10 @@ def _section(cls: type, raw: Any, where: str, base: Any = None) -> Any:
 
 def _as_declared(declared: str, value: Any) -> Any:
     """TOML writes ``1`` for 1.0: an integer where the field holds floats is read as that float (so ``weights = [0, 1]``
-    and ``[0.0, 1.0]`` are one config, with one stage key); anything else is left for :meth:`StudyConfig.validate`."""
+    and ``[0.0, 1.0]`` are one config, with one stage key); anything else is left for :meth:`StudyConfig.validate`.
+
+    The one normalisation of numbers: :func:`_section` applies it to TOML before the dataclasses are built (whose
+    fields are type-checked under the tests), :func:`_normalise_numbers` to configs built in Python."""
 
     def number(v: Any) -> Any:
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
@@ -289,6 +292,25 @@ def _as_declared(declared: str, value: Any) -> Any:
     if declared == "list[float]" and isinstance(value, list):
         return [number(v) for v in value]
     return value
+
+
+def _normalise_numbers(config: StudyConfig) -> None:
+    """Every field declared ``float`` or ``list[float]``, in every section, holding an int gets it as a float (a config
+    built in Python with ``TrainSection(kl_weight=1)`` has the stage keys of the same config read from TOML)."""
+
+    def normalise(obj: Any) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                normalise(value)
+            elif isinstance(value, dict):
+                for item in value.values():
+                    if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                        normalise(item)
+            else:
+                setattr(obj, f.name, _as_declared(str(f.type), value))
+
+    normalise(config)
 
 
 def from_dict(raw: dict[str, Any], where: str = "config") -> StudyConfig:
