@@ -8,6 +8,7 @@ weight surgery, and the loss / KL written out with plain torch.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -776,3 +777,27 @@ def test_a_measurement_inside_a_vector_training_callback_is_allowed(pair: Any, d
     assert len(got) == 1
     assert got[0][0] == pytest.approx(reference_loss(reference, data, None), **TOL)
     assert got[0][1] == pytest.approx(reference_loss(reference, data, vector), **TOL)  # the vector after its one step
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_compiled_blocks_equal_plain_transformers(arch: str, monkeypatch: Any) -> None:
+    """Blocks compiled by torch.compile (as on CUDA for models of at least 1 B block parameters; here forced with
+    EMLENS_COMPILE=1): a vector's and an adapter's loss, and two AdamW steps with KL, equal plain transformers'."""
+    monkeypatch.setenv("EMLENS_COMPILE", "1")
+    reference, bridge = tiny_pair(arch)
+    data = TokenDataset.from_conversations(bridge.tokenizer, CONVERSATIONS, max_length=128)
+    config = TrainConfig(
+        lr=0.05, max_steps=2, batch_size=1, grad_accum=2, kl_weight=3.0, kl_batch_size=2, warmup_steps=0, progress=False, seed=4
+    )
+    for kind in ("resid_post", "adapter"):
+        intervention = make_intervention(kind, bridge)
+        got_loss = evaluate_loss(bridge, data, intervention)
+        assert runner_for(bridge).last_plan.fast
+        assert got_loss == pytest.approx(reference_loss(reference, data, intervention, surgery=True), **TOL)
+        got = make_intervention(kind, bridge)
+        train(bridge, got, data, config, kl_dataset=data)
+        ref = reference_train_steps(reference, make_intervention(kind, bridge), data, config)
+        for name, value in ref.state_dict().items():
+            torch.testing.assert_close(got.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{arch} {kind} {name}")
+    assert runner_for(bridge).compiled._layers, "no block ran compiled"
