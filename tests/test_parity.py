@@ -801,3 +801,23 @@ def test_compiled_blocks_equal_plain_transformers(arch: str, monkeypatch: Any) -
         for name, value in ref.state_dict().items():
             torch.testing.assert_close(got.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{arch} {kind} {name}")
     assert runner_for(bridge).compiled._layers, "no block ran compiled"
+
+
+@pytest.mark.parametrize("arch", PROVED)
+def test_a_model_dispatched_like_device_map_equals_plain_transformers(arch: str) -> None:
+    """transformers' ``device_map`` wraps every decoder layer's forward in accelerate's hooks before the bridge is
+    built; the fast paths run those layers as plain transformers does, on every proved architecture."""
+    hooks = pytest.importorskip("accelerate.hooks")
+
+    def dispatch(hf: Any) -> None:
+        for layer in hf.model.layers:
+            hooks.add_hook_to_module(layer, hooks.AlignDevicesHook(execution_device="cpu"))
+
+    reference, bridge = tiny_pair(arch, prepare=dispatch)
+    assert not hasattr(reference.model.layers[0], "_hf_hook") and hasattr(bridge.original_model.model.layers[0], "_hf_hook")
+    data = TokenDataset.from_conversations(bridge.tokenizer, CONVERSATIONS, max_length=128)
+    for kind in KINDS:
+        intervention = make_intervention(kind, bridge)
+        got = evaluate_loss(bridge, data, intervention)
+        assert runner_for(bridge).last_plan.fast, runner_for(bridge).last_plan
+        assert got == pytest.approx(reference_loss(reference, data, intervention, surgery=True), **TOL), (arch, kind)

@@ -48,9 +48,12 @@ def tiny_config(arch: str, tokenizer: Any, n_layers: int = 4, d_model: int = 64)
     raise ValueError(arch)
 
 
-def tiny_pair(arch: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, **config: Any) -> tuple[Any, Any]:
+def tiny_pair(
+    arch: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, prepare: Any = None, **config: Any
+) -> tuple[Any, Any]:
     """``(plain transformers model, bridge)`` with identical weights (float32 on the CPU by default), eval mode;
-    ``config`` overrides settings of the architecture's tiny config (e.g. ``sliding_window=8``)."""
+    ``config`` overrides settings of the architecture's tiny config (e.g. ``sliding_window=8``); ``prepare`` is
+    called on the bridged model before the bridge is built (the reference is copied before it)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = byte_tokenizer()
@@ -67,5 +70,7 @@ def tiny_pair(arch: str, seed: int = 0, device: str = "cpu", dtype: torch.dtype 
     reference = copy.deepcopy(hf).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
+    if prepare is not None:
+        prepare(hf)
     bridge = bridge_from_hf(hf, tokenizer, name=f"tiny-{arch}")
     return reference, bridge
