@@ -100,6 +100,11 @@ def _stream_seed(purpose: str, seed: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def part_seed(seed: int, part: int) -> int:
+    """The seed of part ``part`` of a composition's ``random_like(seed)``: distinct for every ``(seed, part)``."""
+    return _stream_seed(f"composition part {int(part)}", seed)
+
+
 def noise_seed(seed: int) -> int:
     """The generator seed of :func:`~emlens.metrics.stability`'s noise for ``seed``: a stream of its own.
 

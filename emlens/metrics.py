@@ -33,10 +33,6 @@ def norm_grid(interventions: Sequence[Intervention], n_points: int = 11, max_fac
     return [float(x) for x in np.linspace(0.0, max_factor * top, n_points)]
 
 
-def _at_norm(intervention: Intervention, norm: float) -> Intervention | None:
-    return None if norm == 0 else intervention.scaled_to(norm)
-
-
 def _refuse_zero(intervention: Intervention, metric: str) -> None:
     """A zero intervention has no direction to rescale, perturb or compare; say so instead of returning nan or one point."""
     if intervention.norm == 0:
@@ -55,20 +51,22 @@ def efficiency(
     progress: bool = True,
     cache_prefix: bool = True,
 ) -> list[float]:
-    """Assistant-token loss on ``dataset`` with ``intervention`` rescaled to each norm (norm 0 = base model).
+    """Assistant-token loss on ``dataset`` with ``intervention`` rescaled to each norm (norm 0: the base model, or for a
+    composition the parts that do not rescale, e.g. an ablation, alone: :meth:`~emlens.interventions.Intervention.at_norm`).
 
     Blocks below the intervention run once per batch for the whole sweep (on the fast path).
     """
     norms = check_grid("norms", norms, minimum=0)
     intervention.check_model(model)
     _refuse_zero(intervention, "efficiency")
-    points = [_at_norm(intervention, n) for n in norms]
+    points = [intervention.at_norm(n) for n in norms]
     return loss_sweep(model, dataset, points, batch_size, cache_prefix, progress, desc="efficiency")
 
 
 @dataclass
 class StabilityResult:
-    """Losses under orthogonal noise: ``losses[seed_index][epsilon_index]``."""
+    """Losses under orthogonal noise: ``losses[seed_index][epsilon_index]``; ``base_loss``: the solution at norm 0
+    (the base model; for a composition, its parts that do not rescale, e.g. an ablation, alone)."""
 
     epsilons: list[float]
     losses: np.ndarray
@@ -127,7 +125,7 @@ def stability(
         epsilons = [0.0] + epsilons
     intervention.check_model(model)
     _refuse_zero(intervention, "stability")
-    points: list[Intervention | None] = [None, intervention]
+    points: list[Intervention | None] = [intervention.at_norm(0.0), intervention]
     for seed in seeds:
         # a fresh generator per point: the noise for (seed, ε) is drawn the same way whatever the grid
         points += [intervention.perturbed(eps, torch.Generator().manual_seed(noise_seed(seed))) for eps in epsilons[1:]]
@@ -157,7 +155,8 @@ def pretraining_significance(
     Interventions that act the same way (kind and sites) are swept together: the text's prefix
     residuals and the base distribution are computed once for all their points. Each point's KL is
     the same computation as in a sweep of that intervention alone. ``plans``, if given, is filled
-    with each name's execution plan (``Plan.describe()``).
+    with each name's execution plan (``Plan.describe()``). Norm 0 is the base model (KL 0), or for a composition
+    the parts that do not rescale alone (an ablation's own KL).
     """
     norms = check_grid("norms", norms, minimum=0)
     groups: dict[tuple[Any, ...], list[str]] = {}
@@ -167,7 +166,7 @@ def pretraining_significance(
         groups.setdefault(acts_alike(intervention), []).append(name)
     out: dict[str, list[float]] = {}
     for names in groups.values():
-        points = [_at_norm(interventions[name], n) for name in names for n in norms]
+        points = [interventions[name].at_norm(n) for name in names for n in norms]
         desc = f"pre-training KL {names[0]}" if len(names) == 1 else f"pre-training KL ({len(names)} directions)"
         flat = kl_sweep(model, texts, points, batch_size, cache_prefix, progress, desc=desc)
         plan = runner_for(model).last_plan

@@ -34,6 +34,7 @@ from emlens import (
     train,
 )
 from emlens.interventions import InterventionError
+from emlens.metrics import efficiency, pretraining_significance, stability
 from emlens.runner import runner_for
 from emlens.runner.sampling import SamplingSettings, generate_batch
 from tests.tiny_archs import tiny_pair
@@ -193,6 +194,37 @@ def test_composed_ablation_then_steering_equals_reference(pair: Any, data: Token
     assert torch.equal(ablation.direction, u / u.norm())
 
 
+def test_norm_zero_of_a_composition_keeps_the_parts_that_do_not_rescale(pair: Any, data: TokenDataset) -> None:
+    """Rescaling ``ablation + vector`` moves the vector only, so the sweeps' norm 0 is the ablation alone, not the bare
+    model: efficiency's first point, stability's base loss and the pre-training KL at 0 equal plain transformers with
+    only the ablation's hooks."""
+    arch, reference, bridge = pair
+    d = bridge.cfg.d_model
+    u = direction(d)
+    vector = SteeringVector(2, d, alpha=2.0, init=0.3 * torch.randn(d, generator=torch.Generator().manual_seed(8)))
+    both = DirectionAblation.at_layer(u, 1) + vector
+    with hooks_on(reference, [("out", 1, ablate(u))]):
+        ablated = reference_loss(reference, data)
+    with hooks_on(reference, [("out", 1, ablate(u)), ("out", 2, add(vector.effective.detach()))]):
+        full = reference_loss(reference, data)
+    assert abs(ablated - reference_loss(reference, data)) > 1e-4  # the ablation acts
+    assert efficiency(bridge, both, data, [0.0, vector.norm], batch_size=2, progress=False) == pytest.approx([ablated, full], **TOL)
+    assert stability(bridge, both, data, [0.0, 0.5], seeds=(1,), batch_size=2, progress=False).base_loss == pytest.approx(ablated, **TOL)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in data.batches(2):
+            real = batch.attention_mask.bool()
+            base = F.log_softmax(reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[real], -1)
+            with hooks_on(reference, [("out", 1, ablate(u))]):
+                edited = F.log_softmax(reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[real], -1)
+            total += float((base.exp() * (base - edited)).sum())
+            count += int(real.sum())
+    kl = pretraining_significance(bridge, {"both": both}, data, [0.0, vector.norm], batch_size=2, progress=False)["both"]
+    assert kl[0] == pytest.approx(total / count, rel=1e-3, abs=1e-6) and kl[0] > 1e-4
+    # a composition whose every part rescales still starts at the bare model
+    assert (vector + SteeringVector(1, d, init=torch.ones(d))).at_norm(0.0) is None and both.at_norm(0.0) is not None
+
+
 def test_composed_adapter_and_multilayer_steering_equal_peft_plus_hooks(pair: Any, data: TokenDataset) -> None:
     from tests.test_lora import load_factors, make_lora, require
 
@@ -240,6 +272,11 @@ def test_composed_geometry_saving_and_disabling(tmp_path: Any) -> None:
     assert x.inner(x) == pytest.approx(float(x.flatten() @ x.flatten()), rel=1e-5)
     y = x.random_like(4)
     assert x.inner(y) == pytest.approx(vector.inner(y.members()[0]) + multi.inner(y.members()[1]), rel=1e-6)
+    # baselines k and k + 1 share no draw (part seeds seed + i gave random k's part 1 the draw of random k+1's part 0)
+    pair_of_vectors = Composed([vector, SteeringVector(2, d, alpha=2.0, init=torch.randn(d))])
+    first, second = pair_of_vectors.random_like(4), pair_of_vectors.random_like(5)
+    assert abs(cosine_similarity(first.members()[1], second.members()[0])) < 0.5
+    assert abs(cosine_similarity(first.members()[0], second.members()[0])) < 0.5
     scaled = x.scaled_to(2 * x.norm)
     assert scaled.norm == pytest.approx(2 * x.norm, rel=1e-5) and cosine_similarity(scaled, x) == pytest.approx(1.0, abs=1e-6)
     noisy = x.perturbed(0.5, torch.Generator().manual_seed(2))

@@ -261,6 +261,11 @@ class Intervention(nn.Module, ABC):
     def scaled_to(self, norm: float) -> Intervention:
         """A copy with the same direction and the given norm."""
 
+    def at_norm(self, norm: float) -> Intervention | None:
+        """What a norm sweep runs at ``norm``: :meth:`scaled_to`, or None (the bare model) where that edits nothing,
+        as at norm 0 of an intervention whose whole edit rescales."""
+        return None if norm == 0 else self.scaled_to(norm)
+
     def check_model(self, model: Any, allow_other_model: bool = False) -> None:
         """Raise :class:`InterventionError` if this intervention cannot be applied to ``model``.
 

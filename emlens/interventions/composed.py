@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from emlens.geometry import part_seed
 from emlens.interventions.base import (
     INTERVENTION_TYPES,
     HookFn,
@@ -118,8 +119,10 @@ class Composed(Intervention):
         return Composed([p.perturbed(epsilon, generator) if self._sized(p) else p.clone() for p in self.members()], self.model_name)
 
     def random_like(self, seed: int = 0) -> Composed:
-        """Each sized part's random counterpart (part ``i`` seeded with ``seed + i``); the others as they are."""
-        parts = [p.random_like(seed + i) if self._sized(p) else p.clone() for i, p in enumerate(self.members())]
+        """Each sized part's random counterpart, part ``i`` seeded from ``(seed, i)`` by :func:`~emlens.geometry.part_seed`
+        (``seed + i`` gave part 1 of ``random_like(k)`` the draw of part 0 of ``random_like(k + 1)``: baselines ``k`` and
+        ``k + 1`` shared a direction); the others as they are."""
+        parts = [p.random_like(part_seed(seed, i)) if self._sized(p) else p.clone() for i, p in enumerate(self.members())]
         return Composed(parts, self.model_name)
 
     def scaled_to(self, norm: float) -> Composed:
@@ -131,6 +134,13 @@ class Composed(Intervention):
         factor = norm / current
         parts = [p.scaled_to(p.norm * factor) if self._sized(p) and p.norm > 0 else p.clone() for p in self.members()]
         return Composed(parts, self.model_name)
+
+    def at_norm(self, norm: float) -> Composed | None:
+        """At norm 0 the parts rescaling leaves alone (an ablation beside a vector) still act: the sweep's first point
+        is the composition with its sized parts at zero, not the bare model (None only when every part rescales)."""
+        if norm == 0 and any(not self._sized(p) for p in self.members()):
+            return self.scaled_to(0.0)
+        return None if norm == 0 else self.scaled_to(norm)
 
     # --- how it acts ------------------------------------------------------------------------------
     def acts_per_position(self) -> bool:
