@@ -249,6 +249,11 @@ def continue_without_kl(
     set to 0), ``general`` the general run (its trajectory joins the PCA) or ``general_final`` its final
     intervention (cosines only). ``run_dir`` checkpoints the continuation and resumes it. Returns the
     continued run and the JSON-able result (:func:`drift_geometry`, plus the plans).
+
+    The continuation is a new run that starts at the narrow solution, as a second training job would: a fresh AdamW
+    (zero moments) and ``config``'s own schedule (its warm-up, then linear decay; the narrow run's learning rate had
+    decayed to about 0), with batches drawn as ``config.seed`` draws them (the narrow run's order when the seeds are
+    equal). Its steps are numbered after the narrow run's, so the trajectory and losses read as one run.
     """
     start = TrainingResult(narrow.intervention.clone(), narrow.config, list(narrow.losses), list(narrow.trajectory), narrow.plan)
     free = TrainConfig(**{**config.__dict__, "kl_weight": 0.0})
