@@ -129,8 +129,10 @@ def plot_trajectories(
         ys = coords[:, 1] if coords.shape[1] > 1 else np.zeros(len(coords))
         colour = colour_of(name) if _role(name) is not None else plt.get_cmap("viridis")(k / max(1, len(paths) - 1))
         ax.plot(coords[:, 0], ys, marker=".", color=colour, label=(labels or {}).get(name, name))
+        ax.scatter(coords[:1, 0], ys[:1], s=60, facecolors="none", edgecolors=colour, linewidths=1.5, zorder=3)
         ax.scatter(coords[-1:, 0], ys[-1:], s=60, color=colour, edgecolor="black", zorder=3)
-    ax.scatter([], [], s=60, color="white", edgecolor="black", label="end of run")
+    ax.scatter([], [], s=60, facecolors="none", edgecolors="0.3", linewidths=1.5, label="start of run")
+    ax.scatter([], [], s=60, color="0.6", edgecolor="black", label="end of run")
     ax.set(
         xlabel=f"PC1 ({100 * explained[0]:.0f}% of variance)",
         ylabel=f"PC2 ({100 * explained[1]:.0f}% of variance)" if len(explained) > 1 else "PC2",

@@ -129,6 +129,13 @@ def test_every_stage_runs_and_the_report_has_every_figure_and_number(first_run):
     row = next(line for line in md.splitlines() if line.startswith("| train/vector/kl=6.6 |"))
     assert "SFT loss (mean of the last 10 steps)" in md
     assert f"| {sum(s['sft'] for s in tail) / len(tail):.3f} | {sum(s['kl'] for s in tail) / len(tail):.4f} |" in row
+    # and report.json holds those means: every number the report prints is in its summary
+    means = report["summary"]["train/vector/kl=6.6"]
+    assert means["sft_mean_last_10_steps"] == pytest.approx(sum(s["sft"] for s in tail) / len(tail))
+    assert means["kl_mean_last_10_steps"] == pytest.approx(sum(s["kl"] for s in tail) / len(tail))
+    assert report["summary"]["train/vector/kl=0"]["kl_mean_last_10_steps"] is None
+    assert "joint PCA over the general run's checkpoints and the narrow run's" in md
+    assert "the KL set holds their train splits" in md
     drift = report["stages"]["drift/vector"]["result"]
     assert drift["general_coordinates"] and drift["coordinates"]  # the general run is in the same axes
     assert drift["continued"]["losses"][-1]["step"] == 5  # 3 steps with KL, 2 without, numbered on
@@ -275,6 +282,18 @@ def test_a_mixing_set_holds_exactly_the_configured_aligned_share(first_run):
     mixed = run.outputs["train/vector/mix=0.5"].result
     target = run.outputs["train/vector/kl=0"].result
     assert mixed["rows"] == 2 * target["rows"]  # 6 target rows and 6 aligned ones: a share of 0.5
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["mixing/vector"]["trained_share"] == [0.0, 0.5]
+    assert "| 0.5 | 0.5000 |" in (out / "report.md").read_text()
+
+
+def test_the_mixing_table_shows_the_share_its_rows_trained():
+    """A ratio that whole rows cannot meet (0.3 of 10 target rows: 4 aligned rows, 4/14) is shown with the share trained."""
+    from emlens.study.report import _trained_share
+
+    r = {"train/vector/kl=0": {"rows": 10}, "train/vector/mix=0.3": {"rows": 14}}
+    assert _trained_share(r, "vector", 0.3) == pytest.approx(4 / 14) and _trained_share(r, "vector", 0.0) == 0.0
+    assert _trained_share({}, "vector", 0.3) is None
 
 
 def test_a_mixing_ratio_the_aligned_pool_cannot_supply_stops_the_study_before_any_work(tiny_dir, tmp_path):
