@@ -307,9 +307,9 @@ def check_out_dir(out: str | Path, what: str = "answers, judgements and figures"
     return out
 
 
-def named_paths(specs: list[str], reserved: tuple[str, ...] = ()) -> dict[str, Path]:
+def named_paths(specs: list[str], reserved: tuple[str, ...] = (), reserved_prefix: str = "") -> dict[str, Path]:
     """``NAME=PATH`` (or ``PATH``) arguments as names to intervention files: a missing file, a folder, a name given
-    twice or one of ``reserved`` is refused."""
+    twice, one of ``reserved`` or one starting with ``reserved_prefix`` (any case) is refused."""
     out: dict[str, Path] = {}
     for spec in specs:
         # NAME=PATH: names and paths may both hold "=", so split where the rest is an existing file
@@ -329,6 +329,11 @@ def named_paths(specs: list[str], reserved: tuple[str, ...] = ()) -> dict[str, P
             raise ConfigError(f"the name {name!r} is given twice ({out[name]} and {path}); give each solution its own NAME=PATH")
         if name in reserved:
             raise ConfigError(f"the name {name!r} is reserved here ({reserved[0]!r} labels a built-in row); pick another NAME")
+        if reserved_prefix and name.lower().startswith(reserved_prefix):
+            raise ConfigError(
+                f"the name {name!r} starts with {reserved_prefix!r}, which marks the random baselines in results and figures; "
+                f"give the file another name with NAME=PATH (e.g. solution={path})"
+            )
         out[name] = path
     return out
 

@@ -8,6 +8,7 @@ runtime errors (CUDA, out of memory) are not turned into tidy messages.
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -379,7 +380,13 @@ def test_solution_arguments_are_checked(tmp_path, capsys, vectors, no_model):
         ["pretraining-kl", f"random={a}", "--random", "--out", tmp_path / "k.png"],
         capsys,
     )
-    assert code == 2 and "the name 'random' is reserved" in error_line(err)
+    assert code == 2 and "the name 'random' starts with 'random'" in error_line(err)
+    # a file stem starting with "random" would be averaged into the baselines' mean and drawn as one: refused too
+    stem = tmp_path / "Random_init.safetensors"
+    stem.write_bytes(Path(a).read_bytes())
+    for command in (["pretraining-kl", str(stem), "--random", "0"], ["efficiency", str(stem), "--data", "medical_harmful"]):
+        code, _, err = run([*command, "--out", tmp_path / "k.png"], capsys)
+        assert code == 2 and "'Random_init' starts with 'random'" in error_line(err) and "NAME=PATH" in error_line(err)
     code, _, err = run(
         [
             "efficiency",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import torch
 
 from emlens.study import StudyConfig, run_study
 from emlens.study.config import from_dict
@@ -656,3 +657,22 @@ def test_emlens_reproduce_with_a_judge_that_leaves_answers_unscored_exits_3_and_
     UnusableThenUsableJudge.usable = True
     assert main(argv) == 0
     assert "reused from" in capsys.readouterr().out
+
+
+
+def test_the_random_baselines_mean_holds_only_the_baselines(model, dataset):
+    """A solution named like a baseline would be averaged into the baselines' mean (or overwrite a baseline's curve):
+    refused; the mean is over the drawn baselines alone, and the settings record the seed and any max_norm."""
+    from emlens import SteeringVector
+    from emlens.study.config import PretrainingKLSection
+    from emlens.study.measures import measure_pretraining_kl
+
+    vec = SteeringVector(1, model.cfg.d_model, alpha=1.0, init=torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1)))
+    section = PretrainingKLSection(points=2, n_random=2)
+    for name in ("random 1", "Randomised"):
+        with pytest.raises(ValueError, match="marks random baselines"):
+            measure_pretraining_kl(model, {name: vec}, dataset, section, progress=False)
+    out = measure_pretraining_kl(model, {"solution": vec}, dataset, section, progress=False, seed=3, max_norm=2.0)
+    assert set(out["kl"]) == {"solution", "random 1", "random 2"}
+    assert out["random_mean"] == pytest.approx([(a + b) / 2 for a, b in zip(out["kl"]["random 1"], out["kl"]["random 2"])])
+    assert out["settings"]["seed"] == 3 and out["settings"]["max_norm"] == 2.0 and out["norms"][-1] == 2.0

@@ -15,7 +15,7 @@ from emlens.cli import flags
 from emlens.cli.runs import INTERVENTION_KINDS, data_source
 from emlens.cli.train import add_train_flags, default_per_kind, train_config
 from emlens.study.config import DataSection, EfficiencySection, PretrainingKLSection, StabilitySection, StudyConfig, TrainSection
-from emlens.study.measures import describe, measure_pretraining_kl, random_names, save_result
+from emlens.study.measures import RANDOM_PREFIX, describe, measure_pretraining_kl, save_result
 from emlens.validation import ConfigError, check_output_file, named_paths
 
 NORM_GRID = "largest norm, as a multiple of the largest solution norm"
@@ -126,7 +126,7 @@ def _scored(args: argparse.Namespace) -> tuple[Path, str, dict[str, Any], Any, A
     out = check_output_file(args.out, suffix=".png")
     source = data_source(args.data, split="heldout")
     read_conversations(source, args.limit)  # refuse bad data before the model loads
-    solutions = flags.load_interventions(named_paths(args.interventions), args.device)
+    solutions = flags.load_interventions(named_paths(args.interventions, reserved_prefix=RANDOM_PREFIX), args.device)
     if args.command == "stability":
         StudyConfig(stability=_stability_section(args))  # the same checks as a study config (duplicates refused)
     model = flags.load_model_of(args)
@@ -163,7 +163,7 @@ def pretraining_kl_command(args: argparse.Namespace) -> int:
     from emlens.data import TokenDataset, read_texts
 
     out = check_output_file(args.out, suffix=".png")
-    paths = named_paths(args.interventions, reserved=("random", *random_names(args.random)) if args.random else ())
+    paths = named_paths(args.interventions, reserved_prefix=RANDOM_PREFIX)
     documents = read_texts(args.texts, args.limit)
     solutions = flags.load_interventions(paths, args.device)
     model = flags.load_model_of(args)

@@ -111,9 +111,13 @@ def measure_stability(
     }
 
 
+RANDOM_PREFIX = "random"
+"""Names starting with this mark random baselines in results and figures; a solution's name must not (any case)."""
+
+
 def random_names(n: int) -> list[str]:
     """The names of :func:`random_directions` (``random 1``…), which a solution's name must not take."""
-    return [f"random {k + 1}" for k in range(n)]
+    return [f"{RANDOM_PREFIX} {k + 1}" for k in range(n)]
 
 
 def random_directions(solution: Intervention, n: int, seed: int = 0) -> dict[str, Intervention]:
@@ -136,6 +140,11 @@ def measure_pretraining_kl(
     The norms run from 0 to ``max_norm`` (default: ``max_factor`` × the largest solution norm).
     """
     named = dict(solutions)
+    taken = [name for name in solutions if name.lower().startswith(RANDOM_PREFIX)]
+    if taken:  # the baselines' mean, the report and the figures tell baselines by this prefix
+        raise ValueError(
+            f"solution name(s) {', '.join(map(repr, taken))} start with {RANDOM_PREFIX!r}, which marks random baselines; rename them"
+        )
     if section.n_random:
         spaces = {(v.kind, tuple(v.hook_names())) for v in solutions.values()}
         if len(spaces) > 1:  # the random baseline is drawn in one solution's space: it would not match the others
@@ -149,10 +158,10 @@ def measure_pretraining_kl(
     norms = [float(x) for x in np.linspace(0.0, top, section.points)]
     plans: dict[str, str] = {}
     curves = pretraining_significance(model, named, texts, norms, batch_size, progress, plans=plans)
-    randoms = [curves[k] for k in named if k.startswith("random")]
+    randoms = [curves[k] for k in random_names(section.n_random)]
     out: dict[str, Any] = {
         "measure": "pretraining_kl",
-        "settings": _settings(section, documents=len(texts)),
+        "settings": _settings(section, documents=len(texts), seed=seed, max_norm=max_norm),
         "norms": norms,
         "kl": curves,
         "plans": plans,
