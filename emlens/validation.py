@@ -285,6 +285,13 @@ def check_writable_parent(path: Path, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: no permission to write in {ancestor}")
 
 
+def with_file_suffix(path: str | Path, suffix: str) -> Path:
+    """``path`` ending in ``suffix``: as given when it does, else with ``suffix`` appended (``kl=6.6`` becomes
+    ``kl=6.6.safetensors``; replacing its "suffix" ``.6`` would write ``kl=6.6`` and ``kl=6.9`` to one file)."""
+    path = Path(path)
+    return path if path.suffix == suffix else path.with_name(path.name + suffix)
+
+
 def check_output_file(path: str | Path, flag: str = "--out", suffix: str | None = None) -> Path:
     """An output file path: not a directory, and creatable. ``suffix`` is added when the path has none."""
     path = Path(path)

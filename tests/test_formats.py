@@ -334,6 +334,8 @@ def test_control_vector_gguf_reads_back(tmp_path: Path) -> None:
     pre = SteeringVector(3, d, hook="resid_pre", alpha=1.0, init=torch.randn(d))  # = block 2's output
     with pytest.warns(UserWarning, match="pass the model"):  # hook_mlp_out, with no model to check its architecture
         path = export_control_vector(vector + multi + pre, tmp_path / "cv", model_hint="tiny", n_layers=4)
+    with pytest.warns(UserWarning, match="pass the model"):
+        assert export_control_vector(vector + multi + pre, tmp_path / "cv_1.5", n_layers=4).name == "cv_1.5.gguf"
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["general.architecture"].contents() == "controlvector"
     assert reader.fields["controlvector.model_hint"].contents() == "tiny"

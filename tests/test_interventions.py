@@ -137,6 +137,9 @@ def test_save_load_roundtrip(tmp_path, model, token_ids, make):
     original.model_name = "tiny-llama"
     path = original.save(tmp_path / "iv")
     assert path.suffix == ".safetensors"
+    # a dotted name keeps its last part: kl=6.6 and kl=6.9 are two files (replacing ".6" made them one)
+    dotted = [original.save(tmp_path / f"kl={x}") for x in ("6.6", "6.9")]
+    assert [p.name for p in dotted] == ["kl=6.6.safetensors", "kl=6.9.safetensors"] and all(p.is_file() for p in dotted)
     loaded = load_intervention(path)
     assert type(loaded) is type(original)
     assert loaded.metadata() == original.metadata()

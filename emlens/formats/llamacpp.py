@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from emlens.interventions import Composed, Intervention, InterventionError, MultiLayerSteering, SteeringVector
+from emlens.validation import with_file_suffix
 
 ARCH = "controlvector"
 _HOOK = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_mlp_out|hook_resid_pre)$")
@@ -106,9 +107,7 @@ def export_control_vector(
     import gguf
 
     vectors = control_vectors(intervention, model)
-    path = Path(path)
-    if path.suffix != ".gguf":
-        path = path.with_suffix(".gguf")
+    path = with_file_suffix(path, ".gguf")
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), ARCH)
     writer.add_string(f"{ARCH}.model_hint", model_hint or intervention.model_name or "")

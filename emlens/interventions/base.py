@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from emlens.geometry import baseline_generator, orthogonal_noise, rescale
+from emlens.validation import with_file_suffix
 
 HookFn = Callable[[Tensor, Any], Tensor | None]
 
@@ -340,10 +341,9 @@ class Intervention(nn.Module, ABC):
         return other
 
     def save(self, path: str | Path) -> Path:
-        """Save to ``path`` (``.safetensors``) with JSON metadata (type, model, layer, hooks, dims)."""
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_suffix(".safetensors")
+        """Save to ``path`` (``.safetensors`` appended when it ends otherwise: ``kl=6.6`` → ``kl=6.6.safetensors``) with
+        JSON metadata (type, model, layer, hooks, dims); returns the path written."""
+        path = with_file_suffix(path, ".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(path), metadata={"emlens": json.dumps(self.metadata())})
