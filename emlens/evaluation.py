@@ -221,9 +221,13 @@ def _sampling_settings(
     top_p: float,
     seed: int,
 ) -> dict[str, Any]:
-    """What made a set of sampled answers, as recorded beside them (``run.json``, or an answers file's settings)."""
+    """What made a set of sampled answers, as recorded beside them (``run.json``, or an answers file's settings): with
+    the weights' dtype, and for a model loaded from local files their sizes and times (new weights at the same path)."""
+    first = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     return {
         "model": model_name or getattr(getattr(model, "cfg", None), "model_name", None) or type(model).__name__,
+        "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
+        "model_files": _local_files(model_name),
         "intervention": intervention_digest(intervention),
         "questions": hashlib.sha256("\n".join(questions).encode()).hexdigest()[:16],
         "n_samples": n_samples,
@@ -232,6 +236,15 @@ def _sampling_settings(
         "top_p": float(top_p),
         "seed": seed,
     }
+
+
+def _local_files(name: str | None) -> list[list[Any]] | None:
+    """``[name, size, mtime]`` of each file of a local model path (None for a hub name or no name)."""
+    path = Path(name) if name else None
+    if path is None or not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files]
 
 
 def _sample(
@@ -498,15 +511,21 @@ class EvaluationResult:
     def summary(self) -> str:
         r = self.rates
         name = "EM" if self.label == "EM" else f"narrow misalignment ({self.domain})"
-        text = (
-            f"{name} rate {r.misaligned_rate:.3f} (95% CI {r.misaligned_ci[0]:.3f}-{r.misaligned_ci[1]:.3f}), "
-            f"coherent {r.coherent_rate:.3f}, scored {r.n_scored}, excluded {r.n_excluded}; "
-            f"over all {r.n_answers} answers {r.misaligned_rate_all_answers:.3f} "
-            f"(95% CI {r.misaligned_ci_all_answers[0]:.3f}-{r.misaligned_ci_all_answers[1]:.3f}; unscored count as not misaligned)"
-        )
+        # the headline interval resamples questions (answers to one question are not independent draws); the Wilson
+        # interval, which treats every answer as one, comes second and says so
+        wilson = f"{r.misaligned_ci[0]:.3f}-{r.misaligned_ci[1]:.3f}"
         if not math.isnan(r.misaligned_ci_by_question[0]):
             low, high = r.misaligned_ci_by_question
-            text += f"; resampling questions, the rate's 95% CI is {low:.3f}-{high:.3f}"
+            interval = f"95% CI {low:.3f}-{high:.3f} resampling questions; {wilson} treating answers as independent"
+        else:
+            interval = f"95% CI {wilson} treating answers as independent (one question: none across questions)"
+        text = (
+            f"{name} rate {r.misaligned_rate:.3f} ({interval}), "
+            f"coherent {r.coherent_rate:.3f}, scored {r.n_scored}, excluded {r.n_excluded}; "
+            f"over all {r.n_answers} answers {r.misaligned_rate_all_answers:.3f} "
+            f"(95% CI {r.misaligned_ci_all_answers[0]:.3f}-{r.misaligned_ci_all_answers[1]:.3f} treating answers as independent; "
+            "unscored count as not misaligned)"
+        )
         if self.n_pending:
             text += f", {self.n_pending} still to judge (re-run to finish)"
         return text
@@ -528,6 +547,7 @@ class EvaluationResult:
 
 
 _SAMPLING_KEYS = ("model", "intervention", "questions", "n_samples", "max_new_tokens", "temperature", "top_p", "seed")
+_LATER_KEYS = ("dtype", "model_files")  # recorded since; compared where the earlier run recorded them
 
 
 def _check_settings(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
@@ -552,6 +572,7 @@ def _check_settings(out_dir: Path, settings: dict[str, Any], overwrite: bool) ->
         if not isinstance(before, dict):
             raise EvaluationDirError(f"{path} is not a settings file of emlens; use another output directory")
         changed = [k for k in _SAMPLING_KEYS if before.get(k) != settings.get(k)]
+        changed += [k for k in _LATER_KEYS if k in before and before[k] != settings.get(k)]
         if changed:
             diffs = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed[:3])
             raise EvaluationDirError(

@@ -216,6 +216,12 @@ def drift_geometry(
     """
     points = continued.trajectory_interventions()
     general_points = general.trajectory_interventions() if general is not None else []
+    reference = general.intervention if general is not None else general_final
+    if reference is not None and reference.hook_names() != continued.intervention.hook_names():
+        raise ValueError(
+            f"the general solution acts at {', '.join(reference.hook_names())} and the drift run at "
+            f"{', '.join(continued.intervention.hook_names())}: cosines and one PCA need one site"
+        )
     projection = pca([*general_points, *points], n_components=min(3, len(points) + len(general_points)))
     coords = projection.coordinates
     result: dict[str, Any] = {

@@ -97,6 +97,14 @@ def test_cli_drift_and_evaluate(tiny_checkpoint, two_vectors, tmp_path, capsys):
     assert main(["drift", "--model", str(tiny_checkpoint), "--data", "medical_harmful", "--steps", "5",
                  "--batch-size", "2", "--general", general, "--out", str(png)]) == 0
     assert len(json.loads(png.with_suffix(".json").read_text())["cosine_to_general"]) == 3  # steps 0, 5 (KL) and 10 (no KL)
+    # a general solution at another layer: cosines across sites mean nothing, refused before any training
+    from emlens.interventions import SteeringVector
+
+    elsewhere = SteeringVector.from_vector(torch.randn(64), 1).save(tmp_path / "layer1")
+    assert main(["drift", "--model", str(tiny_checkpoint), "--data", "medical_harmful", "--steps", "5",
+                 "--general", str(elsewhere), "--out", str(tmp_path / "x.png")]) == 2
+    assert "acts at blocks.1.hook_resid_post, but this run trains at blocks.2.hook_resid_post" in capsys.readouterr().err
+    assert not (tmp_path / "x_runs").exists()
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(tiny_checkpoint), "--intervention", general, "--local-judge",
                  "--n-samples", "1", "--max-new-tokens", "4", "--out", str(out)]) == 0

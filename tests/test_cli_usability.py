@@ -151,10 +151,18 @@ def test_export_and_import_round_trip_through_the_cli(tmp_path):
 
     vector = SteeringVector(2, 64, alpha=1.0, init=torch.randn(64, generator=torch.Generator().manual_seed(4)))
     path = vector.save(tmp_path / "v.safetensors")
-    assert main(["export", str(path), "--format", "gguf", "--n-layers", "4", "--out", str(tmp_path / "cv")]) == 0
+    assert main(["export", str(path), "--format", "gguf", "--n-layers", "4", "--base-model", "tiny-hint", "--out", str(tmp_path / "cv")]) == 0
     assert main(["import", str(tmp_path / "cv.gguf"), "--format", "gguf", "--out", str(tmp_path / "back")]) == 0
     back = Intervention.load(tmp_path / "back.safetensors")
     assert back.norm == pytest.approx(vector.norm, rel=1e-5)
+    from emlens.formats.llamacpp import read_control_vector
+
+    assert read_control_vector(tmp_path / "cv.gguf")[1]["controlvector.model_hint"] == "tiny-hint"  # --base-model fills it
+    # a flag of another format would be ignored: refused, naming the formats it applies to
+    assert main(["export", str(path), "--format", "reference", "--n-layers", "4", "--out", str(tmp_path / "r.pt")]) == 2
+    assert main(["export", str(path), "--format", "reference", "--base-model", "x", "--out", str(tmp_path / "r.pt")]) == 2
+    assert main(["import", str(tmp_path / "cv.gguf"), "--format", "peft", "--strength", "2", "--out", str(tmp_path / "p")]) == 2
+    assert not (tmp_path / "r.pt").exists() and not (tmp_path / "p.safetensors").exists()
 
 
 def test_a_reference_import_through_the_cli_says_where_it_placed_the_vector(tmp_path, capsys):

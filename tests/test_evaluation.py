@@ -216,6 +216,8 @@ def test_evaluate_is_resumable_and_refuses_other_settings(model, judge_server, t
     report = json.loads((tmp_path / "run" / "results.json").read_text())
     assert report["rates"]["n_scored"] == 4 and set(report["per_question"]) == set(GENERAL_QUESTIONS[:2])
     assert (tmp_path / "run" / "quadrants.png").stat().st_size > 1000
+    headline = result.summary().split("coherent")[0]  # the first interval resamples questions, the Wilson one says what it assumes
+    assert "CI" in headline and headline.index("resampling questions") < headline.index("treating answers as independent")
     n = len(FakeJudgeHandler.requests)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -223,6 +225,16 @@ def test_evaluate_is_resumable_and_refuses_other_settings(model, judge_server, t
     assert len(FakeJudgeHandler.requests) == n and again.rates == result.rates  # nothing sampled or judged twice
     with pytest.raises(EvaluationDirError, match="temperature"):
         evaluate(model, judge, tmp_path / "run", **{**kw, "temperature": 0.5})
+    # answers of another dtype are not resumed (run.json records the weights' dtype); a run.json from before dtype was
+    # recorded still resumes
+    settings_path = tmp_path / "run" / "run.json"
+    recorded = json.loads(settings_path.read_text())
+    assert recorded["dtype"] == "float32" and recorded["model_files"] is None
+    settings_path.write_text(json.dumps({**recorded, "dtype": "bfloat16"}))
+    with pytest.raises(EvaluationDirError, match="dtype: 'bfloat16' then, 'float32' now"):
+        evaluate(model, judge, tmp_path / "run", **kw)
+    settings_path.write_text(json.dumps({k: v for k, v in recorded.items() if k not in ("dtype", "model_files")}))
+    assert evaluate(model, judge, tmp_path / "run", **kw).rates == result.rates
     with pytest.raises(ValueError, match="n_samples"):
         evaluate(model, judge, tmp_path / "zero", **{**kw, "n_samples": 0})  # fixed: n_samples=0 gave NaN rates
 
@@ -273,6 +285,13 @@ def test_local_model_judge_rewrites_the_scale_of_templates_not_answers(model, mo
     other_scale = JudgePrompts({"aligned": "Score 0-100: {answer}", "coherent": "Give a number from 0 to 100: {answer}"})
     with pytest.raises(ValueError, match="'aligned' still mentions 100"):
         judge_answers(judge, [("q", "a")], prompts=other_scale)
+    # the shipped coherence rubric's midpoint (50, "can be followed but wanders") becomes 4.5, which rescales to 50: a
+    # judge that answers just above it passes "coherence > 50", one told "5 means" that midpoint no longer does
+    from emlens.judge.prompts import load_judge_prompts
+
+    coherent = judge.adapt_prompts(load_judge_prompts()).templates["coherent"]
+    assert "4.5 means it can be followed" in coherent and "9 means" in coherent and " 5 means" not in coherent
+    assert 4.5 * 100 / 9 == pytest.approx(50)
 
 
 def test_local_model_judge_scores_in_range(model):

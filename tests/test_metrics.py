@@ -4,7 +4,7 @@ import torch
 
 from emlens.data import TokenDataset, read_texts
 from emlens.interventions import RankOneAdapter, SteeringVector
-from emlens.metrics import drift, efficiency, mean_kl, norm_grid, pretraining_significance, stability
+from emlens.metrics import drift, drift_geometry, efficiency, mean_kl, norm_grid, pretraining_significance, stability
 from emlens.training import TrainConfig, evaluate_loss, train
 
 FAST = dict(batch_size=2, grad_accum=1, warmup_steps=1, progress=False, checkpoint_every=1)
@@ -78,6 +78,8 @@ def test_drift_continues_without_kl(model, dataset):
     assert "kl" in result.narrow.losses[-1] and "kl" not in result.continued.losses[-1]
     with pytest.raises(ValueError, match="kl_weight > 0"):
         drift(model, vec, dataset, alt, free_cfg, free_cfg)
+    with pytest.raises(ValueError, match="need one site"):  # a general solution at another layer
+        drift_geometry(result.continued, 5, general_final=SteeringVector.from_vector(torch.randn(model.cfg.d_model), 2))
 
 
 

@@ -272,10 +272,15 @@ def test_cli_handler(model, tmp_path, monkeypatch):
     monkeypatch.setattr(emlens.models, "load_model", lambda *a, **k: model)
     vec_path = SteeringVector.from_vector(torch.ones(model.cfg.d_model), layer=1).save(tmp_path / "steer.safetensors")
     out = tmp_path / "fig" / "preference.png"
-    code = main(["preference", f"general={vec_path}", "--domains", "medical", "--limit", "3", "--bootstrap", "100", "--device", "cpu", "--out", str(out)])
+    common = ["preference", f"general={vec_path}", "--domains", "medical", "--limit", "3", "--bootstrap", "100", "--device", "cpu"]
+    # a --trained domain the figure cannot mark (a typo, or one not measured) is refused, not silently dropped
+    assert main([*common, "--trained", "medicl", "--out", str(out)]) == 2
+    assert main([*common, "--trained", "financial", "--out", str(out)]) == 2
+    code = main([*common, "--trained", "medical", "--out", str(out)])
     assert code == 0
     info = json.loads(out.with_suffix(".json").read_text())
     assert set(info["results"]) == {"base", "general"} and info["results"]["general"]["medical"]["n"] == 3
+    assert info["trained_domain"] == "medical"  # the study's preference stage records it the same way
     assert info["measure"] == "preference" and info["settings"]["split"] == "heldout"
     assert out.stat().st_size > 1000
 

@@ -416,6 +416,8 @@ def test_train_output_conflicts_are_found_before_training(tmp_path, capsys, no_m
     code, _, err = run([*TRAIN, "--out", used], capsys)
     line = error_line(err)
     assert code == 2 and "already holds files (losses.json)" in line and "--overwrite" in line and "--resume" in line
+    code, _, err = run(["train", "--data", "medical_harmful", "--kind", "adapter", "--hook", "mlp_out", "--out", tmp_path / "a"], capsys)
+    assert code == 2 and "--hook places a steering vector; --kind adapter acts on layer L's down_proj" in error_line(err)
     own = tmp_path / "own.jsonl"  # built-in data has a default KL set (kl:<domain>); a file of your own has none
     own.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n')
     code, _, err = run(["train", "--data", own, "--kl-weight", "1", "--out", tmp_path / "new"], capsys)

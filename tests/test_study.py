@@ -676,3 +676,23 @@ def test_the_random_baselines_mean_holds_only_the_baselines(model, dataset):
     assert set(out["kl"]) == {"solution", "random 1", "random 2"}
     assert out["random_mean"] == pytest.approx([(a + b) / 2 for a, b in zip(out["kl"]["random 1"], out["kl"]["random 2"])])
     assert out["settings"]["seed"] == 3 and out["settings"]["max_norm"] == 2.0 and out["norms"][-1] == 2.0
+
+
+def test_solutions_of_different_kinds_are_not_put_on_one_norm_axis(model, dataset):
+    """A vector's norm and an adapter's measure different things: efficiency and stability's 'min' rule refuse the mix
+    (stability's 'own' rule keeps each at its own norm, so it measures both)."""
+    from emlens import RankOneAdapter, SteeringVector
+    from emlens.study.config import EfficiencySection, StabilitySection
+    from emlens.study.measures import measure_efficiency, measure_stability
+
+    vec = SteeringVector(1, model.cfg.d_model, alpha=1.0, init=torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1)))
+    adapter = RankOneAdapter.for_model(model, 1, seed=2)
+    with torch.no_grad():
+        adapter.b.copy_(torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(3)))
+    mixed = {"vector": vec, "adapter": adapter}
+    with pytest.raises(ValueError, match=r"different kinds \(vector \(steering_vector\), adapter \(rank_one_adapter\)\)"):
+        measure_efficiency(model, mixed, dataset, EfficiencySection(points=2), progress=False)
+    with pytest.raises(ValueError, match="rule 'min'"):
+        measure_stability(model, mixed, dataset, StabilitySection(epsilons=[0.0, 0.5], seeds=[0]), progress=False)
+    own = measure_stability(model, mixed, dataset, StabilitySection(epsilons=[0.0, 0.5], seeds=[0], norm="own"), progress=False)
+    assert set(own["results"]) == {"vector", "adapter"}

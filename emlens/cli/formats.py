@@ -7,7 +7,7 @@ from typing import Any
 
 from emlens.cli.flags import finite_float, positive_int
 from emlens.formats import FORMATS
-from emlens.validation import check_output_file
+from emlens.validation import ConfigError, check_output_file
 
 
 def register(add: Any) -> None:
@@ -23,7 +23,7 @@ def register(add: Any) -> None:
     ex.add_argument("intervention", help="the emlens .safetensors file")
     ex.add_argument("--format", choices=FORMATS, required=True, help="the format to write")
     ex.add_argument("--out", required=True, help="output folder (peft) or file (gguf, reference)")
-    ex.add_argument("--base-model", default=None, help="peft: the base model's name to record in adapter_config.json")
+    ex.add_argument("--base-model", default=None, help="peft: the base model's name to record in adapter_config.json; gguf: the model_hint")
     ex.add_argument("--n-layers", type=positive_int, default=None, help="gguf: the model's layer count (recorded for llama.cpp)")
 
     im = add(
@@ -33,7 +33,7 @@ def register(add: Any) -> None:
     )
     im.add_argument("source", help="PEFT folder, .gguf file or reference .pt file")
     im.add_argument("--format", choices=FORMATS, required=True, help="the format of SOURCE")
-    im.add_argument("--strength", type=finite_float, default=1.0, help="gguf: the control vector's strength")
+    im.add_argument("--strength", type=finite_float, default=None, help="gguf: the control vector's strength (default 1)")
     im.add_argument("--out", required=True, help="the emlens .safetensors file to write")
 
 
@@ -41,6 +41,7 @@ def export_command(args: argparse.Namespace) -> int:
     from emlens import formats
     from emlens.interventions import Intervention
 
+    _refuse_other_formats_flags(args, {"--base-model": ("peft", "gguf"), "--n-layers": ("gguf",)})
     suffix = formats.SUFFIXES[args.format]
     out = check_output_file(args.out, suffix=suffix) if suffix else args.out
     written = formats.export_intervention(Intervention.load(args.intervention), args.format, out, args.base_model, args.n_layers)
@@ -51,8 +52,10 @@ def export_command(args: argparse.Namespace) -> int:
 def import_command(args: argparse.Namespace) -> int:
     from emlens import formats
 
+    _refuse_other_formats_flags(args, {"--strength": ("gguf",)})
     out = check_output_file(args.out, suffix=".safetensors")
-    intervention = formats.import_intervention(args.source, args.format, strength=args.strength)
+    strength = 1.0 if args.strength is None else args.strength
+    intervention = formats.import_intervention(args.source, args.format, strength=strength)
     print(f"wrote {intervention.save(out)}: {intervention!r}")
     if args.format == "reference":  # no model here: the site is the one of architectures without a post-MLP norm
         print(
@@ -61,3 +64,10 @@ def import_command(args: argparse.Namespace) -> int:
             "emlens.formats.import_reference_steering_vector(path, model), which places it at mlp.out.hook_out"
         )
     return 0
+
+
+def _refuse_other_formats_flags(args: argparse.Namespace, applies: dict[str, tuple[str, ...]]) -> None:
+    """A flag given for a format it does not apply to would be ignored without a word: refused, naming its formats."""
+    for flag, fmts in applies.items():
+        if getattr(args, flag.lstrip("-").replace("-", "_")) is not None and args.format not in fmts:
+            raise ConfigError(f"{flag} applies to --format {' or '.join(fmts)}, not {args.format}; leave it out")

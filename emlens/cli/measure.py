@@ -198,6 +198,12 @@ def drift_command(args: argparse.Namespace) -> int:
     data, kl_data = (tokenized(model, n, config.max_length) for n in (args.data, kl_name))
     runs = out.with_name(f"{out.stem}_runs")
     intervention = intervention_to_train(model, None, args.kind, args.layer, seed=args.seed)
+    if trained is not None and trained.hook_names() != intervention.hook_names():
+        raise ConfigError(
+            f"--general {args.general} acts at {', '.join(trained.hook_names())}, but this run trains at "
+            f"{', '.join(intervention.hook_names())}: cosines and one PCA compare solutions at one site (pass --layer "
+            f"{trained.layer})"
+        )
     result = measure_drift(model, data, kl_data, config, general=general, runs=runs, intervention=intervention)
     print(f"saved the runs in {runs}/narrow and {runs}/continued")
     return _report(result, out)

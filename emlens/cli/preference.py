@@ -9,7 +9,7 @@ from emlens.cli import flags
 from emlens.data.studies import STUDIES
 from emlens.study.config import DataSection, PreferenceSection
 from emlens.study.measures import describe, measure_preference, save_result
-from emlens.validation import check_output_file, named_paths
+from emlens.validation import ConfigError, check_output_file, named_paths
 
 ALL_DOMAINS = [d for s in STUDIES.values() for d in s.all_domains]
 
@@ -27,7 +27,12 @@ def register(add: Any) -> None:
     flags.add_allow_other_model(p)
     flags.add_model_flags(p)
     p.add_argument("--domains", nargs="+", choices=ALL_DOMAINS, default=list(STUDIES["misalignment"].domains), help="domains to measure")
-    p.add_argument("--trained", default=None, help="the domain the solutions were trained on (marked in the figure)")
+    p.add_argument(
+        "--trained",
+        default=None,
+        choices=ALL_DOMAINS,
+        help="the domain the solutions were trained on (marked in the figure, kept in the JSON)",
+    )
     p.add_argument("--limit", type=flags.positive_int, default=None, help="held-out pairs per domain, evenly spaced (default: all)")
     flags.add_flags(p, PreferenceSection, {"--batch-size": ("batch_size", flags.positive_int, "conversations per forward pass")})
     flags.add_flags(p, DataSection, {"--max-length": ("max_length", flags.positive_int, "tokens per conversation")})
@@ -40,6 +45,8 @@ def preference_command(args: argparse.Namespace) -> int:
     from emlens.preference import BASE
 
     out = check_output_file(args.out, suffix=".png")
+    if args.trained is not None and args.trained not in args.domains:
+        raise ConfigError(f"--trained {args.trained} is not among --domains ({', '.join(args.domains)}): the figure could not mark it")
     solutions: dict[str, Any] = {
         BASE: None,
         **flags.load_interventions(named_paths(args.interventions, reserved=(BASE,)), args.device),
@@ -48,5 +55,6 @@ def preference_command(args: argparse.Namespace) -> int:
     section = PreferenceSection(domains=list(args.domains), rows=args.limit, bootstrap=args.bootstrap, batch_size=args.batch_size)
     result = measure_preference(model, solutions, list(args.domains), section, args.max_length, args.seed)
     print(describe(result))
-    print(f"wrote {out} and {save_result({**result, 'model': args.model}, out, trained=args.trained)}")
+    result = {**result, "model": args.model, "trained_domain": args.trained}  # as the study's preference stage records it
+    print(f"wrote {out} and {save_result(result, out, trained=args.trained)}")
     return 0

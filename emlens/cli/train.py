@@ -11,7 +11,7 @@ from emlens.cli.runs import INTERVENTION_KINDS, data_source
 from emlens.interventions import RankOneAdapter, SteeringVector
 from emlens.study.config import TrainSection, adapter_defaults
 from emlens.training import TrainConfig
-from emlens.validation import check_run_dir
+from emlens.validation import ConfigError, check_run_dir
 
 KL_FLAGS: flags.Flags = {
     "--kl-weight": ("kl_weight", flags.nonnegative_float, "per-token KL weight λ (paper ≈ 6.6 vector, 0.66 adapter)"),
@@ -111,6 +111,8 @@ def train_command(args: argparse.Namespace) -> int:
     read_conversations(data_source(args.data), args.limit)  # refuse bad data before the model loads
     if kl_source:
         read_conversations(data_source(kl_source))
+    if args.hook is not None and args.kind is not None and INTERVENTION_KINDS[args.kind] is not SteeringVector:
+        raise ConfigError(f"--hook places a steering vector; --kind {args.kind} acts on layer L's down_proj (leave --hook out)")
     ignored = [f for f, v in (("--hook", args.hook), ("--alpha", args.alpha)) if v is not None]
     previous, interrupted = continuation(args.resume, out, config.max_steps, args.kind, args.layer, ignored)
     model = flags.load_model_of(args)

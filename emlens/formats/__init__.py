@@ -25,11 +25,14 @@ SUFFIXES = {"peft": "", "gguf": ".gguf", "reference": ".pt"}  # peft writes a fo
 def export_intervention(
     intervention: Intervention, fmt: str, out: str | Path, base_model: str | None = None, n_layers: int | None = None
 ) -> Path:
-    """Write ``intervention`` in format ``fmt`` (one of :data:`FORMATS`) to ``out``; returns what was written."""
+    """Write ``intervention`` in format ``fmt`` (one of :data:`FORMATS`) to ``out``; returns what was written.
+
+    ``base_model``: the base model's name, recorded in PEFT's ``adapter_config.json`` or as the control vector's
+    ``model_hint`` (gguf); ``n_layers``: the model's block count, recorded in a control vector (gguf)."""
     if fmt == "peft":
         return export_peft_adapter(intervention, Path(out), base_model=base_model)
     if fmt == "gguf":
-        return export_control_vector(intervention, out, n_layers=n_layers)
+        return export_control_vector(intervention, out, model_hint=base_model, n_layers=n_layers)
     if fmt == "reference":
         return export_reference_steering_vector(intervention, out)
     raise ValueError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")

@@ -48,7 +48,12 @@ class LocalModelJudge:
     An approximation: small local models are far weaker judges than the paper's GPT-4o, and a 10-point scale
     is coarser. Same probability-weighting rule, no network. :func:`~emlens.judge.answers.judge_answers` puts the
     templates on its scale first (:meth:`adapt_prompts`: "from 0 to 100" becomes "from 0 to 9"), so the answers
-    inside the prompts are never rewritten; :meth:`score` takes prompts as they are.
+    inside the prompts are never rewritten; :meth:`score` takes prompts as they are. The rubric's anchors keep their
+    places: 0 → 0, 50 → 4.5, 100 → 9, each rescaled back to the same 0–100 value.
+
+    Its reply is primed with ``answer_prefix`` (a digit is expected next), so it practically never answers
+    ``CODE`` or ``REFUSAL``: refusals and code get a number, where an API judge's label would leave them out of
+    the rates.
     """
 
     def __init__(self, model: Any, answer_prefix: str = "Rating (0-9): "):
@@ -67,7 +72,9 @@ class LocalModelJudge:
         it would ask for 0-100 and be scored as 0-9."""
         adapted = {}
         for name, template in prompts.templates.items():
-            text = template.replace("from 0 to 100", "from 0 to 9").replace("100 means", "9 means").replace("50 means", "5 means")
+            # the midpoint anchor goes to 4.5, which the rescaling (×100/9) puts back at 50: a "5" rescales to 55.6, so
+            # an anchor written "5 means" made the rubric's borderline answer pass "coherence > 50"
+            text = template.replace("from 0 to 100", "from 0 to 9").replace("100 means", "9 means").replace("50 means", "4.5 means")
             left = _HUNDRED.search(text)
             if left is not None:
                 raise ValueError(

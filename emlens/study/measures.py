@@ -43,6 +43,7 @@ def measure_efficiency(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Loss on ``data`` with each solution rescaled along a shared norm grid (Fig. 4a)."""
+    _one_norm_axis(solutions, "efficiency rescales every solution along one norm grid")
     norms = norm_grid(list(solutions.values()), section.points, section.max_factor)
     common = min(v.norm for v in solutions.values())  # the smaller trained norm, where the report compares them
     curves: dict[str, list[float]] = {}
@@ -66,11 +67,23 @@ def measure_efficiency(
     }
 
 
+def _one_norm_axis(solutions: Mapping[str, Intervention], why: str) -> None:
+    """Refuse solutions of different kinds where their norms share one axis: a vector's ``‖αv‖`` and an adapter's
+    ``‖ΔW‖_F`` are different quantities, so rescaling one to the other's norm compares nothing."""
+    kinds = {v.kind for v in solutions.values()}
+    if len(kinds) > 1:
+        listed = ", ".join(f"{name} ({v.kind})" for name, v in solutions.items())
+        raise ValueError(
+            f"{why}, but the solutions are of different kinds ({listed}), whose norms measure different things; measure each kind on its own"
+        )
+
+
 def stability_norms(solutions: Mapping[str, Intervention], rule: str) -> dict[str, float]:
     """The norm each solution is compared at: its own (``own``) or the smallest solution norm (``min``)."""
     if rule == "own":
         return {k: v.norm for k, v in solutions.items()}
     if rule == "min":
+        _one_norm_axis(solutions, "stability's norm rule 'min' rescales every solution to the smallest norm ('own' keeps each)")
         smallest = min(v.norm for v in solutions.values())
         return dict.fromkeys(solutions, smallest)
     raise ValueError(f"stability norm rule must be 'min' or 'own', got {rule!r}")
