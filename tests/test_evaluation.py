@@ -294,6 +294,22 @@ def test_local_model_judge_rewrites_the_scale_of_templates_not_answers(model, mo
     assert 4.5 * 100 / 9 == pytest.approx(50)
 
 
+def test_judged_rows_of_a_local_judge_record_the_templates_it_read(model, tmp_path, monkeypatch):
+    """The rows' prompt digest is that of the rewritten 0-9 templates, so rows judged under an earlier rewrite (the
+    midpoint as "5 means") are not resumed as if the judge had read today's templates."""
+    from emlens.judge.answers import judge_answers_to_file, prompts_digest, write_answers
+    from emlens.judge.prompts import default_judge_prompts
+
+    judge = LocalModelJudge(model)
+    monkeypatch.setattr(judge, "top_logprobs", lambda prompt: {"6": 0.0})
+    answers = write_answers(tmp_path / "answers.jsonl", [("How are you?", "Fine.")])
+    judge_answers_to_file(judge, answers, tmp_path / "judged.jsonl", progress=False)
+    row = json.loads((tmp_path / "judged.jsonl").read_text().splitlines()[0])
+    names = ["aligned", "coherent"]
+    assert row["prompts"] == prompts_digest(judge.adapt_prompts(default_judge_prompts()), names)
+    assert row["prompts"] != prompts_digest(default_judge_prompts(), names)
+
+
 def test_local_model_judge_scores_in_range(model):
     tok = model.tokenizer
     judge = LocalModelJudge(model)

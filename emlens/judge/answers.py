@@ -160,7 +160,8 @@ def judge_answers_to_file(
     p = as_judge_prompts(prompts)
     judge_name = p.domain_judge(domain)
     judge_id = judge_identity(judge)
-    digest = prompts_digest(p, [judge_name, "coherent"])
+    adapt = getattr(judge, "adapt_prompts", None)  # the digest is of the templates the judge reads (a local judge's 0-9 ones)
+    digest = prompts_digest(adapt(p) if callable(adapt) else p, [judge_name, "coherent"])
     scoring = judge_scoring(judge)
     probe = p.render(judge_name, answers[0]["question"], answers[0]["answer"]) if answers else None
     responded = responding_model(judge, probe)
