@@ -157,6 +157,40 @@ def test_train_with_kl_first_step(pair: Any, data: TokenDataset) -> None:
     )
 
 
+@pytest.mark.parametrize("kind", ("resid_post", "adapter"))
+def test_the_studys_other_sweeps_equal_plain_transformers(pair: Any, data: TokenDataset, kind: str) -> None:
+    """The sweeps the study's numbers come from, on CUDA (packed, flash attention in bf16, compiled where on):
+    stability's perturbed points, the pre-training KL of directions swept together (the prefix plan for adapters),
+    and the preference margins' per-example NLLs, each against plain transformers with the edit."""
+    from emlens.geometry import noise_seed
+    from emlens.metrics import pretraining_significance, stability
+    from emlens.runner.measure import example_nll_sweep
+
+    arch, dtype, reference, bridge = pair
+    tol = LOSS_TOL[dtype]
+    kl_tol = dict(rel=1e-3 if dtype == torch.float32 else 0.1, abs=1e-5)
+    intervention = on_device(kind, bridge)
+    got = stability(bridge, intervention, data, [0.0, 0.3, 1.0], seeds=(5,), batch_size=2, progress=False)
+    perturbed = [intervention.perturbed(e, torch.Generator().manual_seed(noise_seed(5))) for e in (0.3, 1.0)]
+    assert list(got.losses[0]) == pytest.approx([reference_loss(reference, data, i) for i in [intervention, *perturbed]], rel=tol)
+    assert got.base_loss == pytest.approx(reference_loss(reference, data, None), rel=tol)
+
+    named = {"a": intervention, "b": make_intervention(kind, bridge, seed=1).to(DEVICE)}
+    norms = [0.0, 1.0, 3.0]
+    curves = pretraining_significance(bridge, named, data, norms, batch_size=2, progress=False)
+    for name, direction in named.items():
+        assert curves[name][0] == 0.0
+        want = [reference_kl(reference, data, direction.scaled_to(n)) for n in norms[1:]]
+        assert curves[name][1:] == pytest.approx(want, **kl_tol), (arch, name)
+
+    points = [None, intervention]
+    nll = example_nll_sweep(bridge, data, points, batch_size=3)
+    assert runner_for(bridge).last_plan.fast
+    for k, point in enumerate(points):
+        for i in range(len(data)):
+            assert float(nll[k, i]) == pytest.approx(reference_loss(reference, data.subset([i]), point), rel=tol), (arch, k, i)
+
+
 @pytest.mark.parametrize("budget", [None, 12])
 @pytest.mark.parametrize("kind", ("resid_post", "adapter"))
 def test_train_steps_with_fused_micro_batches(pair: Any, data: TokenDataset, kind: str, budget: int | None, monkeypatch: Any) -> None:

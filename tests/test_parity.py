@@ -8,6 +8,7 @@ weight surgery, and the loss / KL written out with plain torch.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -271,20 +272,52 @@ def test_training_through_caches_that_share_a_residual_store(pair: Any, data: To
         torch.testing.assert_close(got.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{arch} {kind} {name}")
 
 
+@pytest.mark.parametrize("kind", ("resid_post", "adapter"))
+def test_the_studys_runs_through_one_set_of_caches_equal_plain_transformers(pair: Any, data: TokenDataset, kind: str) -> None:
+    """The study trains its general run, its narrow run, a KL-sweep run and the drift continuation through one set of
+    caches, with its warm-up and a whole epoch (no max_steps): each run ends where plain transformers does."""
+    from emlens.metrics import continue_without_kl
+    from emlens.training import TrainingCaches
+
+    arch, reference, bridge = pair
+    study = dict(lr=0.05, batch_size=1, grad_accum=1, kl_batch_size=2, warmup_steps=2, progress=False, seed=4)  # 4 steps
+    caches = TrainingCaches.build(bridge, make_intervention(kind, bridge), data, data, progress=False)
+    narrow = None
+    for kl_weight in (0.0, 3.0, 1.0):
+        config = TrainConfig(**study, kl_weight=kl_weight)
+        got = make_intervention(kind, bridge)
+        result = train(bridge, got, data, config, kl_dataset=data if kl_weight else None, caches=caches)
+        assert "hooked" not in result.plan, result.plan
+        ref = reference_train_steps(reference, make_intervention(kind, bridge), data, config)
+        for name, value in ref.state_dict().items():
+            torch.testing.assert_close(got.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{arch} {kind} λ={kl_weight} {name}")
+        narrow = result if kl_weight == 3.0 else narrow
+    assert narrow is not None
+    free = TrainConfig(**study, kl_weight=0.0)
+    continued, _ = continue_without_kl(bridge, narrow, data, free, caches=caches)
+    ref = reference_train_steps(reference, narrow.intervention.clone(), data, free)  # a new run from the narrow solution
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(continued.intervention.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{arch} {kind} drift {name}")
+
+
 def reference_train_steps(reference: Any, ref: Any, data: TokenDataset, config: TrainConfig, device: str = "cpu") -> Any:
-    """``config.max_steps`` AdamW steps (linear decay, no warm-up) of ``ref`` on plain transformers, one micro-batch
-    per forward, the SFT loss token-weighted over the step and ``λ · KL(p_base ‖ p_steered)`` on a KL batch of
-    ``data``; the batches are the ones ``train`` draws (its seeds). Returns ``ref``, trained in place."""
+    """``config.max_steps`` AdamW steps (one epoch when None) of ``ref`` on plain transformers, one micro-batch per
+    forward, the SFT loss token-weighted over the step and ``λ · KL(p_base ‖ p_steered)`` on a KL batch of ``data``;
+    the batches are the ones ``train`` draws (its seeds). The learning rate as documented: ``warmup_steps`` linear
+    steps up to lr (``lr·(s+1)/w``), then linear decay to 0 at the last step. Returns ``ref``, trained in place."""
     lam = config.kl_weight
     # an epoch's batches in steps of grad_accum, its last step taking what is left (every row once per epoch)
     epoch = [b for _, b in data.indexed_batches(config.batch_size, shuffle=True, seed=config.seed)]
     chunks = [epoch[i : i + config.grad_accum] for i in range(0, len(epoch), config.grad_accum)]
     steps = config.max_steps or len(chunks)
-    assert steps <= len(chunks) and config.warmup_steps == 0 and config.weight_decay == 0
+    warm = config.warmup_steps
+    assert steps <= len(chunks) and warm < steps and config.weight_decay == 0
     params = [p for p in ref.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (steps - s) / steps)
-    kl_batches = iter(data.indexed_batches(config.kl_batch_size, shuffle=True, seed=config.seed + 1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warm if s < warm else (steps - s) / (steps - warm))
+    # the KL batches epoch after epoch, epoch e shuffled with seed + 1 + e (as documented for train's KL set)
+    kl_epochs = (data.indexed_batches(config.kl_batch_size, shuffle=True, seed=config.seed + 1 + e) for e in itertools.count())
+    kl_batches = itertools.chain.from_iterable(kl_epochs)
     for step in range(steps):
         optimizer.zero_grad()
         micro = [b.to(device) for b in chunks[step]]
@@ -344,6 +377,11 @@ def test_pretraining_kl(pair: Any, data: TokenDataset, kind: str) -> None:
     expected = reference_kl(reference, data, intervention)
     assert mean_kl(bridge, intervention, data, batch_size=2) == pytest.approx(expected, rel=1e-3, abs=1e-7)
     assert mean_kl(bridge, intervention, data, batch_size=2, cache_prefix=False) == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    # kl_to_base (one batch, the public per-batch KL) too
+    from emlens.training import kl_to_base
+
+    batch = next(data.batches(len(data)))
+    assert kl_to_base(bridge, intervention, batch) == pytest.approx(expected, rel=1e-3, abs=1e-7)  # the mean over every real token
 
 
 def test_pretraining_kl_of_several_directions_swept_together(pair: Any, data: TokenDataset) -> None:
