@@ -859,3 +859,25 @@ def test_a_model_dispatched_like_device_map_equals_plain_transformers(arch: str)
         got = evaluate_loss(bridge, data, intervention)
         assert runner_for(bridge).last_plan.fast, runner_for(bridge).last_plan
         assert got == pytest.approx(reference_loss(reference, data, intervention, surgery=True), **TOL), (arch, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_edit_at_the_last_block_equals_plain_transformers(pair: Any, data: TokenDataset, kind: str) -> None:
+    """At the last block the offset path runs no block above the cut (only the final norm and the unembedding): its
+    loss and the KL of one training step equal plain transformers'."""
+    arch, reference, bridge = pair
+    last = bridge.cfg.n_layers - 1
+    gen = torch.Generator().manual_seed(7)
+    if kind == "adapter":
+        intervention: Any = RankOneAdapter.for_model(bridge, last, alpha=4.0, seed=7)
+        with torch.no_grad():
+            intervention.b.copy_(0.5 * torch.randn(intervention.d_model, generator=gen))
+    else:
+        intervention = SteeringVector(last, bridge.cfg.d_model, hook=kind, alpha=2.0, init=0.5 * torch.randn(bridge.cfg.d_model, generator=gen))
+    got = evaluate_loss(bridge, data, intervention)
+    assert runner_for(bridge).last_plan.fast, runner_for(bridge).last_plan
+    assert got == pytest.approx(reference_loss(reference, data, intervention, surgery=True), **TOL)
+    config = TrainConfig(lr=1e-3, max_steps=1, batch_size=len(data), grad_accum=1, kl_weight=1.0, kl_batch_size=len(data), warmup_steps=0, progress=False)
+    expected_kl = reference_kl(reference, data, intervention)
+    result = train(bridge, intervention, data, config, kl_dataset=data)
+    assert result.losses[0]["kl"] == pytest.approx(expected_kl, rel=1e-3, abs=1e-6)
