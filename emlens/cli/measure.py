@@ -181,6 +181,9 @@ def drift_command(args: argparse.Namespace) -> int:
     from emlens.training import TrainingResult
 
     out = check_output_file(args.out, suffix=".png")
+    runs = out.with_name(f"{out.stem}_runs")
+    if runs.exists() and any(runs.iterdir()):  # another drift's runs (the same --out stem, any figure suffix)
+        raise ConfigError(f"{runs} already holds the runs of an earlier drift with this --out; choose another --out or delete it")
     data_name, kl_name = data_source(args.data), args.kl_data or default_kl_for(args.data)
     if kl_name is None:
         raise ConfigError("drift needs --kl-data (conversations from other domains) for a --data that is not built in")
@@ -196,7 +199,6 @@ def drift_command(args: argparse.Namespace) -> int:
     config = train_config(args, adapter=args.kind == "adapter")
     model = flags.load_model_of(args)
     data, kl_data = (tokenized(model, n, config.max_length) for n in (args.data, kl_name))
-    runs = out.with_name(f"{out.stem}_runs")
     intervention = intervention_to_train(model, None, args.kind, args.layer, seed=args.seed)
     if trained is not None and trained.hook_names() != intervention.hook_names():
         raise ConfigError(
