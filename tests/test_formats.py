@@ -132,6 +132,10 @@ def test_reference_format_round_trip_and_errors(tmp_path: Path) -> None:
         export_reference_steering_vector(resid, tmp_path / "d.pt", gemma)  # not on Gemma (post-MLP norm)
     exact = import_reference_steering_vector(tmp_path / "a", gemma)
     export_reference_steering_vector(exact, tmp_path / "e.pt", gemma)
+    # no model given (the CLI's export), but the vector records a Gemma model: refused instead of assumed post-norm-free
+    resid.model_name = "google/gemma-2-2b-it"
+    with pytest.raises(InterventionError, match="post-norm"):
+        export_reference_steering_vector(resid, tmp_path / "f.pt")
     torch.save({"vector": v}, tmp_path / "bad.pt")
     with pytest.raises(InterventionError, match="layer_idx"):
         import_reference_steering_vector(tmp_path / "bad.pt")

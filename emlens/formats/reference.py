@@ -90,6 +90,12 @@ def export_reference_steering_vector(vector: Intervention, path: str | Path, mod
     layer = vector.layer
     exact = vector.hook == f"blocks.{layer}.mlp.out.hook_out"
     residual = vector.hook in (f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.hook_resid_post")
+    if residual and model is None and "gemma" in (vector.model_name or "").lower():
+        raise InterventionError(
+            f"the vector was made for {vector.model_name}, whose MLP output passes a post-norm before the residual: "
+            f"{vector.hook} is not layer {layer}'s down_proj output there; pass the model (model=...) to check, or "
+            f"export a vector at blocks.{layer}.mlp.out.hook_out"
+        )
     if not (exact or (residual and not (model is not None and _has_post_mlp_norm(model)))):
         raise InterventionError(
             f"a vector at {vector.hook} is not an edit of layer {layer}'s down_proj output on this model "
