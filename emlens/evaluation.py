@@ -59,6 +59,7 @@ from emlens.judge import (
     score_reply,
     write_answers,
 )
+from emlens.models import local_model_files
 from emlens.preference import bootstrap_ci
 
 __all__ = [
@@ -227,7 +228,7 @@ def _sampling_settings(
     return {
         "model": model_name or getattr(getattr(model, "cfg", None), "model_name", None) or type(model).__name__,
         "dtype": str(first.dtype).removeprefix("torch.") if first is not None else None,
-        "model_files": _local_files(model_name),
+        "model_files": json_safe(local_model_files(model_name)),  # lists, as run.json reads them back
         "intervention": intervention_digest(intervention),
         "questions": hashlib.sha256("\n".join(questions).encode()).hexdigest()[:16],
         "n_samples": n_samples,
@@ -236,15 +237,6 @@ def _sampling_settings(
         "top_p": float(top_p),
         "seed": seed,
     }
-
-
-def _local_files(name: str | None) -> list[list[Any]] | None:
-    """``[name, size, mtime]`` of each file of a local model path (None for a hub name or no name)."""
-    path = Path(name) if name else None
-    if path is None or not path.exists():
-        return None
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [[str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files]
 
 
 def _sample(

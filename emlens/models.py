@@ -62,6 +62,16 @@ class ModelLoadError(RuntimeError):
     """A model could not be found or loaded."""
 
 
+def local_model_files(name: str | None) -> list[tuple[str, int, int]] | None:
+    """``(file name, size, mtime)`` of each file of a local model path, in order (None for a hub name or no name):
+    what identifies local weights where their content is not hashed (new weights at the same path differ)."""
+    path = Path(name) if name else None
+    if path is None or not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+
+
 def cache_dir() -> Path:
     """Where emlens keeps the default model and the judge's replies.
 

@@ -135,12 +135,12 @@ class Composed(Intervention):
         parts = [p.scaled_to(p.norm * factor) if self._sized(p) and p.norm > 0 else p.clone() for p in self.members()]
         return Composed(parts, self.model_name)
 
-    def at_norm(self, norm: float) -> Composed | None:
+    def at_norm(self, norm: float) -> Intervention | None:
         """At norm 0 the parts rescaling leaves alone (an ablation beside a vector) still act: the sweep's first point
         is the composition with its sized parts at zero, not the bare model (None only when every part rescales)."""
         if norm == 0 and any(not self._sized(p) for p in self.members()):
             return self.scaled_to(0.0)
-        return None if norm == 0 else self.scaled_to(norm)
+        return super().at_norm(norm)
 
     # --- how it acts ------------------------------------------------------------------------------
     def acts_per_position(self) -> bool:

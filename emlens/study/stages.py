@@ -104,14 +104,13 @@ def _version() -> str:
 def model_identity(name: str) -> dict[str, Any]:
     """What identifies the model's weights: its name, and for a local path the files' sizes and times, for a hub
     name the commit it stands for now (:func:`emlens.models.hub_revision`; the study loads the model at that commit)."""
-    from emlens.models import DEFAULT_ALIASES, SMOLLM2_WHEEL, hub_revision
+    from emlens.models import DEFAULT_ALIASES, SMOLLM2_WHEEL, hub_revision, local_model_files
 
     if name in DEFAULT_ALIASES:
         return {"name": "smollm2", "release": SMOLLM2_WHEEL}
-    path = Path(name)
-    if path.exists():
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        return {"name": str(path.resolve()), "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
+    files = local_model_files(name)
+    if files is not None:
+        return {"name": str(Path(name).resolve()), "files": files}
     return {"name": name, "revision": hub_revision(name)}
 
 
