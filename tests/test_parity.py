@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import itertools
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytest
@@ -300,20 +300,28 @@ def test_the_studys_runs_through_one_set_of_caches_equal_plain_transformers(pair
         torch.testing.assert_close(continued.intervention.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{arch} {kind} drift {name}")
 
 
-def reference_train_steps(reference: Any, ref: Any, data: TokenDataset, config: TrainConfig, device: str = "cpu") -> Any:
+def reference_train_steps(
+    reference: Any, ref: Any, data: TokenDataset, config: TrainConfig, device: str = "cpu", *,
+    edit: Callable[[], Any] | None = None, base: Callable[[], Any] = nullcontext, params: list[torch.Tensor] | None = None,
+) -> Any:  # fmt: skip
     """``config.max_steps`` AdamW steps (one epoch when None) of ``ref`` on plain transformers, one micro-batch per
     forward, the SFT loss token-weighted over the step and ``λ · KL(p_base ‖ p_steered)`` on a KL batch of ``data``;
     the batches are the ones ``train`` draws (its seeds). The learning rate as documented: ``warmup_steps`` linear
-    steps up to lr (``lr·(s+1)/w``), then linear decay to 0 at the last step. Returns ``ref``, trained in place."""
+    steps up to lr (``lr·(s+1)/w``), then linear decay to 0 at the last step. Returns ``ref``, trained in place.
+
+    ``edit`` (default: :func:`reference_edit` of ``ref``) makes ``reference`` the steered model, ``base`` makes it the
+    base model (default: as it is), and ``params`` are the tensors trained (default: ``ref``'s): a peft model passes
+    its own LoRA weights, hooks that read other tensors pass those."""
     lam = config.kl_weight
+    steered = edit if edit is not None else (lambda: reference_edit(reference, ref))
     # an epoch's batches in steps of grad_accum, its last step taking what is left (every row once per epoch)
     epoch = [b for _, b in data.indexed_batches(config.batch_size, shuffle=True, seed=config.seed)]
     chunks = [epoch[i : i + config.grad_accum] for i in range(0, len(epoch), config.grad_accum)]
     steps = config.max_steps or len(chunks)
     warm = config.warmup_steps
     assert steps <= len(chunks) and warm < steps and config.weight_decay == 0
-    params = [p for p in ref.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    trained = params if params is not None else [p for p in ref.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warm if s < warm else (steps - s) / (steps - warm))
     # the KL batches epoch after epoch, epoch e shuffled with seed + 1 + e (as documented for train's KL set)
     kl_epochs = (data.indexed_batches(config.kl_batch_size, shuffle=True, seed=config.seed + 1 + e) for e in itertools.count())
@@ -321,27 +329,32 @@ def reference_train_steps(reference: Any, ref: Any, data: TokenDataset, config: 
     for step in range(steps):
         optimizer.zero_grad()
         micro = [b.to(device) for b in chunks[step]]
-        reference_step_backward(reference, ref, micro, next(kl_batches)[1].to(device), lam)
+        reference_step_backward(reference, ref, micro, next(kl_batches)[1].to(device), lam, edit=steered, base=base)
         optimizer.step()
         scheduler.step()
     return ref
 
 
-def reference_step_backward(reference: Any, ref: Any, micro: list[ChatBatch], kl_batch: ChatBatch, lam: float) -> None:
+def reference_step_backward(
+    reference: Any, ref: Any, micro: list[ChatBatch], kl_batch: ChatBatch, lam: float, *,
+    edit: Callable[[], Any] | None = None, base: Callable[[], Any] = nullcontext,
+) -> None:  # fmt: skip
     """One step's gradient into ``ref`` on plain transformers: each micro-batch's summed NLL over the step's scored
-    tokens, then ``λ · KL(p_base ‖ p_steered)`` averaged over the KL batch's real tokens, one forward each."""
+    tokens, then ``λ · KL(p_base ‖ p_steered)`` averaged over the KL batch's real tokens, one forward each
+    (``edit`` and ``base`` as in :func:`reference_train_steps`)."""
+    steered = edit if edit is not None else (lambda: reference_edit(reference, ref))
     n = sum(int(b.scored.sum()) for b in micro)
     for batch in micro:
-        with reference_edit(reference, ref):
+        with steered():
             logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         loss = F.cross_entropy(logits[:, :-1][batch.scored].float(), batch.input_ids[:, 1:][batch.scored], reduction="sum")
         (loss / n).backward()
     real = kl_batch.attention_mask.bool()
-    with torch.no_grad():
-        base = F.log_softmax(reference(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask).logits[real].float(), -1)
-    with reference_edit(reference, ref):
-        steered = F.log_softmax(reference(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask).logits[real].float(), -1)
-    (lam * (base.exp() * (base - steered)).sum(-1).mean()).backward()
+    with torch.no_grad(), base():
+        p_base = F.log_softmax(reference(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask).logits[real].float(), -1)
+    with steered():
+        p_steered = F.log_softmax(reference(input_ids=kl_batch.input_ids, attention_mask=kl_batch.attention_mask).logits[real].float(), -1)
+    (lam * (p_base.exp() * (p_base - p_steered)).sum(-1).mean()).backward()
 
 
 @pytest.mark.parametrize("kind", KINDS)
