@@ -10,7 +10,10 @@ single-row decoding. This file closes the gap, float32 on CPU, every proved arch
   ``MultiLayerSteering`` (forward hooks), an ablation composed with a steering vector, and a LoRA adapter composed
   with multi-layer steering (peft plus hooks);
 - tokens and every step's logits of a left-padded batch equal plain ``generate`` with the same edits, for the same
-  interventions.
+  interventions;
+- activations read under an intervention (``collect_activations``) equal a forward hook on plain transformers;
+- the padded fast path, which Gemma's architectures always take, on the Llama-family architectures that usually pack
+  (as when a model is loaded with an attention implementation emlens cannot pack).
 
 The base model of the KL term is the model with the whole intervention off (a composition's ablation included).
 """
@@ -18,6 +21,7 @@ The base model of the KL term is the model with the whole intervention off (a co
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -26,14 +30,17 @@ from typing import Any
 import pytest
 import torch
 
-from emlens import DirectionAblation, MultiLayerSteering, SteeringVector, TokenDataset, TrainConfig, train
+from emlens import DirectionAblation, MultiLayerSteering, SteeringVector, TokenDataset, TrainConfig, evaluate_loss, train
+from emlens.metrics import efficiency, mean_kl
 from emlens.runner import runner_for
 from emlens.runner.sampling import SamplingSettings, generate_batch
+from tests.conftest import CONVERSATIONS
 from tests.test_ablation import ablate, direction, hooks_on
 from tests.test_lora import make_lora, peft_modules, peft_twin, require
 from tests.test_multilayer import make_steering
 from tests.test_multilayer import reference_edit as multilayer_edit
-from tests.test_parity import PADDED_PROMPTS, left_padded, reference_train_steps
+from tests.test_parity import KINDS, LAYER, PADDED_PROMPTS, left_padded, make_intervention, reference_edit, reference_train_steps
+from tests.tiny_archs import PROVED, tiny_pair
 
 require("peft", allow_module_level=True)
 
@@ -210,3 +217,79 @@ def test_decoding_of_a_left_padded_batch_equals_plain_generate(pair: Any, case: 
                              eos_token_id=bridge.tokenizer.eos_token_id, output_logits=True, return_dict_in_generate=True, **kwargs)  # fmt: skip
     assert tokens.tolist() == out.sequences[:, ids.shape[1] :].tolist()
     torch.testing.assert_close(logits, torch.stack(out.logits), rtol=1e-4, atol=1e-4)
+
+
+# --- activations read under an intervention --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("read", (LAYER, LAYER + 1), ids=("at-the-edit", "after-it"))
+@pytest.mark.parametrize("kind", (None, *KINDS))
+def test_activations_under_an_intervention_equal_plain_transformers(pair: Any, data: TokenDataset, kind: str | None, read: int) -> None:
+    """collect_activations at a block's output, with the intervention on, equals a forward hook on plain transformers
+    registered after the edit's (so that it reads the edited output), at assistant tokens and at every real token."""
+    from emlens.runner.activations import collect_activations
+
+    arch, reference, bridge = pair
+    intervention = make_intervention(kind, bridge) if kind else None
+    for assistant_only in (True, False):
+        got = collect_activations(
+            bridge, data, f"blocks.{read}.hook_resid_post", batch_size=2, assistant_only=assistant_only, intervention=intervention
+        )
+        expected: list[torch.Tensor] = []
+        store: dict[str, torch.Tensor] = {}
+        with torch.no_grad(), reference_edit(reference, intervention):
+            handle = reference.model.layers[read].register_forward_hook(lambda m, a, out, store=store: store.__setitem__("out", out))
+            try:
+                for batch in data.batches(2):
+                    reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                    mask = batch.loss_mask if assistant_only else batch.attention_mask.bool()
+                    expected.append(store["out"][mask])
+            finally:
+                handle.remove()
+        want = torch.cat(expected).float()
+        # Gemma's residuals reach about 9 here (its embeddings are scaled by √d): rounding is relative to that size
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(want.abs().max())), msg=f"{arch} {kind} {read}")
+
+
+# --- the padded fast path on an architecture that is usually packed ------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", [a for a in PROVED if not a.startswith("gemma")])
+def test_the_padded_fast_path_of_a_packable_architecture_equals_plain_transformers(arch: str) -> None:
+    """A Llama-family model whose attention emlens cannot pack (loaded with another attention implementation, e.g.
+    flash_attention_2) runs its fast paths padded, as Gemma's always do. Losses, two training steps with KL, an
+    efficiency sweep, the KL, activations and left-padded decoding equal plain transformers there."""
+    from emlens.runner.activations import collect_activations
+    from tests.test_parity import reference_generate, reference_kl, reference_loss
+
+    reference, bridge = tiny_pair(arch)
+    runner = runner_for(bridge)
+    runner.arch = dataclasses.replace(runner.arch, packable=False)  # what Architecture.of gives for another attention
+    data = TokenDataset.from_conversations(bridge.tokenizer, CONVERSATIONS, max_length=128)
+    for kind in KINDS:
+        intervention = make_intervention(kind, bridge)
+        assert evaluate_loss(bridge, data, intervention) == pytest.approx(reference_loss(reference, data, intervention), rel=1e-4, abs=1e-5)
+        plan = runner.last_plan
+        assert plan is not None and plan.fast, plan
+        norms = [0.0, 1.5 * intervention.norm]
+        want = [reference_loss(reference, data, None), reference_loss(reference, data, intervention.scaled_to(norms[1]))]
+        assert efficiency(bridge, intervention, data, norms, batch_size=2, progress=False) == pytest.approx(want, rel=1e-4, abs=1e-5)
+        kl = mean_kl(bridge, intervention, data, batch_size=2)
+        assert kl == pytest.approx(reference_kl(reference, data, intervention), rel=1e-3, abs=1e-7)
+        config = TrainConfig(lr=0.05, batch_size=1, grad_accum=2, kl_weight=3.0, kl_batch_size=2, warmup_steps=0, progress=False, seed=4)
+        got = make_intervention(kind, bridge)
+        result = train(bridge, got, data, config, kl_dataset=data)
+        assert "hooked" not in result.plan, result.plan
+        ref = reference_train_steps(reference, make_intervention(kind, bridge), data, config)
+        for name, value in ref.state_dict().items():
+            torch.testing.assert_close(got.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{arch} {kind} {name}")
+        acts = collect_activations(bridge, data, f"blocks.{LAYER + 1}.hook_resid_post", batch_size=2, intervention=intervention)
+        assert acts.shape[0] == sum(int(torch.tensor(e.loss_mask).sum()) for e in data.examples)
+        pad = bridge.tokenizer.pad_token_id
+        ids, mask = left_padded(PADDED_PROMPTS, pad)
+        settings = SamplingSettings(8, 0.0)
+        tokens, logits = generate_batch(bridge, ids, mask, intervention, settings, seed=0, return_logits=True)
+        assert "slot-cache" not in runner.last_plan.reason  # the slot decoder needs packable blocks
+        want_tokens, want_logits = reference_generate(reference, intervention, ids, mask, settings, 0, pad, bridge.tokenizer.eos_token_id)
+        assert tokens.tolist() == want_tokens.tolist()
+        torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
