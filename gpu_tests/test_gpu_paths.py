@@ -424,3 +424,58 @@ def test_every_saved_intervention_loads_onto_the_device_asked_for(tmp_path: Any)
         loaded = Intervention.load(path, DEVICE)
         devices = {tensor.device.type for tensor in loaded.state_dict().values()}
         assert devices == {"cuda"}, (name, devices)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # packed and padded fast paths
+def test_fast_paths_of_a_model_spread_over_two_gpus_equal_plain_transformers(arch: str, tmp_path: Any) -> None:
+    """A model split over two GPUs by ``device_map`` (half its blocks on each; the edit's block on the first, the blocks
+    above it across both): ``evaluate_loss``, efficiency, the KL and two training steps with KL on the fast paths equal
+    plain transformers on one GPU with the same edit, in float32."""
+    from transformers import AutoModelForCausalLM
+
+    from emlens.models import byte_tokenizer, load_model
+    from tests.tiny_archs import tiny_config
+
+    tok = byte_tokenizer()
+    torch.manual_seed(3)
+    hf = AutoModelForCausalLM.from_config(tiny_config(arch, tok), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    n = hf.config.num_hidden_layers
+    device_map: dict[str, Any] = {f"model.{name}": 0 for name, _ in hf.model.named_children() if name not in ("layers", "norm")}
+    device_map.update({"lm_head": 0, "model.norm": 1, **{f"model.layers.{i}": 0 if i < n // 2 else 1 for i in range(n)}})
+    bridge = load_model(str(tmp_path), dtype=torch.float32, device_map=device_map)
+    runner = runner_for(bridge)
+    assert len({p.device for p in runner.plain.parameters()}) == 2
+    reference = hf.to("cuda:0")
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    data = TokenDataset.from_conversations(tok, CONVERSATIONS, max_length=128)
+    from emlens import SteeringVector
+
+    last = SteeringVector(n - 1, hf.config.hidden_size, alpha=2.0, init=0.5 * torch.randn(hf.config.hidden_size)).to("cuda:0")
+    assert evaluate_loss(bridge, data, last) == pytest.approx(reference_loss(reference, data, last), rel=1e-4, abs=1e-5)  # only the norm above
+    assert runner.last_plan is not None and runner.last_plan.fast, runner.last_plan
+    for kind in ("resid_post", "adapter"):
+        intervention = make_intervention(kind, bridge).to("cuda:0")
+        want = reference_loss(reference, data, intervention)
+        assert evaluate_loss(bridge, data, intervention) == pytest.approx(want, rel=1e-4, abs=1e-5), kind
+        assert runner.last_plan is not None and runner.last_plan.fast, runner.last_plan
+        norms = [0.0, 1.5 * intervention.norm]
+        want_eff = [reference_loss(reference, data, None), reference_loss(reference, data, intervention.scaled_to(norms[1]))]
+        got_eff = efficiency(bridge, intervention, data, norms, batch_size=2, progress=False)
+        assert got_eff == pytest.approx(want_eff, rel=1e-4, abs=1e-5), kind
+        got_kl = mean_kl(bridge, intervention, data, batch_size=2)
+        assert got_kl == pytest.approx(reference_kl(reference, data, intervention), rel=1e-3, abs=1e-6), kind
+        config = TrainConfig(lr=0.05, batch_size=1, grad_accum=2, kl_weight=3.0, kl_batch_size=2, warmup_steps=0, progress=False, seed=4)
+        got = make_intervention(kind, bridge).to("cuda:0")
+        result = train(bridge, got, data, config, kl_dataset=data)
+        assert "hooked" not in result.plan, result.plan
+        ref = reference_train_steps(reference, make_intervention(kind, bridge).to("cuda:0"), data, config, "cuda:0")
+        for name, value in ref.state_dict().items():
+            torch.testing.assert_close(got.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{arch} {kind} {name}")

@@ -254,7 +254,8 @@ class Runner:
         padded = residual.new_zeros((len(lengths) * width, residual.shape[-1])).index_copy(0, real, residual)
         padded = padded.view(len(lengths), width, -1)
         if cut >= self.arch.n_layers:
-            return self.decoder.norm(padded).flatten(0, 1).index_select(0, real)
+            normed = self.decoder.norm(padded)  # on the norm's device: another GPU where device_map split the model
+            return normed.flatten(0, 1).index_select(0, real.to(normed.device))
         stack = [_Skip() for _ in range(cut)] + self.layers[cut:]
 
         def feed(module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -272,7 +273,7 @@ class Runner:
         finally:
             decoder._modules["layers"] = full
             handle.remove()
-        return out.flatten(0, 1).index_select(0, real)
+        return out.flatten(0, 1).index_select(0, real.to(out.device))  # out: on the last block's device
 
     def unembed(self, hidden: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
         """Logits of final-normed hidden states (with the model's final logit soft-cap, if any)."""
