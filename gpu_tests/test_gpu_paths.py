@@ -336,10 +336,22 @@ def test_a_step_that_cannot_be_captured_decodes_eagerly_with_a_warning(monkeypat
         torch.cuda.synchronize()  # not allowed while a CUDA graph is being captured
         return original(self, x, position_ids, *args, **kwargs)
 
+    sampled = SamplingSettings(12, 1.0)
+    _without_graphs(monkeypatch)
+    eager_sampled = generate_batch(bridge, ids, mask, None, sampled, seed=3)
+    torch.manual_seed(9)
+    eager_draw = torch.randn(5, device=DEVICE)
+    monkeypatch.undo()
     monkeypatch.setattr(type(rotary), "forward", syncing)
     with pytest.warns(RuntimeWarning, match="without CUDA graphs"):
         tokens, logits = generate_batch(bridge, ids, mask, None, settings, seed=0, return_logits=True)
     assert tokens.tolist() == eager.tolist() and torch.equal(logits, eager_logits)
+    # the failed capture leaves the device's random numbers usable: sampling at temperature 1 (its own fallback again)
+    # and a plain draw give what they give where no capture was tried
+    with pytest.warns(RuntimeWarning, match="without CUDA graphs"):
+        assert generate_batch(bridge, ids, mask, None, sampled, seed=3).tolist() == eager_sampled.tolist()
+    torch.manual_seed(9)
+    assert torch.equal(torch.randn(5, device=DEVICE), eager_draw)
 
 
 def _without_graphs(monkeypatch: Any) -> None:

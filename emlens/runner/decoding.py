@@ -243,9 +243,29 @@ class SlotDecoder:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._step_eager(attend)
+        generator = torch.cuda.default_generators[self.filled.device.index or 0]
+        seed, offset = generator.initial_seed(), generator.get_offset()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._step_eager(attend)
+        except RuntimeError:
+            _repair_generator(generator, seed, offset)
+            raise
         return graph, logits
+
+
+def _repair_generator(generator: torch.Generator, seed: int, offset: int) -> None:
+    """Give ``generator`` a fresh state at ``seed`` and ``offset`` (where it stood before a capture that failed).
+
+    A capture that fails part-way leaves the device's default generator marked as capturing, and every random op on
+    that device afterwards (sampling at a temperature, or any user code) raises "Offset increment outside graph capture
+    encountered unexpectedly"; neither resetting the graph nor reseeding clears the mark
+    (``benchmarks/probe_failed_capture_rng.py``). A new state, as if no capture had been tried, does.
+    """
+    fresh = torch.Generator(device=generator.device)
+    fresh.manual_seed(seed)
+    fresh.set_offset(offset)
+    generator.graphsafe_set_state(fresh.graphsafe_get_state())
 
 
 @torch.no_grad()
