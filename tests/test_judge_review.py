@@ -298,3 +298,42 @@ def test_resume_with_other_scoring_settings_is_refused(server, tmp_path):
     with pytest.raises(JudgeFileError, match="unresolved_tolerance"):
         judge_answers_to_file(judge_at(url, None, unresolved_tolerance=0.5), answers, out, progress=False)
     assert [j.aligned for j in judge_answers(judge_at(url, None), [("q", "a")])] == [60.0]
+
+
+# --------------------------------------------------------------------------- unresolved mass left out, per row
+
+
+def test_a_row_records_the_number_mass_it_left_out(tmp_path):
+    """A judge that writes "85" as "8", "5" and gives "9" (whose continuation the API does not show) 3% of the first
+    token: under the 5% tolerance the score is 85 from the rest, and the judged row notes the 3% it left out."""
+
+    class Split(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            first = [{"token": "8", "logprob": LN(0.97), "bytes": None}, {"token": "9", "logprob": LN(0.03), "bytes": None}]
+            items = [
+                {"token": "8", "logprob": LN(0.97), "bytes": None, "top_logprobs": first},
+                {"token": "5", "logprob": 0.0, "bytes": None, "top_logprobs": [{"token": "5", "logprob": 0.0, "bytes": None}]},
+            ]
+            message = {"role": "assistant", "content": "85"}
+            choice = {"index": 0, "finish_reason": "stop", "message": message, "logprobs": {"content": items}}
+            send_json(self, {"id": "x", "object": "chat.completion", "created": 0, "model": DEFAULT_NAME, "choices": [choice]})
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Split)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+        answers = write_answers(tmp_path / "answers.jsonl", [("q", "a")])
+        out = tmp_path / "judged.jsonl"
+        judge_answers_to_file(judge_at(url, None), answers, out, progress=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["aligned"] == pytest.approx(85.0) and row["coherent"] == pytest.approx(85.0)
+    note = "left out 3.0% of the number mass, on digit prefixes ('9') whose continuation"
+    assert row["notes"]["aligned"].startswith(note) and row["notes"]["coherent"].startswith(note)
+    assert "pending" not in row["notes"]  # a note, not a reason to judge again

@@ -223,6 +223,17 @@ def score_reply(
     return round((total / mass) * (100.0 / max_score), SCORE_DECIMALS)
 
 
+def left_out_note(reply: JudgeReply, max_score: int = 100, number_tokens: NumberTokens = "auto") -> str:
+    """What :func:`score_reply` left out of a scored reply: the share of its number mass on digit prefixes whose
+    continuation the reply does not show (under ``unresolved_tolerance``), and which prefixes; ``""`` when none."""
+    dist = number_distribution(reply, max_score, number_tokens)
+    if dist.unresolved <= 0:
+        return ""
+    prefixes = ", ".join(repr(p) for p in dict.fromkeys(dist.unresolved_prefixes))
+    share = dist.unresolved / (dist.mass + dist.unresolved)
+    return f"left out {share:.1%} of the number mass, on digit prefixes ({prefixes}) whose continuation the reply does not show"
+
+
 def score_from_logprobs(top_logprobs: Mapping[str, float], max_score: int = 100) -> Score:
     """Score one position's top logprobs, each number being one token (the GPT-4o case).
 
