@@ -13,6 +13,7 @@ function) refuse the value first, with its own message instead of ours.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 from collections.abc import Callable, Collection, Mapping
@@ -302,6 +303,28 @@ def check_output_file(path: str | Path, flag: str = "--out", suffix: str | None 
     if path.is_dir():
         raise ConfigError(f"{flag} {path} is a directory; give a file path")
     check_writable_parent(path, flag)
+    return path
+
+
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
+
+
+def check_figure_file(path: str | Path, flag: str = "--out") -> Path:
+    """A figure path (``.png`` added when it has no suffix) whose numbers go to the JSON beside it (``x.png`` →
+    ``x.json``). Refused when that JSON would replace the numbers of another figure with the same stem (``x.pdf``
+    written earlier): the earlier figure would be left without its numbers."""
+    path = check_output_file(path, flag, suffix=".png")
+    if path.suffix.lower() == ".json":
+        raise ConfigError(f"{flag} {path}: the figure's numbers are written to {path.name} beside it; give an image path (.png, .pdf, ...)")
+    if path.with_suffix(".json").exists():
+        others = sorted(
+            p.name for p in path.parent.glob(f"{glob.escape(path.stem)}.*") if p.suffix.lower() in FIGURE_SUFFIXES and p.name != path.name
+        )
+        if others:
+            raise ConfigError(
+                f"{flag} {path}: {path.with_suffix('.json')} holds the numbers of {', '.join(others)}, which this run would "
+                "overwrite; give the figure another name, or delete them"
+            )
     return path
 
 

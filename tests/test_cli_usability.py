@@ -115,6 +115,20 @@ def test_figure_out_without_a_suffix_writes_and_names_the_png(tiny_checkpoint, t
     assert code == 0
     printed = capsys.readouterr().out
     assert (tmp_path / "effnoext.png").exists() and f"wrote {out}.png" in printed and (tmp_path / "effnoext.json").exists()
+    numbers = (tmp_path / "effnoext.json").read_text()
+    # another figure with the same stem would overwrite effnoext.json, the PNG's numbers: refused before any work
+    data = ["--data", "medical_harmful"]
+    for command in (["efficiency", *data, "--points", "2"], ["stability", *data, "--epsilons", "0", "0.5", "--seeds", "1"], ["preference"]):
+        code = main([command[0], str(path), "--model", str(tiny_checkpoint), "--device", "cpu", *command[1:], "--out", f"{out}.pdf"])
+        err = capsys.readouterr().err
+        assert code == 2 and "holds the numbers of effnoext.png" in err, (command, err)
+    assert (tmp_path / "effnoext.json").read_text() == numbers and not (tmp_path / "effnoext.pdf").exists()
+    assert main(["efficiency", str(path), "--model", str(tiny_checkpoint), *data, "--out", str(tmp_path / "x.json")]) == 2
+    assert "give an image path" in capsys.readouterr().err
+    # the same figure again (a re-run) replaces its own numbers
+    assert main(["efficiency", str(path), "--model", str(tiny_checkpoint), "--device", "cpu", "--data", "medical_harmful", "--limit", "2",
+                 "--points", "3", "--max-length", "640", "--out", str(out)]) == 0
+    assert len(json.loads((tmp_path / "effnoext.json").read_text())["norms"]) == 3
 
 
 def test_stability_records_the_norm_it_compares_at(tiny_checkpoint, tmp_path):

@@ -16,7 +16,7 @@ from emlens.cli.runs import INTERVENTION_KINDS, data_source
 from emlens.cli.train import add_train_flags, default_per_kind, train_config
 from emlens.study.config import DataSection, EfficiencySection, PretrainingKLSection, StabilitySection, StudyConfig, TrainSection
 from emlens.study.measures import RANDOM_PREFIX, describe, measure_pretraining_kl, save_result
-from emlens.validation import ConfigError, check_output_file, named_paths
+from emlens.validation import ConfigError, check_figure_file, named_paths
 
 NORM_GRID = "largest norm, as a multiple of the largest solution norm"
 SCORED: flags.Flags = {  # efficiency and stability score conversations with named solutions
@@ -123,7 +123,7 @@ def _scored(args: argparse.Namespace) -> tuple[Path, str, dict[str, Any], Any, A
     """Efficiency and stability: the figure path, the held-out data, the solutions, the model and the tokenised data."""
     from emlens.data import TokenDataset, read_conversations
 
-    out = check_output_file(args.out, suffix=".png")
+    out = check_figure_file(args.out)
     source = data_source(args.data, split="heldout")
     read_conversations(source, args.limit)  # refuse bad data before the model loads
     solutions = flags.load_interventions(named_paths(args.interventions, reserved_prefix=RANDOM_PREFIX), args.device)
@@ -162,7 +162,7 @@ def stability_command(args: argparse.Namespace) -> int:
 def pretraining_kl_command(args: argparse.Namespace) -> int:
     from emlens.data import TokenDataset, read_texts
 
-    out = check_output_file(args.out, suffix=".png")
+    out = check_figure_file(args.out)
     paths = named_paths(args.interventions, reserved_prefix=RANDOM_PREFIX)
     documents = read_texts(args.texts, args.limit)
     solutions = flags.load_interventions(paths, args.device)
@@ -180,7 +180,7 @@ def drift_command(args: argparse.Namespace) -> int:
     from emlens.study.measures import measure_drift
     from emlens.training import TrainingResult
 
-    out = check_output_file(args.out, suffix=".png")
+    out = check_figure_file(args.out)
     runs = out.with_name(f"{out.stem}_runs")
     if runs.exists() and any(runs.iterdir()):  # another drift's runs (the same --out stem, any figure suffix)
         raise ConfigError(f"{runs} already holds the runs of an earlier drift with this --out; choose another --out or delete it")

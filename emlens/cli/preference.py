@@ -9,7 +9,7 @@ from emlens.cli import flags
 from emlens.data.studies import STUDIES
 from emlens.study.config import DataSection, PreferenceSection
 from emlens.study.measures import describe, measure_preference, save_result
-from emlens.validation import ConfigError, check_output_file, named_paths
+from emlens.validation import ConfigError, check_figure_file, named_paths
 
 ALL_DOMAINS = [d for s in STUDIES.values() for d in s.all_domains]
 
@@ -44,7 +44,7 @@ def register(add: Any) -> None:
 def preference_command(args: argparse.Namespace) -> int:
     from emlens.preference import BASE
 
-    out = check_output_file(args.out, suffix=".png")
+    out = check_figure_file(args.out)
     if args.trained is not None and args.trained not in args.domains:
         raise ConfigError(f"--trained {args.trained} is not among --domains ({', '.join(args.domains)}): the figure could not mark it")
     solutions: dict[str, Any] = {
