@@ -310,15 +310,23 @@ FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif
 
 
 def check_figure_file(path: str | Path, flag: str = "--out") -> Path:
-    """A figure path (``.png`` added when it has no suffix) whose numbers go to the JSON beside it (``x.png`` →
-    ``x.json``). Refused when that JSON would replace the numbers of another figure with the same stem (``x.pdf``
-    written earlier): the earlier figure would be left without its numbers."""
-    path = check_output_file(path, flag, suffix=".png")
+    """A figure path whose numbers go to the JSON beside it (``x.png`` → ``x.json``). ``.png`` is appended when the
+    path does not end in an image suffix (``kl=6.6`` becomes ``kl=6.6.png``: its "suffix" ``.6`` is no format, and
+    the plot would fail after all the work). Refused when that JSON would replace the numbers of another figure with
+    the same stem (``x.pdf`` written earlier): the earlier figure would be left without its numbers."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file path")
     if path.suffix.lower() == ".json":
         raise ConfigError(f"{flag} {path}: the figure's numbers are written to {path.name} beside it; give an image path (.png, .pdf, ...)")
+    if path.suffix.lower() not in FIGURE_SUFFIXES:
+        path = path.with_name(path.name + ".png")
+    path = check_output_file(path, flag)
     if path.with_suffix(".json").exists():
         others = sorted(
-            p.name for p in path.parent.glob(f"{glob.escape(path.stem)}.*") if p.suffix.lower() in FIGURE_SUFFIXES and p.name != path.name
+            p.name
+            for p in path.parent.glob(f"{glob.escape(path.stem)}.*")
+            if p.stem == path.stem and p.suffix.lower() in FIGURE_SUFFIXES and p.name != path.name
         )
         if others:
             raise ConfigError(

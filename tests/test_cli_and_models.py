@@ -105,9 +105,13 @@ def test_cli_drift_and_evaluate(tiny_checkpoint, two_vectors, tmp_path, capsys):
                  "--general", str(elsewhere), "--out", str(tmp_path / "x.png")]) == 2
     assert "acts at blocks.1.hook_resid_post, but this run trains at blocks.2.hook_resid_post" in capsys.readouterr().err
     assert not (tmp_path / "x_runs").exists()
-    # a second drift with the same --out stem (another figure suffix) would overwrite the first one's runs: refused
-    assert main(["drift", "--model", str(tiny_checkpoint), "--data", "medical_harmful", "--steps", "5",
-                 "--out", str(tmp_path / "drift.pdf")]) == 2
+    # a second drift with the same --out stem (another figure suffix) would overwrite the first one's numbers and
+    # runs: refused for its numbers; with those moved away, for its runs
+    again = ["drift", "--model", str(tiny_checkpoint), "--data", "medical_harmful", "--steps", "5", "--out", str(tmp_path / "drift.pdf")]
+    assert main(again) == 2
+    assert "drift.json holds the numbers of drift.png" in capsys.readouterr().err
+    png.with_suffix(".json").rename(tmp_path / "kept.json")
+    assert main(again) == 2
     assert "drift_runs already holds the runs of an earlier drift" in capsys.readouterr().err
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(tiny_checkpoint), "--intervention", general, "--local-judge",

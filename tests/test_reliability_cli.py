@@ -496,3 +496,26 @@ def test_model_load_errors_and_interrupts_are_clean(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(models, "load_model", interrupted)
     code, _, err = run([*TRAIN, "--out", tmp_path / "run"], capsys)
     assert code == 130 and "emlens: interrupted" in err
+
+
+def test_figure_paths(tmp_path):
+    """Figure outputs: ``.png`` appended unless the path ends in an image suffix (a dotted name keeps its dots); a
+    folder, a ``.json`` path, and a path whose JSON holds another same-stem figure's numbers are refused; figures whose
+    stems only start alike (``eff.seed2.png`` beside ``eff.png``) are not the same figure."""
+    from emlens.validation import ConfigError, check_figure_file
+
+    assert check_figure_file(tmp_path / "kl=6.6") == tmp_path / "kl=6.6.png"
+    assert check_figure_file(tmp_path / "eff") == tmp_path / "eff.png"
+    assert check_figure_file(tmp_path / "eff.PDF") == tmp_path / "eff.PDF"
+    with pytest.raises(ConfigError, match="is a directory"):
+        check_figure_file(tmp_path)
+    with pytest.raises(ConfigError, match="give an image path"):
+        check_figure_file(tmp_path / "eff.json")
+    for name in ("eff.png", "eff.json", "eff.seed2.png", "eff.seed2.json"):
+        (tmp_path / name).write_text("x")
+    assert check_figure_file(tmp_path / "eff.png") == tmp_path / "eff.png"  # a re-run of the same figure
+    assert check_figure_file(tmp_path / "eff.v2") == tmp_path / "eff.v2.png"  # its own stem, eff.v2: no JSON yet
+    with pytest.raises(ConfigError, match=r"eff.json holds the numbers of eff.png"):
+        check_figure_file(tmp_path / "eff.pdf")
+    with pytest.raises(ConfigError, match=r"eff.seed2.json holds the numbers of eff.seed2.png"):
+        check_figure_file(tmp_path / "eff.seed2.pdf")
