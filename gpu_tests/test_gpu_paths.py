@@ -352,6 +352,31 @@ def test_a_step_that_cannot_be_captured_decodes_eagerly_with_a_warning(monkeypat
         assert generate_batch(bridge, ids, mask, None, sampled, seed=3).tolist() == eager_sampled.tolist()
     torch.manual_seed(9)
     assert torch.equal(torch.randn(5, device=DEVICE), eager_draw)
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # the capture stream did not stay current
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_decoding_a_model_on_a_gpu_that_is_not_current_equals_plain_generate(monkeypatch: Any) -> None:
+    """A model on cuda:1 while cuda:0 is current: the step graphs are captured on the model's GPU (a capture stream on
+    the current GPU would record none of its kernels, and replays would return the capture's logits every step).
+    Greedy tokens and every step's logits equal plain generate on cuda:1, with no fallback warning."""
+    import emlens.runner.decoding as decoding
+    from tests.test_parity import PADDED_PROMPTS, left_padded, reference_generate
+
+    monkeypatch.setattr(decoding, "SLOT_BLOCK", 4)
+    assert torch.cuda.current_device() == 0
+    reference, bridge = tiny_pair("qwen2", device="cuda:1")
+    pad = bridge.tokenizer.pad_token_id
+    ids, mask = (t.to("cuda:1") for t in left_padded(PADDED_PROMPTS, pad))
+    intervention = make_intervention("resid_post", bridge).to("cuda:1")
+    settings = SamplingSettings(12, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        tokens, logits = generate_batch(bridge, ids, mask, intervention, settings, seed=5, return_logits=True)
+    assert "slot-cache" in runner_for(bridge).last_plan.reason
+    want, want_logits = reference_generate(reference, intervention, ids, mask, settings, 5, pad, bridge.tokenizer.eos_token_id)
+    assert tokens.tolist() == want.tolist()
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
 
 
 def _without_graphs(monkeypatch: Any) -> None:

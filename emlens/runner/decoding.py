@@ -234,35 +234,52 @@ class SlotDecoder:
         return logits
 
     def _capture(self, attend: int) -> tuple[Any, Tensor]:
-        """A CUDA graph of one step attending ``attend`` slots (a warm-up step first, on a side stream, as CUDA asks)."""
-        stream = torch.cuda.Stream(device=self.filled.device)
-        stream.wait_stream(torch.cuda.current_stream(self.filled.device))
-        with torch.cuda.stream(stream):
-            self._step_eager(attend)  # writes the same keys and values to the same slot as the replay below
-        torch.cuda.current_stream(self.filled.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        generator = torch.cuda.default_generators[self.filled.device.index or 0]
-        seed, offset = generator.initial_seed(), generator.get_offset()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._step_eager(attend)
-        except RuntimeError:
-            _repair_generator(generator, seed, offset)
-            raise
+        """A CUDA graph of one step attending ``attend`` slots (a warm-up step first, on a side stream, as CUDA asks).
+
+        Everything happens on the model's GPU, whichever GPU is current: the capture stream is made there (the
+        default capture stream lives on the GPU current when first used, where a model on another GPU would launch
+        nothing into the graph), and so is the generator the capture marks."""
+        device = self.filled.device
+        with torch.cuda.device(device):
+            stream = torch.cuda.Stream(device=device)
+            previous = torch.cuda.current_stream(device)
+            stream.wait_stream(previous)
+            with torch.cuda.stream(stream):
+                self._step_eager(attend)  # writes the same keys and values to the same slot as the replay below
+            previous.wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            generator = torch.cuda.default_generators[device.index]
+            seed, offset = generator.initial_seed(), generator.get_offset()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    logits = self._step_eager(attend)
+            except BaseException:
+                _recover_from_failed_capture(device, previous, self.pool, generator, seed, offset)
+                self.graphs.clear()  # never replayed again (decoding goes on eagerly): their memory can go
+                raise
         return graph, logits
 
 
-def _repair_generator(generator: torch.Generator, seed: int, offset: int) -> None:
-    """Give ``generator`` a fresh state at ``seed`` and ``offset`` (where it stood before a capture that failed).
+def _recover_from_failed_capture(device: torch.device, stream: Any, pool: Any, generator: torch.Generator, seed: int, offset: int) -> None:
+    """Put back what a capture that failed part-way leaves behind (``benchmarks/probe_failed_capture_rng.py``).
 
-    A capture that fails part-way leaves the device's default generator marked as capturing, and every random op on
-    that device afterwards (sampling at a temperature, or any user code) raises "Offset increment outside graph capture
-    encountered unexpectedly"; neither resetting the graph nor reseeding clears the mark
-    (``benchmarks/probe_failed_capture_rng.py``). A new state, as if no capture had been tried, does.
+    ``torch.cuda.graph`` ends the capture before it restores the stream, so when ending fails the capture stream
+    stays current; the caching allocator still routes the capture stream's allocations to the graph's pool and counts
+    a capture under way; and the device's default generator stays marked as capturing, so every random op on that
+    device afterwards (sampling at a temperature, any user code) raises "Offset increment outside graph capture
+    encountered unexpectedly": neither resetting the graph nor reseeding clears that mark, a new state does. The
+    generator gets a fresh state at ``seed`` and ``offset``, where it stood before the capture.
     """
-    fresh = torch.Generator(device=generator.device)
+    torch.cuda.set_stream(stream)
+    end_pool = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end_pool is not None:
+        try:
+            end_pool(device.index, pool)
+        except RuntimeError:
+            pass  # the capture ended the pool's routing itself before it failed
+    fresh = torch.Generator(device=device)
     fresh.manual_seed(seed)
     fresh.set_offset(offset)
     generator.graphsafe_set_state(fresh.graphsafe_get_state())
