@@ -1,31 +1,33 @@
-"""The least time the paper-scale study can take on one GPU: its unavoidable matrix work at a measured matmul rate (issue 18).
+"""The least time the paper-scale study could take on one GPU: its matrix work at a measured matmul rate (issue 18).
 
 ``benchmarks/study_gpu.py`` times the whole study (``emlens reproduce``) on a random-init Qwen2.5-14B config. This
-script asks how fast that same work *could* run on the same GPU. It counts only the multiply-adds that no exact
-implementation of the study can skip, and divides them by the best bf16 matmul rate measured on the GPU
-(``--rate-json``, from ``--measure-rate`` on the device; the datasheet's dense peak is printed beside it). Everything
-else is left out, so the result is a lower bound on wall time:
+script estimates how fast that same work *could* run on the same GPU: it counts the multiply-adds of the study's
+matrix products that an exact implementation cannot skip, and divides them by the best bf16 matmul rate measured on
+the GPU (``--rate-json``, from ``--measure-rate`` on the device; the datasheet's dense peak is printed beside it).
+Everything else is left out (attention's score and value products, norms, activations, rotary embeddings, softmax
+over the vocabulary, the optimiser, launches, ``torch.compile``, the model build, the report), and every saving we
+know of is granted, so the result is meant as a floor:
 
-- attention's score and value products, norms, activations, rotary embeddings, softmax and log-softmax over the
-  vocabulary, the optimiser, kernel launches, ``torch.compile``, the model build and the report;
-- every multiply-add a cleverer implementation could share: the blocks below the intervention run once per distinct
-  token of the whole study (every training set, the KL set, the held-out and preference rows), the base model's
-  distribution on the KL set and the web text is counted as stored, not recomputed, and sweep points at norm 0
-  (the same base model for every solution) count once.
+- a position shared by several rows (the same token prefix: the chat template's system turn opens every row) is
+  computed once per pass, above the edit too (the edit is the same at every position, so such positions' states
+  are equal): per optimiser step for training, per sweep point, once for the blocks below the edit;
+- the blocks below the edit run once per distinct position of the whole study (the adapter's base ``down_proj``
+  output included, so both kinds train only the blocks above);
+- the base model runs once on every set (norm 0 of every sweep, the preference tables' base row, ``p_base`` of the
+  KL term and of the pre-training KL); a solution two preference tables share (λ = 0 and mix = 0 are the general
+  vector) is scored once; stability's ε = 0 is efficiency's point at the solution's own norm;
+- the last block computes only keys and values at positions whose logits no loss reads.
 
-What each stage must still compute, per token (``P``: the linear weights of the blocks above the edit, ``H·V``: the
-unembedding):
+What each stage still computes, per distinct position (``P``: the linear weights of the blocks above the edit,
+``H·V``: the unembedding): training (and drift) a forward through the blocks above the edit (``2P``) and the
+input-gradient backward back to it (``2P``: no weight gradients, the model is frozen), plus ``2·H·V`` forward and
+``2·H·V`` backward at every scored position (assistant tokens) and every KL position; the sweeps and preference
+tables a forward (``2P``) and the unembedding at scored positions; the pre-training KL a forward and the unembedding
+at every web token, for every non-zero norm; sampling a whole-model forward per generated token (prompts not
+counted). Token counts come from the benchmark's own data, rebuilt with SmolLM2's tokenizer exactly as
+``study_gpu.py`` builds it and batched as ``train`` batches it, and the record's sampled tokens.
 
-- training (and drift): forward through the blocks above the edit (``2P``) and the input-gradient backward back to
-  it (``2P``: no weight gradients, the model is frozen), plus ``2·H·V`` forward and ``2·H·V`` backward through the
-  unembedding at every *scored* token (assistant tokens only); every KL token is scored over the whole vocabulary;
-- the efficiency, stability and preference sweeps: a forward above the edit at every token (``2P``), the unembedding
-  at scored tokens (``2·H·V``);
-- the pre-training KL: a forward above the edit and the unembedding at every web token, for every non-zero norm;
-- sampling: a whole-model forward (``2·P_all + 2·H·V``) per generated token (prompts not counted).
-
-Token counts come from the benchmark's own data (rebuilt here with SmolLM2's tokenizer, exactly as ``study_gpu.py``
-builds it) and, for the KL batches consumed and the tokens sampled, from the measured record.
+Not a proof that nothing faster exists: the rates were measured on six shapes, in 20-product bursts on random data.
 
     python benchmarks/study_flop_bound.py --measure-rate --out $OUT/h200_matmul_rate.json          # on the device
     python benchmarks/study_flop_bound.py --rate-json benchmarks/raw/h200_matmul_rate*.json \\
@@ -35,6 +37,7 @@ builds it) and, for the KL batches consumed and the tokens sampled, from the mea
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -91,18 +94,66 @@ def model_sizes(name: str, layer_fraction: float) -> dict[str, int]:
     layer = int(layer_fraction * n)  # the study's edit: after block `layer` (vector), on its down_proj (adapter)
     return {
         "block": block,
+        "block_kv": 2 * h * kv,  # what the last block still needs at a position whose logits nobody reads
         "blocks": n,
         "layer": layer,
-        "above_vector": (n - layer - 1) * block,  # blocks layer+1 .. n-1
-        "above_adapter": (n - layer - 1) * block + h * inter,  # + block `layer`'s down_proj (its input is stored)
-        "below": (layer + 1) * block,  # what a stored residual after block `layer` saves, per token
+        # blocks layer+1 .. n-1: the vector's edit and the adapter's alike (an adapter on down_proj adds its rank-r
+        # term to a stored base output, since the blocks below, block `layer` included, run once per token)
+        "above": (n - layer - 1) * block,
+        "below": (layer + 1) * block,  # blocks 0 .. layer, once per distinct token (prefix) of the study
         "unembed": h * c["vocab_size"],
         "all": n * block,
     }
 
 
-def count_tokens(args: argparse.Namespace) -> dict[str, Any]:
-    """Tokens and scored tokens of every data set, built as ``study_gpu.py`` builds them (CPU, tokenizer only)."""
+class Trie:
+    """Distinct token prefixes of the rows added: a position shared by rows with the same prefix counts once (its
+    states, above the edit too, are the same in every such row, since the edit is the same at every position)."""
+
+    def __init__(self) -> None:
+        self.root: dict[int, Any] = {}
+        self.nodes = 0
+
+    def add(self, ids: list[int]) -> None:
+        node = self.root
+        for t in ids:
+            nxt = node.get(t)
+            if nxt is None:
+                nxt = node[t] = {}
+                self.nodes += 1
+            node = nxt
+
+
+def distinct_tokens(rows: list[list[int]]) -> int:
+    trie = Trie()
+    for ids in rows:
+        trie.add(ids)
+    return trie.nodes
+
+
+def step_work(ds: Any, kl: Any | None, batch: int, accum: int, kl_batch: int, seed: int, steps: int) -> dict[str, int]:
+    """Distinct positions per optimiser step of a run on ``ds`` (its rows as ``train`` batches them, with one KL batch of
+    ``kl`` per step, shuffled epoch after epoch as ``train`` documents), summed over ``steps`` steps. A run of more
+    than one epoch repeats the first epoch's batches (another epoch's shuffle has alike counts)."""
+    epoch = [idx for idx, _ in ds.indexed_batches(batch, shuffle=True, seed=seed)]
+    chunks = [sum(epoch[i : i + accum], []) for i in range(0, len(epoch), accum)]
+    kl_epochs = (kl.indexed_batches(kl_batch, shuffle=True, seed=seed + 1 + e) for e in itertools.count()) if kl is not None else None
+    kl_batches = itertools.chain.from_iterable(kl_epochs) if kl_epochs is not None else None
+    out = {"positions": 0, "kl_positions": 0, "scored": 0, "rows": 0, "kl_rows": 0}
+    for step in range(steps):
+        rows = [ds.examples[i] for i in chunks[step % len(chunks)]]
+        kl_rows = [kl.examples[i] for i in next(kl_batches)[0]] if kl_batches is not None else []
+        out["positions"] += distinct_tokens([e.input_ids for e in rows + kl_rows])
+        out["kl_positions"] += distinct_tokens([e.input_ids for e in kl_rows])
+        out["scored"] += sum(sum(e.loss_mask[1:]) for e in rows)
+        out["rows"] += len(rows)
+        out["kl_rows"] += len(kl_rows)
+    return out
+
+
+def count_tokens(args: argparse.Namespace, record: dict[str, Any]) -> dict[str, Any]:
+    """What each stage must compute, counted on the benchmark's own data (built as ``study_gpu.py`` builds it, CPU and
+    tokenizer only): distinct positions per step, per sweep point and over the whole study."""
     from benchmarks.study_gpu import BenchContext, load_tokenizer, parse_args, study_config
     from emlens.preference import paired_datasets
 
@@ -113,33 +164,52 @@ def count_tokens(args: argparse.Namespace) -> dict[str, Any]:
         cfg, Path("/nonexistent"), progress=False, tokenizer=tok, n_train=bench.train_rows, n_eval=bench.eval_rows,
         web_tokens=bench.web_tokens, cycle_mix_pool=bench.mix_pool == "cycled",
     )  # fmt: skip
-    out: dict[str, Any] = {"train": {}}
-    distinct: set[tuple[int, ...]] = set()
-
-    def tally(ds: Any) -> dict[str, int]:
-        for e in ds.examples:
-            distinct.add(tuple(e.input_ids))
-        return {"rows": len(ds), "tokens": sum(len(e.input_ids) for e in ds.examples), "scored": ds.n_scored_tokens}
-
-    for ratio in [0.0] + [r for r in cfg.mixing.ratios if r > 0]:
-        out["train"][f"{ratio:g}"] = tally(ctx.train_data(ratio))
-    out["kl"] = tally(ctx.kl_data())
-    out["eval"] = tally(ctx.eval_data())
-    pref = {"rows": 0, "tokens": 0, "scored": 0}
+    kl = ctx.kl_data()
+    ev = ctx.eval_data()
+    pref_rows: list[Any] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for domain in cfg.preference.domains or list(ctx.study.domains):
             pairs = paired_datasets(tok, domain, cfg.preference.rows, cfg.data.max_length)
-            for ds in (pairs.harmful, pairs.correct):
-                for key, value in tally(ds).items():
-                    pref[key] += value
-    out["preference"] = pref
+            pref_rows += pairs.harmful.examples + pairs.correct.examples
     web = ctx.web_texts()
+    everything = Trie()
+    out: dict[str, Any] = {"train": {}, "runs": {}}
+    for ratio in [0.0] + [r for r in cfg.mixing.ratios if r > 0]:
+        ds = ctx.train_data(ratio)
+        for e in ds.examples:
+            everything.add(e.input_ids)
+        out["train"][f"{ratio:g}"] = {"rows": len(ds), "tokens": sum(len(e.input_ids) for e in ds.examples), "scored": ds.n_scored_tokens}
+    for e in kl.examples + ev.examples + pref_rows:
+        everything.add(e.input_ids)
+    kinds = {"vector": cfg.train["vector"], "adapter": cfg.train["adapter"]}
+    memo: dict[tuple[str, bool, int], dict[str, int]] = {}
+    for name, entry in record["stages"].items():
+        if not name.startswith(("train/", "drift/")):
+            continue
+        kind = name.split("/")[1]
+        ratio = name.split("mix=")[1] if "mix=" in name else "0"
+        with_kl = entry["work"].get("kl_tokens", 0) > 0
+        sec, steps = kinds[kind], entry["work"]["steps"]
+        key = (ratio, with_kl, steps)
+        if key not in memo:
+            ds = ctx.train_data(float(ratio))
+            memo[key] = step_work(ds, kl if with_kl else None, sec.batch_size, sec.grad_accum, sec.kl_batch_size, cfg.seed, steps)
+        out["runs"][name] = memo[key]
+    out["kl"] = {
+        "rows": len(kl),
+        "tokens": sum(len(e.input_ids) for e in kl.examples),
+        "distinct": distinct_tokens([e.input_ids for e in kl.examples]),
+    }
+    out["eval"] = {"rows": len(ev), "tokens": sum(len(e.input_ids) for e in ev.examples), "scored": ev.n_scored_tokens,
+                   "distinct": distinct_tokens([e.input_ids for e in ev.examples])}  # fmt: skip
+    out["preference"] = {"rows": len(pref_rows), "tokens": sum(len(e.input_ids) for e in pref_rows),
+                         "scored": sum(sum(e.loss_mask[1:]) for e in pref_rows), "distinct": distinct_tokens([e.input_ids for e in pref_rows])}  # fmt: skip
     out["web"] = {"docs": len(web), "tokens": sum(len(e.input_ids) for e in web.examples)}
-    out["distinct_conversation_tokens"] = sum(len(ids) for ids in distinct)
+    out["distinct_conversation_tokens"] = everything.nodes
     out["grids"] = {
         "efficiency_points": cfg.efficiency.points,
-        "stability_points": 1 + (len([e for e in cfg.stability.epsilons if e > 0]) * len(cfg.stability.seeds)),
+        "stability_perturbed_points": len([e for e in cfg.stability.epsilons if e > 0]) * len(cfg.stability.seeds),
         "pretraining_kl_norms": cfg.pretraining_kl.points,
         "pretraining_kl_directions": 2 + cfg.pretraining_kl.n_random,
         "kl_sweep_weights": [w for w in cfg.kl_sweep.weights if w > 0],
@@ -151,59 +221,65 @@ def count_tokens(args: argparse.Namespace) -> dict[str, Any]:
 def bound(record: dict[str, Any], tokens: dict[str, Any], rate_tflops: float) -> dict[str, Any]:
     """Unavoidable multiply-adds per stage of the record (FLOP = 2 per multiply-add) and their time at ``rate_tflops``."""
     size = model_sizes(record["model"], record.get("layer_fraction", 0.5))
-    unembed = size["unembed"]
-    train = tokens["train"]
+    p, hv = size["above"], size["unembed"]
+    last_skip = size["block"] - size["block_kv"]  # the last block at a position whose logits nobody reads
     grids = tokens["grids"]
     stages: dict[str, dict[str, Any]] = {}
-
-    def above(stage: str) -> int:
-        return size["above_adapter"] if "adapter" in stage else size["above_vector"]
-
+    ev, pr = tokens["eval"], tokens["preference"]
+    sweep_point = ev["distinct"] * 2 * p + ev["scored"] * 2 * hv - (ev["distinct"] - ev["scored"]) * 2 * last_skip
+    pref_point = pr["distinct"] * 2 * p + pr["scored"] * 2 * hv - (pr["distinct"] - pr["scored"]) * 2 * last_skip
+    preference_seen = {"base"}
     for name, entry in record["stages"].items():
         kind = name.split("/")[0]
-        work = entry.get("work", {})
-        p = above(name)
         if kind in ("train", "drift"):
-            ratio = name.split("mix=")[1] if "mix=" in name else "0"
-            data = train[ratio]
-            kl_tokens = work.get("kl_tokens", 0)  # the KL batches the run consumed (measured)
-            flop = data["tokens"] * 4 * p + data["scored"] * 4 * unembed + kl_tokens * (4 * p + 4 * unembed)
-            what = f"{data['tokens']:,} tokens ({data['scored']:,} scored) fwd + input-grad bwd, {kl_tokens:,} KL tokens"
-        elif kind == "efficiency" or kind == "stability":
-            per_solution = grids["efficiency_points"] if kind == "efficiency" else grids["stability_points"]
-            # general + narrow; efficiency's norm 0 is one base run, and stability's relative form needs the base loss once
-            points = 2 * per_solution + (-1 if kind == "efficiency" else 1)
-            ev = tokens["eval"]
-            flop = points * (ev["tokens"] * 2 * p + ev["scored"] * 2 * unembed)
-            what = f"{points} points × {ev['tokens']:,} tokens forward"
+            w = tokens["runs"][name]
+            unread = w["positions"] - w["scored"] - w["kl_positions"]  # positions whose logits no loss reads
+            flop = w["positions"] * 4 * p + (w["scored"] + w["kl_positions"]) * 4 * hv - unread * 4 * last_skip
+            what = f"{w['positions']:,} distinct positions over its steps ({w['scored']:,} scored, {w['kl_positions']:,} KL)"
+        elif kind == "efficiency":
+            points = 2 * (grids["efficiency_points"] - 1)  # general and narrow, norm 0 (the base model) counted apart
+            flop, what = points * sweep_point, f"{points} points × {ev['distinct']:,} distinct positions"
+        elif kind == "stability":
+            points = 2 * grids["stability_perturbed_points"]  # ε = 0 is a point efficiency already computed
+            flop, what = points * sweep_point, f"{points} points × {ev['distinct']:,} distinct positions"
         elif kind == "pretraining_kl":
             points = grids["pretraining_kl_directions"] * (grids["pretraining_kl_norms"] - 1)  # norm 0 is the base
-            flop = points * tokens["web"]["tokens"] * (2 * p + 2 * unembed)
-            what = f"{points} non-zero points × {tokens['web']['tokens']:,} web tokens forward"
+            flop = points * tokens["web"]["tokens"] * (2 * p + 2 * hv)
+            what = f"{points} non-zero points × {tokens['web']['tokens']:,} web tokens"
         elif kind == "preference":
-            points = work.get("points", 0)  # solutions incl. the base model
-            pr = tokens["preference"]
-            flop = points * (pr["tokens"] * 2 * p + pr["scored"] * 2 * unembed)
-            what = f"{points} solutions × {pr['tokens']:,} tokens forward"
+            table = name.split("/", 1)[1]
+            solutions = {
+                "main": ["vector/kl=0", "vector/kl=6.6", "adapter/kl=0", "adapter/kl=0.66"],
+                "kl_sweep/vector": [f"vector/kl={w:g}" for w in [0.0] + grids["kl_sweep_weights"]],
+                "mixing/vector": ["vector/kl=0"] + [f"vector/mix={r:g}" for r in grids["mixing_ratios"]],
+            }.get(table, [])
+            new = [s for s in solutions if s not in preference_seen]  # λ = 0 and mix = 0 are the general vector
+            preference_seen.update(new)
+            flop, what = len(new) * pref_point, f"{len(new)} solutions not scored in an earlier table"
         else:
             flop, what = 0, "no model work"
         stages[name] = {"flop": flop, "what": what, "measured_s": entry.get("seconds")}
+    base_sweep = sweep_point + pref_point  # the base model on the held-out and preference rows, once for every table
+    stages["the base model once: held-out and preference rows, KL set and web text"] = {
+        "flop": base_sweep + (tokens["kl"]["distinct"] + tokens["web"]["tokens"]) * (2 * p + 2 * hv),
+        "what": "norm 0 of every sweep, the preference tables' base row, p_base of the KL term and of the pre-training KL",
+        "measured_s": None,
+    }
     lower = tokens["distinct_conversation_tokens"] + tokens["web"]["tokens"]
-    stages["blocks below the edit, once per distinct token"] = {
+    stages["blocks below the edit, once per distinct position"] = {
         "flop": lower * 2 * size["below"],
-        "what": f"{lower:,} distinct tokens (every training set, KL, eval, preference and web row) through {size['layer'] + 1} blocks",
+        "what": f"{lower:,} distinct positions of every row and document, through {size['layer'] + 1} blocks",
         "measured_s": None,  # inside the training stages' times (their cache builds)
     }
-    for label, s in record.get("sampling", {}).items():
+    for label, smp in record.get("sampling", {}).items():
         stages[f"sampling/{label}"] = {
-            "flop": s["tokens"] * (2 * size["all"] + 2 * unembed),
-            "what": f"{s['tokens']:,} generated tokens, whole-model forward",
-            "measured_s": s.get("seconds"),
+            "flop": smp["tokens"] * (2 * size["all"] + 2 * hv),
+            "what": f"{smp['tokens']:,} generated tokens, whole-model forward",
+            "measured_s": smp.get("seconds"),
         }
-    total = sum(s["flop"] for s in stages.values())
-    for s in stages.values():
-        s["bound_s"] = round(s["flop"] / (rate_tflops * 1e12), 1)
-    measured = record.get("totals", {}).get("emlens_s")
+    total = sum(st["flop"] for st in stages.values())
+    for st in stages.values():
+        st["bound_s"] = round(st["flop"] / (rate_tflops * 1e12), 1)
     return {
         "model": record["model"],
         "sizes": size,
@@ -214,7 +290,7 @@ def bound(record: dict[str, Any], tokens: dict[str, Any], rate_tflops: float) ->
         "total_flop": total,
         "bound_s": round(total / (rate_tflops * 1e12), 1),
         "bound_at_datasheet_s": round(total / (DATASHEET_BF16_TFLOPS * 1e12), 1),
-        "measured_total_s": measured,
+        "measured_total_s": record.get("totals", {}).get("emlens_s"),
         "target_s": 600.0,
     }
 
@@ -240,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     # the best rate on the shapes a training step multiplies (up to 4,096 tokens through the model's projections)
     study_shape = max((s["tflops"] for s in shapes if s["m"] == TRAIN_TOKENS), default=None)
     record = json.loads(Path(args.record).read_text())
-    result = bound(record, count_tokens(args), best)
+    result = bound(record, count_tokens(args, record), best)
     result["rate_source"] = {"files": args.rate_json, "devices": sorted({r.get("device") for r in rates}), "shapes": shapes}
     if study_shape is not None:
         result["study_shape_tflops"] = study_shape
