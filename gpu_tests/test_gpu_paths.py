@@ -498,6 +498,17 @@ def test_fast_paths_of_a_model_spread_over_two_gpus_equal_plain_transformers(arc
     last = SteeringVector(n - 1, hf.config.hidden_size, alpha=2.0, init=0.5 * torch.randn(hf.config.hidden_size)).to("cuda:0")
     assert evaluate_loss(bridge, data, last) == pytest.approx(reference_loss(reference, data, last), rel=1e-4, abs=1e-5)  # only the norm above
     assert runner.last_plan is not None and runner.last_plan.fast, runner.last_plan
+    # an adapter on the last block, which sits on the second GPU: its hook and every block run there
+    from emlens import RankOneAdapter
+
+    on_second = RankOneAdapter.for_model(bridge, n - 1, alpha=4.0, seed=1)
+    with torch.no_grad():
+        on_second.b.copy_(0.5 * torch.randn(on_second.d_model))
+    on_second = on_second.to("cuda:1")
+    assert evaluate_loss(bridge, data, on_second) == pytest.approx(reference_loss(reference, data, on_second.to("cuda:0")), rel=1e-4, abs=1e-5)
+    assert runner.last_plan is not None and runner.last_plan.fast, runner.last_plan
+    got_kl = mean_kl(bridge, on_second.to("cuda:1"), data, batch_size=2)
+    assert got_kl == pytest.approx(reference_kl(reference, data, on_second.to("cuda:0")), rel=1e-3, abs=1e-6)
     for kind in ("resid_post", "adapter"):
         intervention = make_intervention(kind, bridge).to("cuda:0")
         want = reference_loss(reference, data, intervention)
