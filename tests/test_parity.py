@@ -223,14 +223,20 @@ def test_train_steps_with_fused_micro_batches(pair: Any, data: TokenDataset, kin
     config = TrainConfig(
         lr=0.05, max_steps=2, batch_size=1, grad_accum=2, kl_weight=3.0, kl_batch_size=2, warmup_steps=0, progress=False, seed=4
     )
+    got = trains_as_plain_transformers(reference, bridge, kind, data, config, arch)
+    assert float((got.flatten() - make_intervention(kind, bridge).flatten()).norm()) > 1e-3  # it trained
+
+
+def trains_as_plain_transformers(reference: Any, bridge: Any, kind: str, data: TokenDataset, config: TrainConfig, label: str) -> Any:
+    """``train`` (fast path, KL on ``data``) of :func:`make_intervention`'s ``kind`` ends where
+    :func:`reference_train_steps` ends on plain transformers; returns the trained intervention."""
     got = make_intervention(kind, bridge)
     result = train(bridge, got, data, config, kl_dataset=data)
     assert "hooked" not in result.plan, result.plan
-
     ref = reference_train_steps(reference, make_intervention(kind, bridge), data, config)
     for name, value in ref.state_dict().items():
-        torch.testing.assert_close(got.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{arch} {kind} {name}")
-    assert float((got.flatten() - make_intervention(kind, bridge).flatten()).norm()) > 1e-3  # it trained
+        torch.testing.assert_close(got.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{label} {kind} {name}")
+    return got
 
 
 @pytest.mark.parametrize("kind", ("resid_post", "adapter"))

@@ -265,7 +265,7 @@ def test_the_padded_fast_path_of_a_packable_architecture_equals_plain_transforme
     flash_attention_2) runs its fast paths padded, as Gemma's always do. Losses, two training steps with KL, an
     efficiency sweep, the KL and left-padded decoding equal plain transformers there."""
     import emlens.runner.core as core
-    from tests.test_parity import reference_generate, reference_kl, reference_loss
+    from tests.test_parity import reference_generate, reference_kl, reference_loss, trains_as_plain_transformers
 
     packed_calls: list[int] = []
     real_run_packed = core.run_packed
@@ -288,12 +288,7 @@ def test_the_padded_fast_path_of_a_packable_architecture_equals_plain_transforme
         kl = mean_kl(bridge, intervention, data, batch_size=2)
         assert kl == pytest.approx(reference_kl(reference, data, intervention), rel=1e-3, abs=1e-7)
         config = TrainConfig(lr=0.05, batch_size=1, grad_accum=2, kl_weight=3.0, kl_batch_size=2, warmup_steps=0, progress=False, seed=4)
-        got = make_intervention(kind, bridge)
-        result = train(bridge, got, data, config, kl_dataset=data)
-        assert "hooked" not in result.plan, result.plan
-        ref = reference_train_steps(reference, make_intervention(kind, bridge), data, config)
-        for name, value in ref.state_dict().items():
-            torch.testing.assert_close(got.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=f"{arch} {kind} {name}")
+        trains_as_plain_transformers(reference, bridge, kind, data, config, f"{arch} padded")
         pad = bridge.tokenizer.pad_token_id
         ids, mask = left_padded(PADDED_PROMPTS, pad)
         settings = SamplingSettings(8, 0.0)
