@@ -225,7 +225,8 @@ class SlotDecoder:
             try:
                 self.graphs[attend] = self._capture(attend)
             except RuntimeError as err:  # something in the step cannot be captured (a host sync in a hook): run eagerly
-                warnings.warn(f"decoding without CUDA graphs: capturing a step failed ({err})", RuntimeWarning, stacklevel=2)
+                cause = f"; raised inside the step: {err.__context__}" if err.__context__ is not None else ""
+                warnings.warn(f"decoding without CUDA graphs: capturing a step failed ({err}{cause})", RuntimeWarning, stacklevel=2)
                 self.use_graphs = False
         if not self.use_graphs:
             return self._step_eager(attend)
