@@ -314,14 +314,11 @@ def check_figure_file(path: str | Path, flag: str = "--out") -> Path:
     path does not end in an image suffix (``kl=6.6`` becomes ``kl=6.6.png``: its "suffix" ``.6`` is no format, and
     the plot would fail after all the work). Refused when that JSON would replace the numbers of another figure with
     the same stem (``x.pdf`` written earlier): the earlier figure would be left without its numbers."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{flag} {path} is a directory; give a file path")
+    path = check_output_file(path, flag)
     if path.suffix.lower() == ".json":
         raise ConfigError(f"{flag} {path}: the figure's numbers are written to {path.name} beside it; give an image path (.png, .pdf, ...)")
     if path.suffix.lower() not in FIGURE_SUFFIXES:
-        path = path.with_name(path.name + ".png")
-    path = check_output_file(path, flag)
+        path = check_output_file(with_file_suffix(path, ".png"), flag)
     if path.with_suffix(".json").exists():
         others = sorted(
             p.name
