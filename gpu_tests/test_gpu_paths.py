@@ -469,38 +469,26 @@ def test_fast_paths_of_a_model_spread_over_two_gpus_equal_plain_transformers(arc
     """A model split over two GPUs by ``device_map`` (half its blocks on each; the edit's block on the first, the blocks
     above it across both): ``evaluate_loss``, efficiency, the KL and two training steps with KL on the fast paths equal
     plain transformers on one GPU with the same edit, in float32."""
-    from transformers import AutoModelForCausalLM
+    from emlens import RankOneAdapter, SteeringVector
+    from emlens.models import load_model
 
-    from emlens.models import byte_tokenizer, load_model
-    from tests.tiny_archs import tiny_config
-
-    tok = byte_tokenizer()
-    torch.manual_seed(3)
-    hf = AutoModelForCausalLM.from_config(tiny_config(arch, tok), dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    hf.save_pretrained(tmp_path)
+    reference, built = tiny_pair(arch, seed=3)  # the plain model (a copy of the bridged one's weights) is saved and loaded split
+    tok = built.tokenizer
+    reference.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    n = hf.config.num_hidden_layers
-    device_map: dict[str, Any] = {f"model.{name}": 0 for name, _ in hf.model.named_children() if name not in ("layers", "norm")}
+    n = reference.config.num_hidden_layers
+    device_map: dict[str, Any] = {f"model.{name}": 0 for name, _ in reference.model.named_children() if name not in ("layers", "norm")}
     device_map.update({"lm_head": 0, "model.norm": 1, **{f"model.layers.{i}": 0 if i < n // 2 else 1 for i in range(n)}})
     bridge = load_model(str(tmp_path), dtype=torch.float32, device_map=device_map)
     runner = runner_for(bridge)
     assert len({p.device for p in runner.plain.parameters()}) == 2
-    reference = hf.to("cuda:0")
-    for p in reference.parameters():
-        p.requires_grad_(False)
+    reference = reference.to("cuda:0")
     data = TokenDataset.from_conversations(tok, CONVERSATIONS, max_length=128)
-    from emlens import SteeringVector
-
-    last = SteeringVector(n - 1, hf.config.hidden_size, alpha=2.0, init=0.5 * torch.randn(hf.config.hidden_size)).to("cuda:0")
+    d = reference.config.hidden_size
+    last = SteeringVector(n - 1, d, alpha=2.0, init=0.5 * torch.randn(d)).to("cuda:0")
     assert evaluate_loss(bridge, data, last) == pytest.approx(reference_loss(reference, data, last), rel=1e-4, abs=1e-5)  # only the norm above
     assert runner.last_plan is not None and runner.last_plan.fast, runner.last_plan
     # an adapter on the last block, which sits on the second GPU: its hook and every block run there
-    from emlens import RankOneAdapter
-
     on_second = RankOneAdapter.for_model(bridge, n - 1, alpha=4.0, seed=1)
     with torch.no_grad():
         on_second.b.copy_(0.5 * torch.randn(on_second.d_model))
