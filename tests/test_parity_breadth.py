@@ -23,8 +23,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
@@ -60,25 +60,25 @@ PARAM_ATOL = 5e-5
 # `pair` (a plain transformers model and a bridge of each proved architecture) and `data` come from conftest.py
 
 
-@contextmanager
-def vector_hooks(model: Any, edits: Callable[[], list[tuple[str, int, Any]]]) -> Iterator[None]:
-    """``hooks_on`` with edits built on entry, so that they read the trained tensors' current values (with grad)."""
-    with hooks_on(model, edits()):
-        yield
-
-
 def plus(vector: SteeringVector) -> Any:
     scaled = vector.alpha * vector.vector  # the documented edit, written out (not emlens' own .effective)
     return lambda x: x + scaled
 
 
-@contextmanager
-def added_per_layer(model: Any, steering: MultiLayerSteering) -> Iterator[None]:
+def added_per_layer(model: Any, steering: MultiLayerSteering) -> Any:
     """``alpha · v_i`` added to decoder layer ``layers[i]``'s output by forward hooks, read from the trained tensor."""
     scaled = steering.alpha * steering.vectors
-    edits = [("out", layer, lambda x, v=scaled[i]: x + v) for i, layer in enumerate(steering.layers)]
-    with hooks_on(model, edits):
-        yield
+    return hooks_on(model, [("out", layer, lambda x, v=scaled[i]: x + v) for i, layer in enumerate(steering.layers)])
+
+
+def peft_factors(modules: dict[tuple[int, str], Any]) -> tuple[list[torch.Tensor], Callable[[], dict[Any, Any]]]:
+    """A peft model's LoRA factors (what the reference trains) and a reader of their values by site."""
+    params = [p for m in modules.values() for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+
+    def read() -> dict[Any, Any]:
+        return {site: (m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach()) for site, m in modules.items()}
+
+    return params, read
 
 
 class Case:
@@ -95,12 +95,7 @@ class Case:
 def lora_case(bridge: Any) -> Case:
     def twin(reference: Any, lora: Any) -> Any:
         model = peft_twin(reference, lora)
-        modules = peft_modules(model)
-        params = [p for m in modules.values() for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
-
-        def read() -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-            return {site: (m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach()) for site, m in modules.items()}
-
+        params, read = peft_factors(peft_modules(model))
         return model, nullcontext, model.disable_adapter, params, read
 
     return Case(lambda b: make_lora(b, "all7-r3"), twin)
@@ -117,13 +112,15 @@ def ablation_and_vector_case(bridge: Any) -> Case:
     d = bridge.cfg.d_model
     u = direction(d)
 
+    def start() -> SteeringVector:
+        return SteeringVector(2, d, alpha=2.0, init=0.3 * torch.randn(d, generator=torch.Generator().manual_seed(8)))
+
     def make(b: Any) -> Any:
-        vector = SteeringVector(2, d, alpha=2.0, init=0.3 * torch.randn(d, generator=torch.Generator().manual_seed(8)))
-        return DirectionAblation.at_layer(u, 1) + vector
+        return DirectionAblation.at_layer(u, 1) + start()
 
     def twin(reference: Any, both: Any) -> Any:
-        vector = SteeringVector(2, d, alpha=2.0, init=0.3 * torch.randn(d, generator=torch.Generator().manual_seed(8)))
-        edit = lambda: vector_hooks(reference, lambda: [("out", 1, ablate(u)), ("out", 2, plus(vector))])  # noqa: E731
+        vector = start()
+        edit = lambda: hooks_on(reference, [("out", 1, ablate(u)), ("out", 2, plus(vector))])  # noqa: E731  (built on entry)
         return reference, edit, nullcontext, [vector.vector], lambda: {"vector": vector.vector.detach()}
 
     return Case(make, twin)
@@ -140,15 +137,13 @@ def lora_and_multilayer_case(bridge: Any) -> Case:
         lora = make_lora(bridge, "qv-r2-plain")
         steering = MultiLayerSteering([0, 3], d, alpha=1.0, init=init)
         model = peft_twin(reference, lora)
-        modules = peft_modules(model)
+        factors, read_factors = peft_factors(peft_modules(model))
         inner = model.base_model.model
-        params = [p for m in modules.values() for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)] + [steering.vectors]
 
-        def read() -> dict[Any, torch.Tensor]:
-            return {**{site: (m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach()) for site, m in modules.items()},
-                    "vectors": steering.vectors.detach()}  # fmt: skip
+        def read() -> dict[Any, Any]:
+            return {**read_factors(), "vectors": steering.vectors.detach()}
 
-        return model, lambda: added_per_layer(inner, steering), model.disable_adapter, params, read
+        return model, lambda: added_per_layer(inner, steering), model.disable_adapter, [*factors, steering.vectors], read
 
     return Case(make, twin)
 
