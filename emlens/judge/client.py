@@ -29,8 +29,7 @@ from emlens.judge.scoring import (
     NumberTokens,
     Score,
     as_logprob,
-    left_out_note,
-    score_reply,
+    score_reply_noted,
 )
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -302,7 +301,7 @@ class OpenAIJudge:
         if reply is None:
             return Judgement(None, final=False, note=why)
         try:
-            score = score_reply(reply, 100, self.number_tokens, self.unresolved_tolerance)
+            score, note = score_reply_noted(reply, 100, self.number_tokens, self.unresolved_tolerance)
         except SplitNumberError as err:
             if self.on_ambiguous == "none":
                 return Judgement(None, final=True, note=f"ambiguous multi-token number: {err}")
@@ -311,9 +310,7 @@ class OpenAIJudge:
                 "(such as the OpenAI GPT-4o models), raise unresolved_tolerance to accept the approximation, or pass "
                 "on_ambiguous='none' to leave such answers unscored."
             ) from None
-        # a number score may have left out a little mass on unresolved prefixes: the judged row says how much
-        number = score is not None and not isinstance(score, str)
-        return Judgement(score, note=left_out_note(reply, 100, self.number_tokens) if number else "")
+        return Judgement(score, note=note)  # the note: mass a number score left out on unresolved prefixes, if any
 
     def judgements(self, prompts: Sequence[str]) -> list[Judgement]:
         """One judgement per prompt; each distinct prompt is asked once, concurrently."""

@@ -85,6 +85,19 @@ class NumberDistribution:
     def mass(self) -> float:
         return float(sum(self.probs.values()))
 
+    @property
+    def prefixes(self) -> str:
+        """The unresolved digit prefixes, each once, as written in messages (``'9', '7'``)."""
+        return ", ".join(repr(p) for p in dict.fromkeys(self.unresolved_prefixes))
+
+    def left_out(self) -> str:
+        """What a score from this distribution leaves out: the share of the number mass on unresolved digit prefixes,
+        and which prefixes; ``""`` when none."""
+        if self.unresolved <= 0:
+            return ""
+        share = self.unresolved / (self.mass + self.unresolved)
+        return f"left out {share:.1%} of the number mass, on digit prefixes ({self.prefixes}) whose continuation the reply does not show"
+
 
 def _valid_number(digits: str, max_score: int) -> bool:
     return (digits == "0" or not digits.startswith("0")) and int(digits) <= max_score
@@ -197,14 +210,22 @@ def score_reply(
     with ``CODE`` / ``REFUSAL`` gives that label, anything else ``None``. When more than
     ``unresolved_tolerance`` of the number mass sits on digit prefixes whose continuation the reply does not
     show (a judge that splits numbers into digits and hesitates between first digits), the score cannot be
-    computed exactly and :class:`SplitNumberError` is raised; below the tolerance that mass is left out.
+    computed exactly and :class:`SplitNumberError` is raised; below the tolerance that mass is left out
+    (:func:`score_reply_noted` says how much).
     """
+    return score_reply_noted(reply, max_score, number_tokens, unresolved_tolerance)[0]
+
+
+def score_reply_noted(
+    reply: JudgeReply, max_score: int = 100, number_tokens: NumberTokens = "auto", unresolved_tolerance: float = UNRESOLVED_TOLERANCE
+) -> tuple[Score, str]:
+    """:func:`score_reply`, with a note of the number mass a number score left out on unresolved digit prefixes
+    (``""`` when none, and for a label or ``None``)."""
     dist = number_distribution(reply, max_score, number_tokens)
     mass = dist.mass
     if mass + dist.unresolved < MIN_NUMBER_MASS:
-        return reply_label(reply)
+        return reply_label(reply), ""
     if dist.unresolved > unresolved_tolerance * (mass + dist.unresolved):
-        prefixes = ", ".join(repr(p) for p in dict.fromkeys(dist.unresolved_prefixes))
         how = (
             "this reply shows no multi-digit token and no number continued by another token, so the judge may write "
             "numbers as several tokens (if it writes each number 0-100 as one token, as GPT-4o does, pass "
@@ -214,24 +235,13 @@ def score_reply(
         )
         raise SplitNumberError(
             f"{how} {dist.unresolved:.2f} of its probability "
-            f"({dist.unresolved / (mass + dist.unresolved):.0%} of the number mass) sits on prefixes ({prefixes}) "
+            f"({dist.unresolved / (mass + dist.unresolved):.0%} of the number mass) sits on prefixes ({dist.prefixes}) "
             "whose continuation the API does not report, so the score cannot be computed exactly"
         )
     if mass < MIN_NUMBER_MASS:
-        return reply_label(reply)
+        return reply_label(reply), ""
     total = sum(p * n for n, p in dist.probs.items())
-    return round((total / mass) * (100.0 / max_score), SCORE_DECIMALS)
-
-
-def left_out_note(reply: JudgeReply, max_score: int = 100, number_tokens: NumberTokens = "auto") -> str:
-    """What :func:`score_reply` left out of a scored reply: the share of its number mass on digit prefixes whose
-    continuation the reply does not show (under ``unresolved_tolerance``), and which prefixes; ``""`` when none."""
-    dist = number_distribution(reply, max_score, number_tokens)
-    if dist.unresolved <= 0:
-        return ""
-    prefixes = ", ".join(repr(p) for p in dict.fromkeys(dist.unresolved_prefixes))
-    share = dist.unresolved / (dist.mass + dist.unresolved)
-    return f"left out {share:.1%} of the number mass, on digit prefixes ({prefixes}) whose continuation the reply does not show"
+    return round((total / mass) * (100.0 / max_score), SCORE_DECIMALS), dist.left_out()
 
 
 def score_from_logprobs(top_logprobs: Mapping[str, float], max_score: int = 100) -> Score:
